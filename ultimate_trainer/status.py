@@ -1,0 +1,152 @@
+"""The files in ``status/``: the only contract between the trainer, the daemon and the monitors.
+
+Each file has exactly one writer (see docs/STATUS.md for the schema of every file):
+
+==========================  ==================  ===========================================
+file                        writer              what
+==========================  ==================  ===========================================
+training_status.json        train.py            the live state of the current/last run
+daemon_status.json          daemon.py           queue, throughput, ETA, consolidation, disk
+memory_status.json          memory_stats_api    latest RAM/GPU sample and OOM risk
+history/steps.jsonl         train.py            one line per logged optimizer step (append)
+history/evals.jsonl         train.py            one line per evaluation (append)
+history/examples.jsonl      train.py            one line per scored held-out answer (append)
+reports/<file>.report.json  train.py            per input file: counts and bad lines
+==========================  ==================  ===========================================
+
+JSON files are replaced atomically (temp file beside the target, fsync, ``os.replace``), so a reader
+sees the old or the new file, never half of one. History files are append-only JSONL; a process
+killed mid-write can leave a last line without a newline, which readers skip.
+
+This module must stay light: the web servers import it, and they never import torch or training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+TRAINING_STATUS = "training_status.json"
+DAEMON_STATUS = "daemon_status.json"
+MEMORY_STATUS = "memory_status.json"
+HISTORY_DIR = "history"
+STEPS_HISTORY = "history/steps.jsonl"
+EVALS_HISTORY = "history/evals.jsonl"
+EXAMPLES_HISTORY = "history/examples.jsonl"
+REPORTS_DIR = "reports"
+
+TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")
+
+
+def now_iso() -> str:
+    """Local time with offset, second precision: what every ``*_at`` field holds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing, empty, half-written or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line. A torn last line (process killed mid-write) is repaired first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8"))
+        f.flush()
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every complete, parseable object line of ``path``; torn or corrupt lines are skipped."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return
+    with f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def tail_jsonl(path: str | Path, n: int) -> list[dict[str, Any]]:
+    """The last ``n`` records of ``path`` (reads the whole file; history files are small per line)."""
+    return list(deque(iter_jsonl(path), maxlen=n)) if n > 0 else []
+
+
+def report_path(status_dir: str | Path, input_file: str | Path) -> Path:
+    """Where train.py writes the report of ``input_file``: ``reports/<name>.report.json``."""
+    return Path(status_dir) / REPORTS_DIR / f"{Path(input_file).name}.report.json"
+
+
+def pid_alive(pid: Any) -> bool:
+    """True when ``pid`` names a running process (used to tell a stale status file from a live one)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
