@@ -1,0 +1,140 @@
+"""What both servers share: Host-header check, security headers, JSON errors, command line, waitress.
+
+The servers are read-only views of ``status/``: every route is GET/HEAD, debug is never on, and a
+request whose Host header names neither the served host nor localhost is refused (a DNS-rebinding
+page on another site cannot read the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .. import config as config_mod
+
+log = logging.getLogger(__name__)
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+WILDCARD = frozenset({"0.0.0.0", "::", ""})
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _strip_port(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(bind_host: str, extra: list[str] | None = None) -> frozenset[str]:
+    """Host names a request may carry: localhost, the bound address, and when bound to every
+    interface, this machine's names and addresses."""
+    names = set(LOCAL_NAMES) | {h.lower() for h in extra or []}
+    names.add(_strip_port(bind_host) if bind_host not in WILDCARD else "")
+    if bind_host in WILDCARD:
+        import psutil
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        for addrs in psutil.net_if_addrs().values():
+            names |= {a.address.split("%", 1)[0].lower() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
+    names.discard("")
+    return frozenset(names)
+
+
+def secure(app: Flask, bind_host: str, extra_hosts: list[str] | None = None) -> Flask:
+    """Install the Host check, security headers and JSON error pages on ``app``."""
+    hosts = allowed_hosts(bind_host, extra_hosts)
+    app.config["ALLOWED_HOSTS"] = hosts
+
+    @app.before_request
+    def _check_host() -> Any:
+        host = _strip_port(request.headers.get("Host", ""))
+        if host not in app.config["ALLOWED_HOSTS"]:
+            return json_error(403, f"Host {host!r} is not served here")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            return json_error(405, "read-only server: only GET is allowed")
+        return None
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers["Content-Security-Policy"] = CSP
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> Response:
+        return json_error(e.code or 500, e.description or e.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        log.exception("unhandled error on %s", request.path)
+        return json_error(500, f"internal error: {type(e).__name__}")
+
+    return app
+
+
+def json_error(code: int, message: str) -> Response:
+    resp = jsonify({"error": message, "status": code})
+    resp.status_code = code
+    return resp
+
+
+# --------------------------------------------------------------------------- command line and serving
+
+def build_parser(description: str, default_port_key: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    config_mod.add_arguments(parser)
+    parser.add_argument("--host", help="address to bind (default: monitor.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help=f"port to listen on (default: monitor.{default_port_key})")
+    parser.add_argument("--status-dir", help="folder of the status files (default: paths.status)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="extra Host header to accept (e.g. a reverse proxy's name); repeatable")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def settings(args: argparse.Namespace, default_port_key: str) -> tuple[config_mod.Config, str, int, Path]:
+    """Config plus the resolved (host, port, status dir); command-line flags win over the config."""
+    cfg = config_mod.from_args(args)
+    host = args.host or cfg.monitor.host
+    port = args.port if args.port is not None else getattr(cfg.monitor, default_port_key)
+    status_dir = Path(args.status_dir) if args.status_dir else cfg.path("status")
+    return cfg, host, port, status_dir
+
+
+def serve(app: Flask, host: str, port: int, name: str, threads: int = 8,
+          on_ready: Callable[[Any], None] | None = None) -> int:
+    """Serve ``app`` with waitress until interrupted; an address in use is one line, exit code 1."""
+    from waitress.server import create_server
+
+    try:
+        server = create_server(app, host=host, port=port, threads=threads, ident=name,
+                               clear_untrusted_proxy_headers=True)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"{name}: {host}:{port} is already in use; choose another with --port", file=sys.stderr)
+        else:
+            print(f"{name}: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    shown = f"[{host}]" if ":" in host else host
+    log.info("%s serving on http://%s:%d/", name, shown, server.effective_port)
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

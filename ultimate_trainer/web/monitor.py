@@ -1,0 +1,86 @@
+"""The live monitor page (port 8080): one static page that polls JSON built from ``status/``.
+
+Routes:
+
+- ``GET /``                 the page (static HTML; its script and style are static files, so the CSP
+                            needs no 'unsafe-inline')
+- ``GET /static/<file>``    app.js, charts.js, style.css, favicon.svg
+- ``GET /api/state``        the status files merged (see ``state.build_state``); polled every refresh
+- ``GET /api/history``      downsampled whole-history series for the loss and accuracy charts
+- ``GET /api/export.json``  every logged step with accuracy and memory figures, plus the current state
+- ``GET /api/export.csv``   the same steps as CSV
+- anything else             JSON 404
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from flask import Flask, Response, jsonify, send_from_directory, stream_with_context
+
+from .. import config as config_mod
+from . import common, export
+from .history import History
+from .state import build_state
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(status_dir: str | Path, refresh_seconds: float = 2.0, bind_host: str = "127.0.0.1",
+               extra_hosts: list[str] | None = None) -> Flask:
+    status_dir = Path(status_dir)
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    common.secure(app, bind_host, extra_hosts)
+    history = History(status_dir)
+
+    @app.get("/")
+    def index() -> Response:
+        resp = send_from_directory(STATIC_DIR, "index.html", mimetype="text/html")
+        resp.headers["Content-Type"] = "text/html; charset=utf-8"
+        return resp
+
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return send_from_directory(STATIC_DIR, "favicon.svg", mimetype="image/svg+xml")
+
+    @app.get("/api/state")
+    def state() -> Response:
+        return jsonify(build_state(status_dir, history, refresh_seconds))
+
+    @app.get("/api/history")
+    def hist() -> Response:
+        return jsonify(history.snapshot())
+
+    def download(body: object, mimetype: str, name: str) -> Response:
+        return Response(stream_with_context(body), mimetype=mimetype,  # type: ignore[arg-type]
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/api/export.json")
+    def export_json() -> Response:
+        current = build_state(status_dir, history, refresh_seconds)
+        return download(export.iter_json(status_dir, current), "application/json", "training-history.json")
+
+    @app.get("/api/export.csv")
+    def export_csv() -> Response:
+        return download(export.iter_csv(status_dir), "text/csv", "training-history.csv")
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.build_parser("Live training monitor page over the status files.", "port")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, host, port, status_dir = common.settings(args, "port")
+    except config_mod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    app = create_app(status_dir, cfg.monitor.refresh_seconds, host, args.allow_host)
+    return common.serve(app, host, port, "monitor_server")

@@ -1,0 +1,93 @@
+"""``GET /api/state``: the status files merged into the one document the page polls.
+
+Every input may be missing, empty or half-written (``status.read_json`` gives None): the page then
+shows "waiting for the trainer" for that part instead of an error. Ages are computed here, against
+this machine's clock, so a browser on another clock still sees the right "updated 3 s ago".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import stats, status
+from .history import History, epoch_seconds
+
+log = logging.getLogger(__name__)
+
+MEMORY_STALE_SECONDS = 15.0  # memory_status.json older than this: the stats API is not running
+MAX_REPORTS = 20             # newest file reports with problems shown on the page
+MAX_BAD_LINES = 10           # bad lines shown per report
+RECENT_EXAMPLES = 20
+
+
+def _age(doc: dict[str, Any] | None, now: float) -> float | None:
+    t = epoch_seconds((doc or {}).get("updated_at"))
+    return None if t is None else round(max(0.0, now - t), 1)
+
+
+def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
+    """Newest reports of files that had bad lines or nothing usable, each cut to a few bad lines."""
+    try:
+        entries = [e for e in os.scandir(status_dir / status.REPORTS_DIR) if e.name.endswith(".report.json")]
+    except OSError:
+        return []
+    entries.sort(key=lambda e: e.stat().st_mtime if e.is_file() else 0, reverse=True)
+    out = []
+    for e in entries[: MAX_REPORTS * 5]:
+        rep = status.read_json(e.path)
+        if not rep or (rep.get("usable", True) and not rep.get("bad_lines")):
+            continue
+        name = Path(str(rep.get("file") or e.name)).name
+        bad = [b for b in rep.get("bad") or [] if isinstance(b, dict)][:MAX_BAD_LINES]
+        out.append({"file": name, "usable": rep.get("usable"), "error": rep.get("error"),
+                    "bad_lines": rep.get("bad_lines"), "examples": rep.get("examples"),
+                    "bad": [f"{name}:{b.get('line')}: {b.get('reason')}" for b in bad]})
+        if len(out) >= MAX_REPORTS:
+            break
+    return out
+
+
+def build_state(status_dir: str | Path, history: History, refresh_seconds: float) -> dict[str, Any]:
+    sd = Path(status_dir)
+    now = time.time()
+    training = status.read_json(sd / status.TRAINING_STATUS)
+    daemon = status.read_json(sd / status.DAEMON_STATUS)
+    memory = status.read_json(sd / status.MEMORY_STATUS)
+
+    if training is not None:
+        alive = status.pid_alive(training.get("pid"))
+        training["alive"] = alive
+        training["stale"] = training.get("state") not in ("idle", "error", None) and not alive
+        training["age_seconds"] = _age(training, now)
+        examples = training.get("recent_examples")
+        if not isinstance(examples, list):
+            training["recent_examples"] = status.tail_jsonl(sd / status.EXAMPLES_HISTORY, RECENT_EXAMPLES)
+    if daemon is not None:
+        daemon["alive"] = status.pid_alive(daemon.get("pid"))
+        daemon["age_seconds"] = _age(daemon, now)
+    memory_fresh = None
+    if memory is not None:
+        memory["age_seconds"] = _age(memory, now)
+        memory["stale"] = memory["age_seconds"] is None or memory["age_seconds"] > MEMORY_STALE_SECONDS
+        memory_fresh = None if memory["stale"] else memory
+
+    hist = history.summary()
+    return {
+        "schema_version": status.SCHEMA_VERSION,
+        "now": status.now_iso(),
+        "refresh_seconds": refresh_seconds,
+        "waiting": training is None,
+        "training": training,
+        "daemon": daemon,
+        "memory": memory,
+        # The page's health light: from fresh memory figures plus the trainer's and daemon's states.
+        "health": stats.health(memory_fresh, training, daemon),
+        "loss_trend": hist["loss_trend"],
+        "last_val_loss": hist["last_val_loss"],
+        "history_counts": {"steps": hist["steps"], "evals": hist["evals"]},
+        "reports": _problem_reports(sd),
+    }
