@@ -1,0 +1,98 @@
+"""Which tokens carry the loss, checked against the built-in model's real ChatML template."""
+
+from __future__ import annotations
+
+import pytest
+
+from _data_helpers import smol_tokenizer
+from ultimate_trainer.encoding import TemplateError, encode
+from ultimate_trainer.formats import BadLine, Example
+
+
+def _ex(*turns: tuple[str, str]) -> Example:
+    return Example([{"role": r, "content": c} for r, c in turns], "chat", source="t.jsonl:1", line=1)
+
+
+def _trained(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Runs of consecutive trained tokens, as id lists."""
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t, "a trained token's label is its own id"
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return runs
+
+
+def test_single_turn_only_answer_and_end_of_turn_are_trained():
+    tok = smol_tokenizer()
+    ids, labels = encode(tok, _ex(("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "It is 4.")),
+                         512, "skip")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answer = tok("It is 4.", add_special_tokens=False)["input_ids"]
+    assert _trained(ids, labels) == [answer + [im_end]]
+    # Everything else (system, user, the role headers, the final newline) is masked.
+    untrained = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+    assert untrained == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                         "<|im_start|>assistant\n\n")
+    assert len(ids) == len(labels)
+
+
+def test_multi_turn_every_assistant_turn_trained_users_not():
+    tok = smol_tokenizer()
+    ex = _ex(("system", "S"), ("user", "first question"), ("assistant", "first answer"),
+             ("user", "second question"), ("assistant", "second answer"))
+    ids, labels = encode(tok, ex, 512, "skip")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    runs = _trained(ids, labels)
+    assert [tok.decode(r) for r in runs] == ["first answer<|im_end|>", "second answer<|im_end|>"]
+    assert all(r[-1] == im_end for r in runs)
+    masked_text = tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+    assert "first question" in masked_text and "second question" in masked_text
+    assert "answer" not in masked_text
+
+
+def test_template_default_system_prompt_is_masked():
+    # The SmolLM template inserts its own system prompt when none is given: it must not be trained.
+    tok = smol_tokenizer()
+    ids, labels = encode(tok, _ex(("user", "hi"), ("assistant", "hello")), 512, "skip")
+    assert [tok.decode(r) for r in _trained(ids, labels)] == ["hello<|im_end|>"]
+    assert "SmolLM" in tok.decode(ids)
+
+
+def test_text_format_trains_every_token_plus_eos():
+    tok = smol_tokenizer()
+    ex = Example([{"role": "text", "content": "Plain document text."}], "text")
+    ids, labels = encode(tok, ex, 512, "skip")
+    assert labels == ids
+    assert ids[:-1] == tok("Plain document text.", add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tok.eos_token_id
+
+
+def test_overlong_skip_and_truncate():
+    tok = smol_tokenizer()
+    ex = _ex(("user", "q"), ("assistant", "many words " * 50))
+    full_ids, _ = encode(tok, ex, 4096, "skip")
+    with pytest.raises(BadLine, match=rf"over-long: {len(full_ids)} tokens > max_seq_length 40"):
+        encode(tok, ex, 40, "skip")
+    ids, labels = encode(tok, ex, 40, "truncate")
+    assert ids == full_ids[:40] and labels[-1] == ids[-1]
+
+
+class _UnstableTemplate:
+    """A tokenizer whose template renders earlier turns differently once a later turn exists."""
+
+    chat_template = "unstable"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        body = "".join(f"[{m['role']}:{m['content']}]" for m in messages)
+        return f"<{len(messages)}>" + body + ("[assistant:" if add_generation_prompt else "")
+
+
+def test_template_that_is_not_prefix_stable_is_a_clear_error():
+    with pytest.raises(TemplateError, match="not prefix-stable"):
+        encode(_UnstableTemplate(), _ex(("user", "q"), ("assistant", "a")), 64, "skip")

@@ -1,0 +1,302 @@
+"""Input files -> a streamed, memory-mapped training set, held-out examples and per-file reports.
+
+``prepare()`` reads each JSONL file as bytes, line by line (so a line that is not UTF-8 is one bad
+line, not a crashed run; a line longer than ``data.max_line_bytes`` is skipped without being held in
+memory), parses it (``formats.parse_line``), puts it aside for evaluation or for training, and
+tokenizes ``data.tokenize_chunk_size`` records at a time (``encoding.encode_batch``). Each chunk is
+appended to a ``TokenStore`` on disk and dropped, so memory does not grow with the file.
+
+Held-out split: a line is held out when the SHA-1 of its raw bytes falls below
+``data.heldout_fraction`` of the hash space, at most ``data.heldout_max_per_file`` per file (the
+first ones met). It depends only on the line itself, so the same lines are held out after a restart
+or when the file comes back. Held-out lines are never trained on. A file whose every usable line
+landed in the held-out share (tiny files) is trained on instead: training on it matters more.
+
+See docs/DATA.md for formats, masking and the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import torch
+
+from . import status
+from .config import Config
+from .encoding import IGNORE_INDEX, encode_batch
+from .formats import FORMATS, BadLine, Example, parse_line
+from .tokenstore import TokenStore, TokenStoreWriter
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_IN_REPORT = 1000
+MAX_BAD_LOGGED = 10
+_READ_BLOCK = 1 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs from its files."""
+
+    train: TokenStore
+    heldout: list[Example] = field(default_factory=list)  # eval prompts (text format excluded)
+    heldout_encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)  # for val loss
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason)
+
+    @property
+    def bad_lines(self) -> int:
+        return sum(r["bad_lines"] for r in self.reports.values())
+
+
+def iter_lines(f: BinaryIO, max_line_bytes: int, digest: Any = None) -> Iterator[tuple[int, bytes | None, int]]:
+    """``(line number, raw bytes without the line end, byte length)`` for each line of a binary file.
+
+    A line longer than ``max_line_bytes`` is read through in blocks and yielded as ``None`` (its
+    length still given), so one huge line never sits in memory. A last line without a newline is a line.
+    """
+    lineno = 0
+    while True:
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        if digest is not None:
+            digest.update(raw)
+        lineno += 1
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        elif len(raw) > max_line_bytes:
+            size = len(raw)
+            while True:
+                rest = f.readline(_READ_BLOCK)
+                if digest is not None:
+                    digest.update(rest)
+                size += len(rest)
+                if not rest or rest.endswith(b"\n"):
+                    size -= rest.endswith(b"\n")
+                    break
+            yield lineno, None, size
+            continue
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        yield lineno, raw, len(raw)
+
+
+def is_heldout(raw: bytes, fraction: float) -> bool:
+    """Deterministic per line content: the same bytes are always held out (or never)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(raw).digest()[:8], "big")
+    return h < fraction * 2**64
+
+
+def _new_report(path: Path) -> dict[str, Any]:
+    return {
+        "schema_version": status.SCHEMA_VERSION,
+        "file": str(path),
+        "sha256": None,
+        "size_bytes": 0,
+        "lines": 0,
+        "examples": 0,
+        "train_examples": 0,
+        "heldout_examples": 0,
+        "formats": {f: 0 for f in FORMATS},
+        "bad_lines": 0,
+        "bad": [],
+        "usable": False,
+        "error": None,
+        "created_at": None,
+    }
+
+
+class _FileReader:
+    """Reads one file into the shared writer / held-out lists; fills in its report."""
+
+    def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
+                 all_heldout: bool = False):
+        self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
+        self.all_heldout = all_heldout
+        self.report = _new_report(path)
+        self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
+        self.heldout_chosen = 0
+
+    def bad(self, line: int, reason: str) -> None:
+        r = self.report
+        r["bad_lines"] += 1
+        if len(r["bad"]) < MAX_BAD_IN_REPORT:
+            r["bad"].append({"line": line, "reason": reason})
+        if r["bad_lines"] <= MAX_BAD_LOGGED:
+            log.warning("%s:%d: %s", self.path.name, line, reason)
+
+    def flush(self, chunk: list[Example]) -> None:
+        if not chunk:
+            return
+        d = self.cfg.data
+        results = encode_batch(self.tokenizer, chunk, self.cfg.training.max_seq_length, d.overlong)
+        train = []
+        for ex, res in zip(chunk, results):
+            if isinstance(res, BadLine):
+                self.bad(ex.line, str(res))
+                continue
+            self.report["examples"] += 1
+            self.report["formats"][ex.fmt] += 1
+            if ex.heldout:
+                self.heldout_here.append((ex, res))
+            else:
+                train.append(res)
+        self.writer.append(train)
+        self.report["train_examples"] += len(train)
+
+    def run(self) -> dict[str, Any]:
+        d = self.cfg.data
+        digest = hashlib.sha256()
+        chunk: list[Example] = []
+        try:
+            with open(self.path, "rb") as f:
+                for lineno, raw, size in iter_lines(f, d.max_line_bytes, digest):
+                    self.report["lines"] = lineno
+                    if raw is None:
+                        self.bad(lineno, f"line longer than {d.max_line_bytes} bytes ({size} bytes)")
+                        continue
+                    if not raw.strip():
+                        continue  # blank lines are allowed (counted in `lines`, not as bad)
+                    try:
+                        ex = parse_line(raw, d.system_prompt, d.max_line_bytes)
+                    except BadLine as e:
+                        self.bad(lineno, str(e))
+                        continue
+                    ex.source, ex.line = f"{self.path.name}:{lineno}", lineno
+                    if self.all_heldout or (
+                        self.heldout_chosen < d.heldout_max_per_file and is_heldout(raw, d.heldout_fraction)
+                    ):
+                        ex.heldout = True
+                        self.heldout_chosen += 1
+                    chunk.append(ex)
+                    if len(chunk) >= d.tokenize_chunk_size:
+                        self.flush(chunk)
+                        chunk = []
+                self.flush(chunk)
+                self.report["size_bytes"] = f.tell()
+        except OSError as e:
+            self.report["error"] = f"cannot read: {e.strerror or e}"
+        self.report["sha256"] = digest.hexdigest()
+        self._settle_heldout()
+        self._finish()
+        return self.report
+
+    def _settle_heldout(self) -> None:
+        if self.report["train_examples"] == 0 and not self.all_heldout and self.heldout_here:
+            # Every usable line of this (tiny) file fell in the held-out share: train on them instead.
+            self.writer.append([enc for _, enc in self.heldout_here])
+            self.report["train_examples"] += len(self.heldout_here)
+            self.heldout_here = []
+        for ex, enc in self.heldout_here:
+            self.out.heldout_encoded.append(enc)
+            if not ex.is_text:
+                self.out.heldout.append(ex)
+        self.report["heldout_examples"] = len(self.heldout_here)
+
+    def _finish(self) -> None:
+        r = self.report
+        r["usable"] = r["error"] is None and r["examples"] > 0
+        if r["error"] is None and not r["usable"]:
+            if r["bad_lines"]:
+                first = r["bad"][0]
+                r["error"] = (f"no usable example ({r['bad_lines']} bad lines; first: "
+                              f"line {first['line']}: {first['reason']})")
+            else:
+                r["error"] = "no usable example (the file is empty)"
+        r["created_at"] = status.now_iso()
+
+
+def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
+            status_dir: Path | None = None) -> Prepared:
+    """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
+
+    Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
+    no usable example are listed in ``Prepared.unusable`` (the caller decides: train.py exits 3).
+    """
+    writer = TokenStoreWriter(Path(store_dir))
+    out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
+    inputs = [(Path(p), False) for p in files]
+    if cfg.data.eval_file:
+        eval_path = Path(cfg.data.eval_file)
+        inputs.append((eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    try:
+        for path, all_heldout in inputs:
+            log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
+            report = _FileReader(path, tokenizer, cfg, writer, out, all_heldout).run()
+            out.reports[str(path)] = report
+            if not report["usable"]:
+                reason = f"{path.name}: {report['error']}"
+                if all_heldout:
+                    reason = f"eval file {reason}"
+                out.unusable.append((str(path), reason))
+                log.error("%s", reason)
+            else:
+                log.info("%s: %d examples (%d train, %d held out), %d bad lines", path.name, report["examples"],
+                         report["train_examples"], report["heldout_examples"], report["bad_lines"])
+            if status_dir is not None:
+                status.atomic_write_json(status.report_path(status_dir, path), report)
+    finally:
+        out.train = writer.close()
+    return out
+
+
+class Collator:
+    """Pads a batch to its longest example: ``input_ids`` with the pad id (EOS when there is none),
+    ``labels`` with -100, and builds ``attention_mask``."""
+
+    def __init__(self, tokenizer: Any = None, pad_token_id: int | None = None):
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("Collator: the tokenizer has neither a pad nor an EOS token")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
+    """Counts and token-length statistics for ``train.py --dry-run``."""
+    lengths = prepared.train.lengths
+    formats = {f: sum(r["formats"][f] for r in prepared.reports.values()) for f in FORMATS}
+
+    def pct(q: float) -> int | None:
+        return int(np.percentile(lengths, q)) if len(lengths) else None
+
+    return {
+        "files": len(prepared.reports),
+        "unusable_files": [reason for _, reason in prepared.unusable],
+        "examples": sum(r["examples"] for r in prepared.reports.values()),
+        "train_examples": len(prepared.train),
+        "heldout_examples": len(prepared.heldout_encoded),
+        "eval_prompts": len(prepared.heldout),
+        "formats": formats,
+        "bad_lines": prepared.bad_lines,
+        "train_tokens": int(lengths.sum()) if len(lengths) else 0,
+        "length_p50": pct(50),
+        "length_p95": pct(95),
+        "length_max": int(lengths.max()) if len(lengths) else None,
+        "max_seq_length": max_len,
+        "at_max_length": int((lengths >= max_len).sum()) if len(lengths) else 0,
+    }
