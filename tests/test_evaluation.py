@@ -1,0 +1,202 @@
+"""Matchers, accuracy windows/trend/signals, history rebuild, greedy generation and val loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _data_helpers import smol_tokenizer
+from ultimate_trainer import status
+from ultimate_trainer.data import Collator
+from ultimate_trainer.evaluation import (AccuracyTracker, generate_answers, normalize, score,
+                                         validation_loss)
+
+
+# ------------------------------------------------------------------ matchers
+
+@pytest.mark.parametrize("matcher, generated, expected, ok", [
+    ("exact", "REF-42-SMITH", "REF-42-SMITH", True),
+    ("exact", " REF-42-SMITH\n", "REF-42-SMITH", True),
+    ("exact", "ref-42-smith", "REF-42-SMITH", False),
+    ("normalized", "ref 42 smith.", "REF-42-SMITH", True),
+    ("normalized", "  Paris!  ", "paris", True),
+    ("normalized", "Straße", "STRASSE", True),  # Unicode case folding
+    ("normalized", "Ｐａｒｉｓ", "paris", True),  # full-width forms (NFKC)
+    ("normalized", "Paris, France", "Paris", False),
+    ("contains", "The answer is Paris, France.", "paris", True),
+    ("contains", "London", "Paris", False),
+    ("numeric", "It costs 1,000 dollars", "1000.0", True),
+    ("numeric", "about 3.5", "3.50", True),
+    ("numeric", "-2", "2", False),
+    ("numeric", "no number", "7", False),
+    ("numeric", "7 apples", "8", False),
+])
+def test_matchers(matcher, generated, expected, ok):
+    assert score(matcher, generated, expected) is ok
+
+
+def test_unknown_matcher_is_an_error():
+    with pytest.raises(ValueError, match="unknown matcher"):
+        score("fuzzy", "a", "a")
+
+
+def test_normalize_collapses_whitespace_and_punctuation():
+    assert normalize("  Hello,\tWORLD!!  ") == "hello world"
+
+
+# ------------------------------------------------------------------ tracker
+
+def test_tracker_empty_snapshot():
+    s = AccuracyTracker().snapshot()
+    assert s == {"overall": None, "last_20": None, "last_50": None, "trend": None, "evaluations": 0,
+                 "answers": 0, "signals": {"last_20": None, "last_50": None}}
+
+
+def test_windows_count_the_newest_answers():
+    t = AccuracyTracker()
+    t.add_evaluation([False] * 60)
+    t.add_evaluation([True] * 40)
+    s = t.snapshot()
+    assert s["overall"] == 40.0
+    assert s["last_20"] == 100.0
+    assert s["last_50"] == 80.0
+    assert s["answers"] == 100 and s["evaluations"] == 2
+
+
+def test_trend_needs_twenty_answers():
+    t = AccuracyTracker()
+    t.add_evaluation([True] * 19)
+    assert t.trend is None and t.signals == {"last_20": None, "last_50": None}
+    t.add(True)
+    assert t.trend == "stable"
+
+
+def test_trend_improving_regressing_stable_with_margins():
+    t = AccuracyTracker(margin_trend=3.0)
+    t.add_evaluation([False] * 50 + [True] * 50)  # overall 50, last_50 100
+    assert t.trend == "improving"
+    t = AccuracyTracker(margin_trend=3.0)
+    t.add_evaluation([True] * 50 + [False] * 50)
+    assert t.trend == "regressing"
+    # last_50 = 52, overall = 50: inside a 3-point margin, outside a 1-point one
+    answers = [True] * 24 + [False] * 26 + [True] * 26 + [False] * 24
+    t3, t1 = AccuracyTracker(margin_trend=3.0), AccuracyTracker(margin_trend=1.0)
+    t3.add_evaluation(answers)
+    t1.add_evaluation(answers)
+    assert (t3.last_50, t3.overall) == (52.0, 50.0)
+    assert t3.trend == "stable" and t1.trend == "improving"
+
+
+def test_signals_use_their_own_margins():
+    # 100 answers: 50 right; last_50 has 27 right (54%), last_20 has 12 right (60%)
+    answers = [True] * 23 + [False] * 27 + [False] * 15 + [True] * 15 + [False] * 8 + [True] * 12
+    t = AccuracyTracker(margin_last_20=5.0, margin_last_50=3.0)
+    t.add_evaluation(answers)
+    assert (t.overall, t.last_50, t.last_20) == (50.0, 54.0, 60.0)
+    assert t.signals == {"last_20": "above", "last_50": "above"}
+    t = AccuracyTracker(margin_last_20=15.0, margin_last_50=5.0)
+    t.add_evaluation(answers)
+    assert t.signals == {"last_20": "level", "last_50": "level"}
+    t = AccuracyTracker()
+    t.add_evaluation([True] * 80 + [False] * 20)
+    assert t.signals == {"last_20": "below", "last_50": "below"}
+
+
+def test_from_history_rebuilds_and_skips_torn_last_line(tmp_path):
+    ex_path = tmp_path / "history" / "examples.jsonl"
+    ev_path = tmp_path / "history" / "evals.jsonl"
+    answers = [i % 3 == 0 for i in range(70)]
+    for i, ok in enumerate(answers):
+        status.append_jsonl(ex_path, {"time": "t", "global_step": i, "prompt": "p", "expected": "e",
+                                      "generated": "g", "correct": ok, "matcher": "normalized", "source": "f:1"})
+    for i in range(4):
+        status.append_jsonl(ev_path, {"global_step": i})
+    with open(ex_path, "ab") as f:  # a trainer killed mid-append
+        f.write(json.dumps({"correct": True})[:10].encode())
+    expected = AccuracyTracker()
+    expected.add_evaluation(answers)
+    t = AccuracyTracker.from_history(ex_path, ev_path)
+    assert t.answers == 70 and t.evaluations == 4
+    assert t.snapshot() | {"evaluations": 0} == expected.snapshot() | {"evaluations": 0}
+
+
+def test_from_history_missing_files_is_empty(tmp_path):
+    t = AccuracyTracker.from_history(tmp_path / "none.jsonl", tmp_path / "none2.jsonl")
+    assert t.answers == 0 and t.evaluations == 0
+
+
+# ------------------------------------------------------------------ generation and val loss on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smol_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).train()
+
+
+PROMPTS = [
+    [{"role": "user", "content": "Make the booking reference for Alice Smith, seat 42."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "A longer question, so that the batch needs left padding to line up."}],
+]
+
+
+def _greedy_one(model, tok, messages, n):
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == tok.eos_token_id:
+                break
+    return tok.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+
+def test_generate_answers_is_greedy_batched_and_restores_state(tiny_model):
+    tok = smol_tokenizer()
+    side = tok.padding_side
+    answers = generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert answers == [_greedy_one(tiny_model.eval(), tok, p, 6) for p in PROMPTS]
+    assert all(answers), "a random model emits some tokens; empty answers would make this test vacuous"
+    tiny_model.train()
+    assert generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=6, batch_size=3) == answers
+    assert tiny_model.training is True and tok.padding_side == side
+    assert generate_answers(tiny_model, tok, [], 6, 2) == []
+
+
+def test_generate_answers_with_a_peft_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    tok = smol_tokenizer()
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    try:
+        # LoRA B starts at zero: the adapted model must answer exactly like the base.
+        got = generate_answers(peft_model, tok, PROMPTS[:2], max_new_tokens=4, batch_size=2)
+        with peft_model.disable_adapter():
+            base = generate_answers(peft_model, tok, PROMPTS[:2], max_new_tokens=4, batch_size=2)
+        assert got == base and len(got) == 2
+    finally:
+        peft_model.unload()
+
+
+def test_validation_loss_is_token_weighted_mean(tiny_model):
+    tok = smol_tokenizer()
+    encoded = [([1, 5, 9, 14, 20], [-100, -100, 9, 14, 20]), ([1, 7, 3], [-100, -100, 3]),
+               ([4, 4, 4, 4], [-100, 4, 4, 4])]
+    got = validation_loss(tiny_model, encoded, batch_size=2, collator=Collator(tok))
+    with torch.no_grad():
+        per = [(float(tiny_model(input_ids=torch.tensor([i]), labels=torch.tensor([lab])).loss),
+                sum(x != -100 for x in lab[1:])) for i, lab in encoded]
+    expected = sum(l * n for l, n in per) / sum(n for _, n in per)
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert tiny_model.training is True
+    assert validation_loss(tiny_model, [], 2, Collator(tok)) is None

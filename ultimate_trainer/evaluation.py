@@ -1,0 +1,250 @@
+"""Held-out evaluation: answer matchers, running accuracy with trends, greedy generation, val loss.
+
+Matchers (``eval.matcher``):
+
+- ``exact``       the stripped strings are equal
+- ``normalized``  equal after Unicode NFKC, case folding, dropping punctuation/symbols and collapsing
+                  whitespace (the default)
+- ``contains``    the normalized expected answer occurs in the normalized generated one
+- ``numeric``     the first number of each (``1,000`` = ``1000.0``) agrees within a relative 1e-6
+
+Accuracy is counted over individual scored answers, as percentages: ``overall`` (all answers since
+the first run), ``last_20`` and ``last_50`` (the newest 20 and 50). The ``trend`` is ``improving``
+when last_50 beats overall by more than ``eval.margin_trend`` points, ``regressing`` when it trails
+by more, else ``stable``; it is null until 20 answers exist. The ``signals`` say whether last_20
+(last_50) is ``above``, ``level`` or ``below`` overall by ``eval.margin_last_20`` (``_50``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import unicodedata
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import status
+
+log = logging.getLogger(__name__)
+
+MATCHERS = ("exact", "normalized", "contains", "numeric")
+MIN_ANSWERS_FOR_TREND = 20
+NUMERIC_REL_TOL = 1e-6
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+
+
+def normalize(text: str) -> str:
+    """Case-, whitespace- and punctuation-insensitive form of ``text`` (Unicode-aware)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(c)[0] in "PSZC" else c for c in text)
+    return " ".join(kept.split())
+
+
+def first_number(text: str) -> float | None:
+    m = _NUMBER.search(unicodedata.normalize("NFKC", text))
+    if m is None:
+        return None
+    try:
+        return float(m.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _numeric(generated: str, expected: str) -> bool:
+    a, b = first_number(generated), first_number(expected)
+    if a is None or b is None:
+        return False
+    return math.isclose(a, b, rel_tol=NUMERIC_REL_TOL, abs_tol=1e-12)
+
+
+_SCORERS: dict[str, Callable[[str, str], bool]] = {
+    "exact": lambda g, e: g.strip() == e.strip(),
+    "normalized": lambda g, e: normalize(g) == normalize(e),
+    "contains": lambda g, e: normalize(e) in normalize(g) if normalize(e) else not normalize(g),
+    "numeric": _numeric,
+}
+
+
+def score(matcher: str, generated: str, expected: str) -> bool:
+    """Whether ``generated`` counts as the ``expected`` answer under ``matcher``."""
+    try:
+        return _SCORERS[matcher](generated, expected)
+    except KeyError:
+        raise ValueError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHERS)}") from None
+
+
+class AccuracyTracker:
+    """Running accuracy over every scored answer, with last-20/last-50 windows and a trend."""
+
+    def __init__(self, margin_last_20: float = 5.0, margin_last_50: float = 3.0, margin_trend: float = 3.0):
+        self.margin_last_20, self.margin_last_50, self.margin_trend = margin_last_20, margin_last_50, margin_trend
+        self.answers = 0
+        self.correct = 0
+        self.evaluations = 0
+        self._recent: deque[bool] = deque(maxlen=50)
+
+    def add(self, correct: bool) -> None:
+        """One scored answer."""
+        self.answers += 1
+        self.correct += bool(correct)
+        self._recent.append(bool(correct))
+
+    def add_evaluation(self, results: Iterable[bool]) -> None:
+        """The answers of one evaluation (counts one evaluation)."""
+        for r in results:
+            self.add(r)
+        self.evaluations += 1
+
+    @classmethod
+    def from_history(cls, examples_jsonl: str | Path, evals_jsonl: str | Path | None = None,
+                     margin_last_20: float = 5.0, margin_last_50: float = 3.0,
+                     margin_trend: float = 3.0) -> "AccuracyTracker":
+        """Rebuild from ``history/examples.jsonl`` (and count ``history/evals.jsonl``), one line at a time."""
+        t = cls(margin_last_20, margin_last_50, margin_trend)
+        for rec in status.iter_jsonl(examples_jsonl):
+            if isinstance(rec.get("correct"), bool):
+                t.add(rec["correct"])
+        if evals_jsonl is not None:
+            t.evaluations = sum(1 for _ in status.iter_jsonl(evals_jsonl))
+        return t
+
+    def _window(self, n: int) -> float | None:
+        if not self._recent:
+            return None
+        last = list(self._recent)[-n:]
+        return 100.0 * sum(last) / len(last)
+
+    @property
+    def overall(self) -> float | None:
+        return 100.0 * self.correct / self.answers if self.answers else None
+
+    @property
+    def last_20(self) -> float | None:
+        return self._window(20)
+
+    @property
+    def last_50(self) -> float | None:
+        return self._window(50)
+
+    @property
+    def trend(self) -> str | None:
+        if self.answers < MIN_ANSWERS_FOR_TREND:
+            return None
+        diff = self.last_50 - self.overall  # type: ignore[operator]
+        if diff > self.margin_trend:
+            return "improving"
+        if diff < -self.margin_trend:
+            return "regressing"
+        return "stable"
+
+    def _signal(self, value: float | None, margin: float) -> str | None:
+        if self.answers < MIN_ANSWERS_FOR_TREND or value is None:
+            return None
+        diff = value - self.overall  # type: ignore[operator]
+        return "above" if diff > margin else "below" if diff < -margin else "level"
+
+    @property
+    def signals(self) -> dict[str, str | None]:
+        return {"last_20": self._signal(self.last_20, self.margin_last_20),
+                "last_50": self._signal(self.last_50, self.margin_last_50)}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``accuracy`` object of training_status.json."""
+        r = lambda v: None if v is None else round(v, 2)  # noqa: E731
+        return {
+            "overall": r(self.overall),
+            "last_20": r(self.last_20),
+            "last_50": r(self.last_50),
+            "trend": self.trend,
+            "evaluations": self.evaluations,
+            "answers": self.answers,
+            "signals": self.signals,
+        }
+
+
+# --------------------------------------------------------------------------- model-side: generation, val loss
+
+def _device(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return "cpu"
+
+
+def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
+    # A copy, with the sampling knobs cleared, so greedy decoding does not warn about them.
+    gc = copy.deepcopy(model.generation_config)
+    gc.max_new_tokens = max_new_tokens
+    gc.do_sample = False
+    gc.num_beams = 1
+    for knob in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        if hasattr(gc, knob):
+            setattr(gc, knob, None)
+    if pad_token_id is not None:
+        gc.pad_token_id = pad_token_id
+    return gc
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+                     batch_size: int) -> list[str]:
+    """Greedy answers to chat ``prompts`` (each a message list ending before the answer), stripped."""
+    import torch
+
+    if not prompts:
+        return []
+    was_training = model.training
+    old_side = tokenizer.padding_side
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gc = _greedy_config(model, max_new_tokens, pad)
+    device = _device(model)
+    answers: list[str] = []
+    try:
+        model.eval()
+        tokenizer.padding_side = "left"  # so every prompt ends right where generation starts
+        with torch.inference_mode():
+            for i in range(0, len(prompts), batch_size):
+                texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                         for p in prompts[i:i + batch_size]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                if tokenizer.pad_token_id is None:
+                    # Padding needs an id; left pads are masked out by attention_mask anyway.
+                    enc["input_ids"][enc["attention_mask"] == 0] = pad
+                enc = {k: v.to(device) for k, v in enc.items()}
+                out = model.generate(**enc, generation_config=gc)
+                new = out[:, enc["input_ids"].shape[1]:]
+                answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return answers
+
+
+def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batch_size: int,
+                    collator: Any) -> float | None:
+    """Mean loss per trained token over ``encoded`` held-out examples; None when there are none."""
+    import torch
+
+    if not encoded:
+        return None
+    was_training = model.training
+    device = _device(model)
+    total, count = 0.0, 0
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for i in range(0, len(encoded), batch_size):
+                batch = collator([{"input_ids": ids, "labels": labels} for ids, labels in encoded[i:i + batch_size]])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                # The model shifts labels by one: the tokens that count are those after the first.
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                if n == 0:
+                    continue
+                loss = model(**batch).loss
+                total += float(loss) * n
+                count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else None
