@@ -1,0 +1,150 @@
+"""Complete-or-absent checkpoints, consolidations, and the choice of where a run starts.
+
+A checkpoint is ``checkpoints/checkpoint-<global_step>/``: the Hugging Face Trainer's files
+(adapter, optimizer, scheduler, RNG, trainer_state.json) and, written last after every other file
+has been fsynced, ``ut_checkpoint.json``. A folder without that marker was cut short (a kill, a
+full disk) and is never resumed from: at start it is moved aside into ``checkpoints/.incomplete/``
+(nothing is deleted). Only names matching ``checkpoint-<digits>`` count, so stray folders are ignored.
+
+A consolidation is ``models/consolidated/<timestamp>/`` with ``manifest.json`` written last
+(see docs/DAEMON.md). When the newest consolidation is at least as new as the newest checkpoint,
+training continues on the consolidated weights with a fresh adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .status import atomic_write_json, now_iso, read_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "ut_checkpoint.json"
+MANIFEST = "manifest.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+INCOMPLETE_DIR = ".incomplete"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    global_step: int
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(path: Path, meta: dict[str, Any]) -> None:
+    """Seal a checkpoint folder: fsync its files, then write the marker atomically."""
+    _fsync_tree(path)
+    atomic_write_json(path / MARKER, {"schema_version": 1, **meta, "created_at": now_iso()})
+
+
+def list_complete(checkpoints_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest (lowest global step) first."""
+    out = []
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        meta = read_json(p / MARKER)
+        if meta is None or meta.get("global_step") != int(m.group(1)):
+            continue
+        out.append(CheckpointInfo(p, int(m.group(1)), meta))
+    return sorted(out, key=lambda c: c.global_step)
+
+
+def newest_complete(checkpoints_dir: str | Path) -> CheckpointInfo | None:
+    found = list_complete(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def quarantine_incomplete(checkpoints_dir: str | Path) -> list[Path]:
+    """Move checkpoint folders without a marker into ``.incomplete/`` so they can never be resumed."""
+    root = Path(checkpoints_dir)
+    moved = []
+    if not root.is_dir():
+        return moved
+    for p in sorted(root.iterdir()):
+        if CHECKPOINT_RE.match(p.name) and p.is_dir() and read_json(p / MARKER) is None:
+            dest = root / INCOMPLETE_DIR / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            p.rename(dest)
+            log.warning("moved incomplete checkpoint %s aside to %s (it was cut short)", p.name, dest)
+            moved.append(dest)
+    return moved
+
+
+@dataclass(frozen=True)
+class ConsolidationInfo:
+    path: Path
+    global_step: int
+    manifest: dict[str, Any]
+
+
+def list_consolidations(models_dir: str | Path) -> list[ConsolidationInfo]:
+    """Complete consolidations (manifest present), oldest first."""
+    root = Path(models_dir) / "consolidated"
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        manifest = read_json(p / MANIFEST)
+        if manifest is None or not isinstance(manifest.get("global_step"), int):
+            continue
+        out.append(ConsolidationInfo(p, manifest["global_step"], manifest))
+    return sorted(out, key=lambda c: (c.global_step, c.path.name))
+
+
+def newest_consolidation(models_dir: str | Path) -> ConsolidationInfo | None:
+    found = list_consolidations(models_dir)
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where the next run starts: which base weights, which adapter, which global step."""
+
+    kind: str  # "fresh" | "checkpoint" | "consolidation"
+    global_step: int
+    base_path: str | None  # None: resolve config base_model
+    checkpoint: CheckpointInfo | None = None  # the adapter to resume, or (after a consolidation) its source
+    consolidation: ConsolidationInfo | None = None
+
+
+def start_point(checkpoints_dir: str | Path, models_dir: str | Path) -> StartPoint:
+    ckpt = newest_complete(checkpoints_dir)
+    cons = newest_consolidation(models_dir)
+    if cons is not None and (ckpt is None or cons.global_step >= ckpt.global_step):
+        # The source checkpoint still tells whether a run was cut short, so it can be finished, not redone.
+        source = next((c for c in list_complete(checkpoints_dir)
+                       if c.name == cons.manifest.get("source_checkpoint")), None)
+        return StartPoint("consolidation", cons.global_step, str(cons.path), checkpoint=source, consolidation=cons)
+    if ckpt is not None:
+        return StartPoint("checkpoint", ckpt.global_step, ckpt.meta.get("base_model"), checkpoint=ckpt)
+    return StartPoint("fresh", 0, None)

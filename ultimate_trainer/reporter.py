@@ -1,0 +1,155 @@
+"""The trainer's side of the status contract: the single writer of training_status.json and history/.
+
+A heartbeat thread rewrites ``training_status.json`` every ``status.interval_seconds`` so that the
+monitors see a live ``updated_at`` and RSS even during a long step; every state change is written
+at once. History lines are appended as they happen (docs/STATUS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import status as st
+from .checkpoints import list_complete
+
+TEXT_LIMIT = 2000
+EXAMPLE_FIELDS = ("prompt", "expected", "generated", "correct", "source")
+
+
+def _clip(text: Any) -> Any:
+    return text[:TEXT_LIMIT] if isinstance(text, str) else text
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or the process table unreadable: the figure is optional
+        return 0
+
+
+class StatusReporter:
+    def __init__(self, status_dir: Path, checkpoints_dir: Path, interval: float, recent_limit: int):
+        self.dir = Path(status_dir)
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.interval = interval
+        self.recent_limit = recent_limit
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._recent: list[dict[str, Any]] = [
+            {"step": r.get("global_step"), **{k: r.get(k) for k in EXAMPLE_FIELDS}}
+            for r in st.tail_jsonl(self.dir / st.EXAMPLES_HISTORY, recent_limit)
+        ]
+        self.data: dict[str, Any] = {
+            "schema_version": st.SCHEMA_VERSION,
+            "state": "loading",
+            "current_files": [],
+            "run_id": None,
+            "global_step": 0,
+            "run_step": 0,
+            "run_total_steps": 0,
+            "epoch": 0.0,
+            "loss": None,
+            "learning_rate": None,
+            "grad_norm": None,
+            "tokens_per_second": None,
+            "eta_seconds": None,
+            "accuracy": {"overall": None, "last_20": None, "last_50": None, "trend": None,
+                         "evaluations": 0, "answers": 0, "signals": {"last_20": None, "last_50": None}},
+            "val_loss": None,
+            "recent_examples": list(self._recent),
+            "pid": os.getpid(),
+            "rss_bytes": _rss_bytes(),
+            "checkpoints": [],
+            "last_checkpoint": None,
+            "base_model": None,
+            "device": None,
+            "load_in_4bit": None,
+            "error": None,
+            "started_at": st.now_iso(),
+            "updated_at": st.now_iso(),
+        }
+        self.refresh_checkpoints()
+
+    # ------------------------------------------------------------------ writing
+    def write(self) -> None:
+        with self._lock:
+            self.data["updated_at"] = st.now_iso()
+            self.data["rss_bytes"] = _rss_bytes()
+            snapshot = dict(self.data)
+        try:
+            st.atomic_write_json(self.dir / st.TRAINING_STATUS, snapshot)
+        except OSError:  # a full disk must not kill training; the next write retries
+            pass
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.data.update(fields)
+
+    def set_state(self, state: str, **fields: Any) -> None:
+        assert state in st.TRAINING_STATES, state
+        self.update(state=state, **fields)
+        self.write()
+
+    def refresh_checkpoints(self) -> None:
+        found = list_complete(self.checkpoints_dir)
+        self.update(
+            checkpoints=[{"name": c.name, "global_step": c.global_step, "created_at": c.meta.get("created_at")}
+                         for c in found],
+            last_checkpoint=found[-1].name if found else None,
+        )
+
+    # ------------------------------------------------------------------ history
+    def log_step(self, record: dict[str, Any]) -> None:
+        st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": st.now_iso(), **record})
+
+    def log_evaluation(self, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+        now = st.now_iso()
+        for ex in examples:
+            st.append_jsonl(self.dir / st.EXAMPLES_HISTORY, {"time": now, **{k: _clip(v) for k, v in ex.items()}})
+        st.append_jsonl(self.dir / st.EVALS_HISTORY, {"time": now, **summary})
+        for ex in examples:
+            self._recent.append({"step": ex.get("global_step"), **{k: _clip(ex.get(k)) for k in EXAMPLE_FIELDS}})
+        self._recent = self._recent[-self.recent_limit:] if self.recent_limit else []
+        self.update(recent_examples=list(self._recent))
+
+    # ------------------------------------------------------------------ heartbeat
+    def start(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.interval):
+                self.write()
+
+        self._thread = threading.Thread(target=beat, name="status-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.write()
+
+
+class Throughput:
+    """Trained tokens per second over a sliding window of logged steps."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.points: list[tuple[float, int]] = []
+
+    def exclude(self, seconds: float) -> None:
+        """Leave a pause (an evaluation, a save) out of the rate: shift the earlier points forward."""
+        self.points = [(t + seconds, n) for t, n in self.points]
+
+    def add(self, tokens_seen: int) -> float | None:
+        self.points.append((time.monotonic(), tokens_seen))
+        self.points = self.points[-self.window:]
+        if len(self.points) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.points[0], self.points[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None

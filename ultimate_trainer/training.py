@@ -1,0 +1,213 @@
+"""One training run, read top to bottom as its phases:
+
+    load config -> find the start point -> load tokenizer -> read and tokenize data -> plan the run
+    -> load model (+ adapter) -> train (evaluate, save) -> final save -> idle
+
+Continuous training on the Hugging Face Trainer. The Trainer's own resume is built for "the same
+dataset, interrupted"; here every run brings new files, so:
+
+- the run's example order is planned here (seeded by the run id) and handed to the Trainer as a
+  sequence (``train_sampling_strategy="sequential"``), with ``ignore_data_skip=True`` so the Trainer
+  never fast-forwards through data that is not the data it saw;
+- ``max_steps`` is the global step the run ends at (start step + this run's steps), so steps
+  accumulate across runs instead of "epoch 1.0 of 1, nothing to do";
+- ``resume_from_checkpoint`` restores adapter, optimizer, scheduler, RNG and ``global_step``;
+- a run interrupted part-way (kill, crash, SIGTERM) is recognised by its run id when started again
+  on the same files, and continues after the examples it had already trained on.
+
+After a consolidation the start point is the merged model with a fresh adapter: a one-off
+bootstrap folder holding only ``trainer_state.json`` (the global step) and that adapter lets the
+Trainer continue the global step with a new optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoints as ck
+from .config import Config
+from .model import ModelError
+from .reporter import StatusReporter
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 0, 1, 2, 3, 4
+DATA_ORDER_KEYS = ("batch_size", "gradient_accumulation_steps", "epochs_per_file", "seed", "max_seq_length")
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived before training started: nothing to save, exit 0."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the training loop finishes its step, saves and stops. A second ^C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+            log.warning("%s received: finishing the current step, then saving a checkpoint",
+                        signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def check(self) -> None:
+        if self.requested:
+            raise StopRequested
+
+
+@dataclass
+class RunPlan:
+    run_id: str
+    order: list[int]  # indices into the token store, every epoch of this run concatenated
+    examples_per_step: int
+    total_steps: int
+    done_steps: int  # steps already trained by an interrupted attempt of this same run
+    steps_per_epoch: int
+
+    @property
+    def remaining_order(self) -> list[int]:
+        return self.order[self.done_steps * self.examples_per_step:]
+
+
+def run_id_for(file_hashes: list[str], cfg: Config) -> str:
+    """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
+    key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None) -> RunPlan:
+    import numpy as np
+
+    per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+    total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
+    rng = np.random.default_rng([cfg.training.seed, int(run_id, 16) % (2**32)])
+    order: list[int] = []
+    while len(order) < total_examples:
+        order.extend(rng.permutation(n_examples).tolist())
+    order = order[:total_examples]
+    total_steps = math.ceil(total_examples / per_step)
+    done = 0
+    if resume is not None and resume.meta.get("run_id") == run_id and not resume.meta.get("run_complete", True):
+        done = min(int(resume.meta.get("run_step", 0)), total_steps)
+    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(n_examples / per_step)))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run: bool = False,
+        stop: StopFlag | None = None) -> int:
+    """Train on ``files`` from wherever the last run ended. Returns the process exit code."""
+    stop = stop or StopFlag()
+    status_dir, ckpt_dir = cfg.path("status"), cfg.path("checkpoints")
+    reporter = StatusReporter(status_dir, ckpt_dir, cfg.status.interval_seconds, cfg.eval.recent_examples)
+    if not dry_run:
+        reporter.update(current_files=[f.name for f in files], base_model=cfg.base_model,
+                        load_in_4bit=cfg.load_in_4bit)
+        reporter.set_state("loading")
+        reporter.start()
+    try:
+        return _run(cfg, files, reporter, stop, max_steps=max_steps, dry_run=dry_run)
+    except StopRequested:
+        log.info("stopped before training started; nothing to save")
+        if not dry_run:
+            reporter.set_state("idle")
+        return EXIT_OK
+    except ModelError as e:
+        return _fail(reporter, EXIT_MODEL, str(e), dry_run)
+    except MemoryError:
+        return _fail(reporter, EXIT_CRASH, "out of memory (lower training.batch_size or training.max_seq_length)",
+                     dry_run)
+    except Exception as e:
+        log.exception("training failed")
+        return _fail(reporter, EXIT_CRASH, _one_line(e), dry_run)
+    finally:
+        if not dry_run:
+            reporter.stop()
+        shutil.rmtree(cfg.path("work") / "current", ignore_errors=True)
+
+
+def _fail(reporter: StatusReporter, code: int, reason: str, dry_run: bool) -> int:
+    print(f"error: {reason}", file=sys.stderr)
+    if not dry_run:
+        reporter.set_state("error", error=reason)
+    return code
+
+
+def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFlag, *,
+         max_steps: int | None, dry_run: bool) -> int:
+    from . import data
+    from .model import load_tokenizer, resolve_base
+
+    # Start point first: it decides which base (and so which tokenizer) this run uses.
+    ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
+    if not dry_run:
+        ck.quarantine_incomplete(ckpt_dir)
+    start = ck.start_point(ckpt_dir, models_dir)
+    if start.checkpoint is not None and start.checkpoint.meta.get("base_model_name") not in (None, cfg.base_model) \
+            and start.kind == "checkpoint":
+        print(f"error: {ckpt_dir} continues {start.checkpoint.meta['base_model_name']!r} but base_model is "
+              f"{cfg.base_model!r}: set base_model back, or point paths.checkpoints at a new folder to start "
+              f"another model", file=sys.stderr)
+        return EXIT_CONFIG
+    base_path = start.base_path if start.base_path and Path(start.base_path).is_dir() else resolve_base(cfg)
+    tokenizer = load_tokenizer(base_path)
+    stop.check()
+
+    # Read and tokenize: streaming, chunked, into a memory-mapped store.
+    reporter.set_state("tokenizing") if not dry_run else None
+    store_dir = cfg.path("work") / "current"
+    shutil.rmtree(store_dir, ignore_errors=True)
+    prepared = data.prepare(files, tokenizer, cfg, store_dir, None if dry_run else cfg.path("status"))
+    if dry_run:
+        print(json.dumps(data.summarize(prepared, cfg.training.max_seq_length), indent=2))
+        return EXIT_DATA if prepared.unusable else EXIT_OK
+    for path, reason in prepared.unusable:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if prepared.unusable:
+        reporter.set_state("error", error="; ".join(f"{Path(p).name}: {r}" for p, r in prepared.unusable))
+        return EXIT_DATA
+    stop.check()
+
+    # Plan: which examples, in which order, how many steps; continue an interrupted attempt.
+    hashes = [prepared.reports[str(f)]["sha256"] for f in files]
+    run_id = run_id_for(hashes, cfg)
+    plan = plan_run(len(prepared.train), run_id, cfg, start.checkpoint)
+    steps_now = plan.total_steps - plan.done_steps
+    if max_steps is not None:
+        steps_now = min(steps_now, max_steps)
+    reporter.update(run_id=run_id, run_step=plan.done_steps, run_total_steps=plan.total_steps,
+                    global_step=start.global_step, epoch=plan.done_steps / plan.steps_per_epoch)
+    if plan.done_steps:
+        log.info("continuing interrupted run %s at run step %d of %d", run_id, plan.done_steps, plan.total_steps)
+    if steps_now <= 0:
+        log.info("nothing to train: run %s is already complete", run_id)
+        reporter.set_state("idle")
+        return EXIT_OK
+
+    from .hf_trainer import build_and_train
+
+    build_and_train(cfg, files=files, prepared=prepared, tokenizer=tokenizer, base_path=base_path,
+                    start=start, plan=plan, steps_now=steps_now, hashes=hashes,
+                    reporter=reporter, stop=stop)
+    reporter.refresh_checkpoints()
+    reporter.set_state("idle", eta_seconds=0.0)
+    return EXIT_OK
