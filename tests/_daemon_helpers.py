@@ -1,0 +1,119 @@
+"""A test double for the train.py *child process*, and a runner for the daemon with it injected.
+
+``python tests/_daemon_helpers.py trainer FILE... [--config P] [--set K=V ...]`` follows train.py's
+contract without a model: one optimizer step per usable line (a JSON object), a complete checkpoint
+``checkpoint-<global_step>/ut_checkpoint.json`` after every step, reports in status/reports,
+training_status.json, SIGTERM = finish the step, save, exit 0, exit 3 when a file has no usable line,
+and a run resumed on the same files continues from its newest checkpoint. It refuses to write a
+checkpoint that exists (that would be training something twice) by appending to
+``status/fake_violations.txt`` and exiting 1, so tests can assert nothing was trained twice.
+
+Environment knobs: FAKE_STEP_SECONDS (sleep per step), FAKE_EXIT (exit with this code at start).
+
+``python tests/_daemon_helpers.py daemon [daemon.py args]`` runs the real daemon with this trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent.parent))
+
+from ultimate_trainer import config as config_mod  # noqa: E402
+from ultimate_trainer.status import atomic_write_json, now_iso  # noqa: E402
+
+
+def trainer_cmd(files: list[Path], cfg_args: list[str]) -> list[str]:
+    return [sys.executable, str(HERE), "trainer", *map(str, files), *cfg_args]
+
+
+def _newest(ckdir: Path) -> dict | None:
+    best = None
+    if ckdir.is_dir():
+        for p in ckdir.iterdir():
+            m = p / "ut_checkpoint.json"
+            if p.name.startswith("checkpoint-") and m.exists():
+                meta = json.loads(m.read_text())
+                if best is None or meta["global_step"] > best["global_step"]:
+                    best = meta
+    return best
+
+
+def fake_trainer(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    config_mod.add_arguments(ap)
+    args = ap.parse_args(argv)
+    cfg = config_mod.from_args(args)
+    if os.environ.get("FAKE_EXIT"):
+        return int(os.environ["FAKE_EXIT"])
+    status, ckdir = cfg.path("status"), cfg.path("checkpoints")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    files, unusable = [], False
+    for f in map(Path, args.files):
+        data = f.read_bytes()
+        examples = 0
+        for line in data.splitlines():
+            try:
+                examples += isinstance(json.loads(line), dict)
+            except ValueError:
+                pass
+        digest = hashlib.sha256(data).hexdigest()
+        atomic_write_json(status / "reports" / f"{f.name}.report.json", {
+            "file": str(f), "sha256": digest, "examples": examples, "usable": examples > 0,
+            "error": None if examples else "no usable example", "created_at": now_iso()})
+        unusable |= examples == 0
+        files.append({"name": f.name, "sha256": digest, "examples": examples})
+    if unusable:
+        return 3
+    run_id = hashlib.sha256("".join(sorted(x["sha256"] for x in files)).encode()).hexdigest()[:16]
+    total = sum(x["examples"] for x in files)
+    newest = _newest(ckdir)
+    gstep = newest["global_step"] if newest else 0
+    run_step = newest["run_step"] if newest and newest["run_id"] == run_id else 0
+
+    def write_status(state: str) -> None:
+        atomic_write_json(status / "training_status.json", {
+            "schema_version": 1, "state": state, "current_files": [str(f) for f in args.files], "run_id": run_id,
+            "global_step": gstep, "run_step": run_step, "run_total_steps": total, "pid": os.getpid(), "error": None})
+
+    while run_step < total and not stop:
+        time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0")))
+        gstep, run_step = gstep + 1, run_step + 1
+        target = ckdir / f"checkpoint-{gstep}"
+        if target.exists():
+            with open(status / "fake_violations.txt", "a") as fh:
+                fh.write(f"{target} exists: step trained twice\n")
+            return 1
+        tmp = ckdir / f".tmp-checkpoint-{gstep}-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        atomic_write_json(tmp / "ut_checkpoint.json", {
+            "schema_version": 1, "global_step": gstep, "run_id": run_id, "run_step": run_step,
+            "run_total_steps": total, "run_complete": run_step == total,
+            "files": [{"name": x["name"], "sha256": x["sha256"]} for x in files],
+            "base_model": "fake", "load_in_4bit": False, "created_at": now_iso()})
+        os.rename(tmp, target)
+        write_status("training")
+    write_status("idle")
+    return 0
+
+
+def run_daemon(argv: list[str]) -> int:
+    from ultimate_trainer import daemon
+
+    return daemon.main(argv, trainer_cmd=trainer_cmd)
+
+
+if __name__ == "__main__":
+    mode, rest = sys.argv[1], sys.argv[2:]
+    sys.exit(fake_trainer(rest) if mode == "trainer" else run_daemon(rest))

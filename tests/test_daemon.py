@@ -1,0 +1,265 @@
+"""The daemon end to end with a stand-in trainer child (tests/_daemon_helpers.py), plus its arithmetic.
+
+The daemon runs as a real subprocess (``--once``) so kill -9 hits a real process at real points;
+the trainer child is the test double that follows train.py's contract without a model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from ultimate_trainer import config as config_mod
+from ultimate_trainer import schedule
+from ultimate_trainer.daemon import Daemon, prune_checkpoints
+from ultimate_trainer.journal import RunRecord
+
+HELPER = Path(__file__).with_name("_daemon_helpers.py")
+FAST = ["daemon.file_stable_seconds=0", "daemon.start_monitors=false", "daemon.disk_warn_gb=0",
+        "daemon.disk_critical_gb=0", "daemon.retry_initial_seconds=0", "daemon.consolidation_hour=null",
+        "daemon.poll_interval=0.2"]
+
+
+def lines(n: int, tag: str) -> str:
+    return "".join(json.dumps({"text": f"{tag} {i}"}) + "\n" for i in range(n))
+
+
+@pytest.fixture
+def proj(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "inbox").mkdir()
+    return tmp_path
+
+
+def daemon_cmd(proj: Path, *extra: str, sets: list[str] = FAST) -> list[str]:
+    args = [sys.executable, str(HELPER), "daemon", "--config", str(proj / "config.json")]
+    for s in sets:
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def start(proj: Path, *extra: str, env: dict | None = None, sets: list[str] = FAST) -> subprocess.Popen:
+    return subprocess.Popen(daemon_cmd(proj, *extra, sets=sets), cwd=proj, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def steps(proj: Path) -> list[int]:
+    d = proj / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in d.glob("checkpoint-*")) if d.exists() else []
+
+
+def journal_events(proj: Path, event: str) -> list[dict]:
+    path = proj / "queue" / "journal.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for raw in path.read_text().splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if rec.get("event") == event:
+            out.append(rec)
+    return out
+
+
+def assert_each_file_once(proj: Path, good: dict[str, int], bad: set[str]) -> None:
+    q = proj / "queue"
+    done = {p.name for p in (q / "done").glob("*.jsonl")}
+    failed = {p.name for p in (q / "failed").glob("*.jsonl")}
+    assert done == set(good) and failed == bad
+    assert not list((q / "waiting").glob("*.jsonl")) and not list((q / "processing").glob("*.jsonl"))
+    assert not (proj / "status" / "fake_violations.txt").exists(), (proj / "status" / "fake_violations.txt").read_text()
+    # one step per example, each trained exactly once, the global step only ever counting up
+    assert steps(proj) == list(range(1, sum(good.values()) + 1))
+
+
+def test_once_processes_everything_and_exits_0(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(3, "a"))
+    (proj / "inbox" / "run1").mkdir()
+    (proj / "inbox" / "run1" / "a.jsonl").write_text(lines(2, "b"))
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 3, "a_1.jsonl": 2}, set())
+    st = json.loads((proj / "status" / "daemon_status.json").read_text())
+    assert st["state"] == "stopped" and st["queue_files"] == 0 and st["done_files"] == 2
+    assert {r["name"]: r["examples"] for r in st["recent_done"]} == {"a.jsonl": 3, "a_1.jsonl": 2}
+    assert st["throughput"]["runs_in_window"] == 1  # both files in one run: one model load
+    assert (proj / "queue" / "done" / "a.jsonl.report.json").exists()
+
+
+def test_bad_file_is_quarantined_while_good_files_train(proj: Path) -> None:
+    (proj / "inbox" / "good1.jsonl").write_text(lines(2, "g1"))
+    (proj / "inbox" / "broken.jsonl").write_text("not json\n{also not\n")
+    (proj / "inbox" / "good2.jsonl").write_text(lines(3, "g2"))
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, {"good1.jsonl": 2, "good2.jsonl": 3}, {"broken.jsonl"})
+    assert "no usable example" in (proj / "queue" / "failed" / "broken.jsonl.error.txt").read_text()
+    st = json.loads((proj / "status" / "daemon_status.json").read_text())
+    assert [f["name"] for f in st["failed"]] == ["broken.jsonl"] and "no usable" in st["failed"][0]["reason"]
+
+
+def test_duplicate_dropped_again_is_not_retrained(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(2, "a"))
+    assert finish(start(proj, "--once"))[0] == 0
+    (proj / "inbox" / "again.jsonl").write_text(lines(2, "a"))
+    assert finish(start(proj, "--once"))[0] == 0
+    assert steps(proj) == [1, 2]
+    assert "byte-identical to a.jsonl" in (proj / "queue" / "done" / "again.jsonl.duplicate.txt").read_text()
+    (proj / "inbox" / "again.jsonl").write_text(lines(2, "a"))
+    sets = [s for s in FAST] + ["daemon.skip_duplicates=false"]
+    assert finish(start(proj, "--once", sets=sets))[0] == 0
+    # configurable: handed to the trainer again when asked
+    assert any("again_1.jsonl" in b["files"] for b in journal_events(proj, "batch"))
+    assert not (proj / "queue" / "done" / "again_1.jsonl.duplicate.txt").exists()
+
+
+@pytest.mark.parametrize("kill_at_step", [0, 3, 7])
+def test_kill9_daemon_then_restart_loses_nothing_trains_nothing_twice(proj: Path, kill_at_step: int) -> None:
+    good = {"a.jsonl": 4, "b.jsonl": 5}
+    for n, k in good.items():
+        (proj / "inbox" / n).write_text(lines(k, n))
+    (proj / "inbox" / "bad.jsonl").write_text("nope\n")
+    p = start(proj, "--once", env={"FAKE_STEP_SECONDS": "0.05"})
+    if kill_at_step == 0:
+        wait_for(lambda: bool(journal_events(proj, "launch")))
+    else:
+        wait_for(lambda: len(steps(proj)) >= kill_at_step)
+    p.kill()
+    p.wait()
+    # the orphaned trainer was sent SIGTERM by the kernel; the restart waits for it and resumes the run
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, good, {"bad.jsonl"})
+
+
+@pytest.mark.parametrize("kill_at_step", [1, 6])
+def test_kill9_trainer_is_retried_and_resumes(proj: Path, kill_at_step: int) -> None:
+    good = {"a.jsonl": 4, "b.jsonl": 5}
+    for n, k in good.items():
+        (proj / "inbox" / n).write_text(lines(k, n))
+    p = start(proj, "--once", env={"FAKE_STEP_SECONDS": "0.05"})
+    wait_for(lambda: len(steps(proj)) >= kill_at_step)
+    os.kill(journal_events(proj, "launch")[-1]["pid"], signal.SIGKILL)
+    code, out = finish(p)
+    assert code == 0, out
+    assert_each_file_once(proj, good, set())
+    assert len(journal_events(proj, "crash")) == 1 and "signal 9" in journal_events(proj, "crash")[0]["reason"]
+
+
+def test_sigterm_stops_gracefully_and_restart_finishes(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(30, "a"))
+    p = start(proj, env={"FAKE_STEP_SECONDS": "0.05"})  # daemon mode, not --once
+    wait_for(lambda: len(steps(proj)) >= 2)
+    p.send_signal(signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 0, out
+    assert (proj / "queue" / "processing" / "a.jsonl").exists() and len(steps(proj)) < 30
+    assert json.loads((proj / "status" / "daemon_status.json").read_text())["state"] == "stopped"
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 30}, set())
+
+
+def test_stop_file_stops_the_daemon(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(30, "a"))
+    p = start(proj, env={"FAKE_STEP_SECONDS": "0.05"})
+    wait_for(lambda: len(steps(proj)) >= 1)
+    assert subprocess.run(daemon_cmd(proj, "--stop"), cwd=proj).returncode == 0
+    code, out = finish(p)
+    assert code == 0, out
+    assert not (proj / ".stop").exists() and (proj / "queue" / "processing" / "a.jsonl").exists()
+
+
+def test_crashing_trainer_backs_off_splits_then_fails_files(proj: Path) -> None:
+    for n in ("a.jsonl", "b.jsonl"):
+        (proj / "inbox" / n).write_text(lines(2, n))
+    code, out = finish(start(proj, "--once", env={"FAKE_EXIT": "1"}, sets=FAST + ["daemon.max_attempts=2"]))
+    assert code == 0, out
+    assert {p.name for p in (proj / "queue" / "failed").glob("*.jsonl")} == {"a.jsonl", "b.jsonl"}
+    # 2 crashes of the pair, then 2 of each file alone: never a tight endless loop
+    assert len(journal_events(proj, "crash")) == 6
+    assert "exited 1 (2 attempts)" in (proj / "queue" / "failed" / "a.jsonl.error.txt").read_text()
+
+
+def test_model_error_keeps_files_queued(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(2, "a"))
+    code, out = finish(start(proj, "--once", env={"FAKE_EXIT": "4"}))
+    assert code == 1
+    assert (proj / "queue" / "processing" / "a.jsonl").exists()
+    assert "model cannot be loaded" in json.loads((proj / "status" / "daemon_status.json").read_text())["last_error"]
+
+
+def test_disk_critical_pauses_intake_and_training(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(proj)
+    (proj / "inbox" / "a.jsonl").write_text(lines(2, "a"))
+    sets = [s for s in FAST if "disk" not in s] + ["daemon.disk_warn_gb=1e12", "daemon.disk_critical_gb=1e12"]
+    cfg = config_mod.load(proj / "config.json", sets)
+    d = Daemon(cfg, str(proj / "config.json"), sets, once=False)
+    assert d.tick() is None
+    assert d.state == "paused_disk" and (proj / "inbox" / "a.jsonl").exists()
+    st = json.loads((proj / "status" / "daemon_status.json").read_text())
+    assert st["state"] == "paused_disk" and st["disk"]["level"] == "critical"
+
+
+def test_prune_keeps_newest_and_consolidation_sources(proj: Path) -> None:
+    for g in (1, 2, 3, 4):
+        c = proj / "checkpoints" / f"checkpoint-{g}"
+        c.mkdir(parents=True)
+        (c / "ut_checkpoint.json").write_text(json.dumps({"global_step": g}))
+    m = proj / "models" / "consolidated" / "20260101-030000"
+    m.mkdir(parents=True)
+    (m / "manifest.json").write_text(json.dumps({"global_step": 2, "source_checkpoint": "checkpoint-2"}))
+    cfg = config_mod.load(None, [f"paths.root={proj}"])
+    removed = prune_checkpoints(cfg, keep=1)
+    assert sorted(p.name for p in removed) == ["checkpoint-1", "checkpoint-3"]
+    assert steps(proj) == [2, 4]
+
+
+# ---------------------------------------------------------------------- arithmetic
+
+def test_throughput_uses_only_runs_in_window() -> None:
+    now = 100_000.0
+    runs = [RunRecord(now - 10 * 3600, 3600, 10**9, 999), RunRecord(now - 60, 1800, 50 * 10**6, 100),
+            RunRecord(now - 30, 1800, 50 * 10**6, 300)]
+    tp = schedule.throughput(runs, 6.0, now)
+    assert tp == {"mb_per_hour": 100.0, "examples_per_hour": 400.0, "window_hours": 6.0, "runs_in_window": 2}
+    assert schedule.queue_eta(25 * 10**6, tp["mb_per_hour"]) == pytest.approx(900.0)
+    assert schedule.queue_eta(1, None) is None
+
+
+def test_consolidation_due_after_the_hour_including_missed_ones() -> None:
+    tz = dt.timezone.utc
+    now = dt.datetime(2026, 5, 2, 10, 0, tzinfo=tz)
+    assert schedule.consolidation_due(3, dt.datetime(2026, 5, 2, 3, 5, tzinfo=tz), None, now) is False
+    assert schedule.consolidation_due(3, dt.datetime(2026, 5, 1, 3, 5, tzinfo=tz), None, now) is True
+    # down for two days: the missed one runs at the next start
+    assert schedule.consolidation_due(3, dt.datetime(2026, 4, 29, 3, 5, tzinfo=tz), None, now) is True
+    # never consolidated: counted from the daemon's first start
+    assert schedule.consolidation_due(3, None, dt.datetime(2026, 5, 2, 4, 0, tzinfo=tz), now) is False
+    assert schedule.consolidation_due(3, None, dt.datetime(2026, 5, 1, 4, 0, tzinfo=tz), now) is True
+    assert schedule.consolidation_due(None, None, dt.datetime(2026, 1, 1, tzinfo=tz), now) is False
+    assert schedule.next_consolidation(3, False, now) == dt.datetime(2026, 5, 3, 3, 0, tzinfo=tz)

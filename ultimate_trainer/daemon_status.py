@@ -1,0 +1,111 @@
+"""``status/daemon_status.json``: what the daemon knows, in the shape the monitor page reads.
+
+The schema is documented in docs/STATUS.md (section ``daemon_status.json``); fields may be added,
+never renamed. Built from the journal, the spool folders, the trainer's reports and the daemon's
+in-memory state; it is a view, never the source of truth (that is the journal + folders).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import schedule
+from .checkpoints import CheckpointInfo, list_complete, list_consolidations
+from .status import SCHEMA_VERSION, TRAINING_STATUS, now_iso, read_json, report_path
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+RECENT_DONE = 20
+FAILED_SHOWN = 50
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
+    return list_complete(checkpoints_dir)
+
+
+def consolidation_history(consolidated_dir: Path) -> list[dict[str, Any]]:
+    """Manifests of the complete consolidations, oldest first, each with its ``path``."""
+    return [{**c.manifest, "path": str(c.path)} for c in list_consolidations(consolidated_dir.parent)]
+
+
+def _examples(status_dir: Path, name: str) -> int | None:
+    rep = read_json(report_path(status_dir, name))
+    ex = rep.get("examples") if rep else None
+    return ex if isinstance(ex, int) else None
+
+
+def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
+    st = d.spool.journal.state
+    training = set(d.current["files"]) if d.current else set()
+    queue = []
+    for state in ("processing", "waiting"):
+        for n in d.spool.names_in(state):
+            rec = st.files.get(n)
+            if rec is None or rec.state != "queued":
+                continue
+            queue.append({"name": n, "size_bytes": rec.size, "state": "training" if n in training else "waiting",
+                          "arrived_at": rec.arrived_at, "examples": _examples(d.status_dir, n)})
+    queue.sort(key=lambda q: (q["state"] != "training", q["arrived_at"], q["name"]))
+    qbytes = sum(q["size_bytes"] for q in queue)
+
+    tp = schedule.throughput(st.runs, d.d.throughput_window_hours, now_ts)
+    remaining = float(qbytes)
+    if d.current:
+        ts = read_json(d.status_dir / TRAINING_STATUS) or {}
+        total, step = ts.get("run_total_steps"), ts.get("run_step")
+        if ts.get("pid") == d.current["pid"] and isinstance(total, int) and total > 0 and isinstance(step, int):
+            run_bytes = sum(q["size_bytes"] for q in queue if q["state"] == "training")
+            remaining -= run_bytes * min(step / total, 1.0)
+    eta = schedule.queue_eta(remaining, tp["mb_per_hour"]) if queue else None
+    eta_at = schedule.iso(dt.datetime.fromtimestamp(now_ts).astimezone() + dt.timedelta(seconds=eta)) if eta is not None else None
+
+    done = sorted((r for r in st.files.values() if r.state == "done"), key=lambda r: r.finished_at or "")
+    failed = sorted((r for r in st.files.values() if r.state == "failed"), key=lambda r: r.finished_at or "")
+
+    hist = consolidation_history(d.consolidated_dir)
+    hour = d.d.consolidation_hour
+    last_at = schedule.parse_iso(hist[-1].get("created_at")) if hist else None
+    now_dt = dt.datetime.fromtimestamp(now_ts).astimezone()
+    due = schedule.consolidation_due(hour, last_at, schedule.parse_iso(st.first_started), now_dt)
+    current = None
+    if d.current:
+        current = {k: d.current[k] for k in ("files", "started_at", "pid", "attempt")}
+        current["run"] = d.current.get("batch")
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "state": d.state,
+        "pid": os.getpid(),
+        "started_at": d.started_at,
+        "updated_at": now_iso(),
+        "uptime_seconds": round(now_ts - d.started_ts, 1),
+        "queue": queue,
+        "queue_files": len(queue),
+        "queue_bytes": qbytes,
+        "current_run": current,
+        "throughput": tp,
+        "queue_eta_seconds": None if eta is None else round(eta, 1),
+        "queue_eta_at": eta_at,
+        "done_files": len(done),
+        "recent_done": [{"name": r.name, "finished_at": r.finished_at, "examples": r.examples,
+                         "global_step": r.global_step} for r in done[-RECENT_DONE:]],
+        "failed": [{"name": r.name, "reason": r.reason, "failed_at": r.finished_at} for r in failed[-FAILED_SHOWN:]],
+        "last_error": d.last_error,
+        "inbox_pending": d.pending_inbox,
+        "consolidation": {
+            "enabled": hour is not None,
+            "hour": hour,
+            "last_at": schedule.iso(last_at),
+            "last_path": hist[-1]["path"] if hist else None,
+            "next_at": schedule.iso(schedule.next_consolidation(hour, due, now_dt)),
+            "running": d.consolidation_running,
+            "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
+                        for h in hist[-RECENT_DONE:]],
+        },
+        "disk": d.disk,
+        "monitors": d.children.status(d.cfg),
+    }
