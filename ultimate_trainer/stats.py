@@ -272,13 +272,19 @@ class Sampler:
         self.status_dir = Path(status_dir)
         self.thresholds = thresholds
         self.interval = interval
-        self.gpu = gpu if gpu is not None else GpuReader()
+        self._gpu = gpu
         self.write = write
         self._latest: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_history = 0.0
+
+    @property
+    def gpu(self) -> GpuReader:
+        if self._gpu is None:  # NVML is opened on first use, not when the sampler is built
+            self._gpu = GpuReader()
+        return self._gpu
 
     def sample_once(self) -> dict[str, Any]:
         sample = take_sample(self.status_dir, self.thresholds, self.gpu)
@@ -310,14 +316,15 @@ class Sampler:
         return latest if latest is not None else self.sample_once()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             try:
                 self.sample_once()
             except Exception:  # one bad sample must not end the thread the API depends on
                 log.exception("sampling failed")
-            self._stop.wait(self.interval)
 
     def start(self) -> "Sampler":
+        """Take the first sample now (so the server never answers before one exists), then sample in a thread."""
+        self.sample_once()
         self._thread = threading.Thread(target=self._run, name="stats-sampler", daemon=True)
         self._thread.start()
         return self
@@ -326,4 +333,5 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.gpu.close()
+        if self._gpu is not None:
+            self._gpu.close()

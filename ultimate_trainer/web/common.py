@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -113,24 +113,36 @@ def settings(args: argparse.Namespace, default_port_key: str) -> tuple[config_mo
     return cfg, host, port, status_dir
 
 
-def serve(app: Flask, host: str, port: int, name: str, threads: int = 8,
-          on_ready: Callable[[Any], None] | None = None) -> int:
-    """Serve ``app`` with waitress until interrupted; an address in use is one line, exit code 1."""
+def bind(app: Flask, host: str, port: int, name: str, threads: int = 8) -> Any | None:
+    """A waitress server listening on host:port, or None after a one-line message (address in use names --port)."""
     from waitress.server import create_server
 
     try:
-        server = create_server(app, host=host, port=port, threads=threads, ident=name,
-                               clear_untrusted_proxy_headers=True)
+        return create_server(app, host=host, port=port, threads=threads, ident=name,
+                             clear_untrusted_proxy_headers=True)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             print(f"{name}: {host}:{port} is already in use; choose another with --port", file=sys.stderr)
         else:
             print(f"{name}: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    shown = f"[{host}]" if ":" in host else host
-    log.info("%s serving on http://%s:%d/", name, shown, server.effective_port)
-    if on_ready is not None:
-        on_ready(server)
+        return None
+
+
+def run(server: Any, name: str) -> int:
+    """Serve until interrupted (Ctrl-C or SIGTERM from the daemon); exit code 0."""
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread (tests): Ctrl-C handling is the caller's
+        pass
+    # A name that resolves to several addresses gives a multi-socket server without effective_*.
+    host = getattr(server, "effective_host", "?")
+    shown = f"[{host}]" if ":" in str(host) else host
+    log.info("%s serving on http://%s:%s/", name, shown, getattr(server, "effective_port", "?"))
     try:
         server.run()
     except KeyboardInterrupt:
@@ -138,3 +150,8 @@ def serve(app: Flask, host: str, port: int, name: str, threads: int = 8,
     finally:
         server.close()
     return 0
+
+
+def serve(app: Flask, host: str, port: int, name: str, threads: int = 8) -> int:
+    server = bind(app, host, port, name, threads)
+    return 1 if server is None else run(server, name)

@@ -110,7 +110,7 @@ class Downsampler:
     def points(self) -> list[dict[str, Any]]:
         out = []
         for b in self.buckets:
-            p: dict[str, Any] = {"global_step": b["global_step"], "time": b["time"]}
+            p: dict[str, Any] = {"global_step": b["global_step"], "time": b["time"], "n": b["n"]}
             for f in self.fields:
                 c = b["counts"].get(f, 0)
                 p[f] = b["sums"][f] / c if c else None

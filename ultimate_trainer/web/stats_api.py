@@ -114,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     th = stats.Thresholds(cfg.monitor.oom_medium_percent, cfg.monitor.oom_high_percent)
-    sampler = stats.Sampler(Path(status_dir), th, cfg.monitor.sample_interval).start()
+    sampler = stats.Sampler(Path(status_dir), th, cfg.monitor.sample_interval)
+    # Bind first: a port in use is reported before NVML or the sampler thread start.
+    server = common.bind(create_app(sampler, host, args.allow_host), host, port, "memory_stats_api")
+    if server is None:
+        return 1
+    sampler.start()
     try:
-        return common.serve(create_app(sampler, host, args.allow_host), host, port, "memory_stats_api")
+        return common.run(server, "memory_stats_api")
     finally:
         sampler.stop()

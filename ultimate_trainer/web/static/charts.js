@@ -1,4 +1,4 @@
-// Small SVG line charts drawn with DOM calls only (no innerHTML, no library).
+// Small SVG line charts drawn with DOM calls only (no HTML parsing, no library).
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
