@@ -97,6 +97,7 @@ class Daemon:
         self._last_status = 0.0
         self._last_intake = 0.0
         self._lock_fd: int | None = None
+        self.exit_code = 0  # what --once returns when the queue is empty (1 after a failed consolidation)
 
     # ------------------------------------------------------------------ commands
     def _cfg_args(self) -> list[str]:
@@ -232,7 +233,7 @@ class Daemon:
         self._write_status(force=True)
         if self.once and self._nothing_left():
             log.info("--once: everything in the inbox is processed")
-            return 0
+            return self.exit_code
         return None
 
     def _nothing_left(self) -> bool:
@@ -431,7 +432,8 @@ class Daemon:
         self.state, self.consolidation_running = "consolidating", True
         self._write_status(force=True)
         log.info("consolidating: merging the adapter into the base")
-        proc = subprocess.Popen(self.consolidate_cmd(files_json), start_new_session=True, preexec_fn=_pdeathsig)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_DIR), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(self.consolidate_cmd(files_json), start_new_session=True, preexec_fn=_pdeathsig, env=env)
         code = self._wait_child(proc)
         self.consolidation_running = False
         hist = consolidation_history(self.consolidated_dir)
@@ -447,6 +449,7 @@ class Daemon:
             self.consolidation_retry_ts = self.clock() + self.d.retry_max_seconds
             if self.once:
                 self.force_consolidation = False
+                self.exit_code = 1
         self.state = "idle"
 
     # ------------------------------------------------------------------ status

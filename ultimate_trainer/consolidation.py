@@ -1,0 +1,148 @@
+"""Daily consolidation: merge the current LoRA adapter into the base weights.
+
+    python -m ultimate_trainer.consolidation [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
+
+The daemon runs this as a child process (its memory never stays in the daemon). It writes
+``models/consolidated/<YYYYmmdd-HHMMSS>/``: the merged model (safetensors, config, generation
+config), the tokenizer and, last, ``manifest.json``. The folder is built in a hidden temp sibling
+and renamed into place, so it is complete or absent.
+
+The base is loaded exactly as it was trained (4-bit NF4 when the checkpoint says so) and then
+dequantized, so the merge equals what was trained; an adapter is never merged into 4-bit weights.
+The merged weights are bfloat16 on CUDA and float32 on the CPU. The trainer then continues on the
+merged model with a fresh adapter, keeping the global step (see ultimate_trainer/checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
+from .config import Config, ConfigError, add_arguments, from_args
+from .status import atomic_write_json, now_iso
+
+log = logging.getLogger(__name__)
+
+
+class ConsolidationError(RuntimeError):
+    pass
+
+
+def _merged_dtype(device: str) -> Any:
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = None) -> tuple[Any, str]:
+    """Base as trained + the checkpoint's adapter, merged into full-precision weights. Returns (model, base path)."""
+    from peft import PeftModel
+
+    from .model import load_base_model, pick_device, resolve_base
+
+    device = device or pick_device(cfg)
+    base_path = ckpt.meta.get("base_model") or resolve_base(cfg)
+    quantized = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+    dtype = _merged_dtype(device)
+    base = load_base_model(cfg, str(base_path), quantize=quantized, device=device)
+    if quantized:
+        base = base.dequantize(dtype=dtype)  # the exact weights the 4-bit layers computed with
+        if hasattr(base.config, "quantization_config"):
+            del base.config.quantization_config
+    base = base.to(dtype)
+    model = PeftModel.from_pretrained(base, str(ckpt.path), is_trainable=False)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True  # the loader switched it off for training
+    return merged, str(base_path)
+
+
+def _save_tokenizer(base_path: str, ckpt: CheckpointInfo, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    for src in (base_path, str(ckpt.path)):
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(out)
+            return
+        except (OSError, ValueError, TypeError):
+            continue
+    raise ConsolidationError(f"no tokenizer found in {base_path} or {ckpt.path}")
+
+
+def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_since_last: list[str] | None = None,
+                device: str | None = None) -> Path:
+    """Write one consolidation of ``checkpoint`` (default: the newest complete one); return its folder."""
+    ckpt = checkpoint or newest_complete(cfg.path("checkpoints"))
+    if ckpt is None:
+        raise ConsolidationError(f"no complete checkpoint in {cfg.path('checkpoints')}: nothing to consolidate")
+    root = cfg.path("models") / "consolidated"
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    final = root / stamp
+    i = 1
+    while final.exists():
+        final, i = root / f"{stamp}-{i}", i + 1
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    t0 = time.monotonic()
+    log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
+    merged, base_path = merge_checkpoint(cfg, ckpt, device)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        _save_tokenizer(base_path, ckpt, tmp)
+        dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
+        atomic_write_json(tmp / MANIFEST, {
+            "schema_version": 1, "source_checkpoint": ckpt.path.name, "global_step": ckpt.global_step,
+            "base_model": base_path, "base_model_name": ckpt.meta.get("base_model_name", cfg.base_model),
+            "files_since_last": list(files_since_last or []), "dtype": dtype,
+            "seconds": round(time.monotonic() - t0, 1), "created_at": now_iso()})
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written temp folder, never a complete one
+        raise
+    log.info("consolidated into %s in %.1f s", final, time.monotonic() - t0)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Merge the newest adapter into the base (docs/DAEMON.md).")
+    add_arguments(ap)
+    ap.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to merge (default: the newest complete one)")
+    ap.add_argument("--files-json", metavar="F", help='JSON {"files": [...]}: files trained since the last consolidation')
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    try:
+        cfg = from_args(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    ckpt = None
+    if args.checkpoint:
+        want = Path(args.checkpoint).resolve()
+        ckpt = next((c for c in list_complete(want.parent) if c.path.resolve() == want), None)
+        if ckpt is None:
+            print(f"{args.checkpoint}: not a complete checkpoint (no ut_checkpoint.json)", file=sys.stderr)
+            return 2
+    files: list[str] = []
+    if args.files_json:
+        try:
+            files = list(json.loads(Path(args.files_json).read_text(encoding="utf-8")).get("files", []))
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("%s: unreadable (%s); manifest lists no files", args.files_json, e)
+    try:
+        consolidate(cfg, ckpt, files)
+    except ConsolidationError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
