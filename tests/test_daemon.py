@@ -263,3 +263,39 @@ def test_consolidation_due_after_the_hour_including_missed_ones() -> None:
     assert schedule.consolidation_due(3, None, dt.datetime(2026, 5, 1, 4, 0, tzinfo=tz), now) is True
     assert schedule.consolidation_due(None, None, dt.datetime(2026, 1, 1, tzinfo=tz), now) is False
     assert schedule.next_consolidation(3, False, now) == dt.datetime(2026, 5, 3, 3, 0, tzinfo=tz)
+
+
+# ---------------------------------------------------------------------- with the real train.py
+
+def test_real_trainer_once_then_kill9_trainer_resumes(make_project: Callable[..., Path], tiny_model_dir: Path) -> None:
+    from conftest import chat, write_jsonl
+
+    cfg_path = make_project(tiny_model_dir, eval_steps=0, save_steps=1)
+    root = cfg_path.parent
+    (root / "inbox" / "sub").mkdir(parents=True)
+    write_jsonl(root / "inbox" / "a.jsonl", [chat(f"q{i}", f"a{i}") for i in range(10)])
+    write_jsonl(root / "inbox" / "sub" / "b.jsonl", [chat(f"x{i}", f"y{i}") for i in range(10)])
+    write_jsonl(root / "inbox" / "bad.jsonl", ["not json", "{]"])
+    sets = FAST + ["daemon.retry_initial_seconds=0"]
+    args = [sys.executable, str(Path(__file__).parent.parent / "daemon.py"), "--once", "--config", str(cfg_path)]
+    for s in sets:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name for p in (root / "queue" / "done").glob("*.jsonl")} == {"a.jsonl", "b.jsonl"}
+    assert {p.name for p in (root / "queue" / "failed").glob("*.jsonl")} == {"bad.jsonl"}
+    first = steps(root)
+    assert first and json.loads((root / "status" / "daemon_status.json").read_text())["recent_done"][-1]["global_step"] == first[-1]
+
+    # a second drop: kill -9 the real trainer after its first checkpoint; the daemon retries and it resumes
+    write_jsonl(root / "inbox" / "c.jsonl", [chat(f"c{i}", f"d{i}") for i in range(16)])
+    p = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(steps(root)) > len(first), timeout=300)
+    os.kill(journal_events(root, "launch")[-1]["pid"], signal.SIGKILL)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    assert (root / "queue" / "done" / "c.jsonl").exists() and len(journal_events(root, "crash")) == 1
+    after = steps(root)
+    assert after[-1] > first[-1]
+    ts = json.loads((root / "status" / "training_status.json").read_text())
+    assert ts["run_step"] == ts["run_total_steps"] and ts["global_step"] == after[-1]
