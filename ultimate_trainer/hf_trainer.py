@@ -195,7 +195,7 @@ def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: st
     )
 
 
-def _write_bootstrap(model: Any, directory: Path, global_step: int) -> Path:
+def _write_bootstrap(model: Any, directory: Path, global_step: int, args: TrainingArguments) -> Path:
     """A start folder for the Trainer after a consolidation: the fresh adapter and the global step only.
 
     With no optimizer/scheduler files in it, the Trainer starts those afresh (warm-up included).
@@ -207,7 +207,10 @@ def _write_bootstrap(model: Any, directory: Path, global_step: int) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     model.save_pretrained(str(directory))
-    TrainerState(global_step=global_step).save_to_json(str(directory / "trainer_state.json"))
+    state = TrainerState(global_step=global_step, train_batch_size=args.per_device_train_batch_size,
+                         logging_steps=args.logging_steps, save_steps=args.save_steps, eval_steps=args.save_steps,
+                         stateful_callbacks=[TrainerControl()])
+    state.save_to_json(str(directory / "trainer_state.json"))
     return directory
 
 
@@ -231,8 +234,6 @@ def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer:
     else:
         torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
         model = attach_lora(cfg, model)
-        if start.global_step > 0:
-            resume_dir = _write_bootstrap(model, cfg.path("work") / "bootstrap", start.global_step)
     stop.check()
 
     collator = Collator(tokenizer)
@@ -256,6 +257,8 @@ def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer:
     eval_cb = EvalCallback(cfg, reporter, tokenizer, prepared.heldout, prepared.heldout_encoded, collator,
                            tracker, plan.run_id, stop, run_cb.throughput)
     args = training_arguments(cfg, cfg.path("checkpoints"), start.global_step + steps_now, device, dtype)
+    if start.kind != "checkpoint" and start.global_step > 0:
+        resume_dir = _write_bootstrap(model, cfg.path("work") / "bootstrap", start.global_step, args)
     trainer = ContinuousTrainer(
         model=model, args=args, train_dataset=prepared.train.select(plan.remaining_order),
         data_collator=collator, processing_class=tokenizer, callbacks=[eval_cb, run_cb],

@@ -178,6 +178,9 @@ def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFla
     shutil.rmtree(store_dir, ignore_errors=True)
     prepared = data.prepare(files, tokenizer, cfg, store_dir, None if dry_run else cfg.path("status"))
     if dry_run:
+        for path, report in prepared.reports.items():
+            for bad in report["bad"]:
+                print(f"{Path(path).name}:{bad['line']}: {bad['reason']}", file=sys.stderr)
         print(json.dumps(data.summarize(prepared, cfg.training.max_seq_length), indent=2))
         return EXIT_DATA if prepared.unusable else EXIT_OK
     for path, reason in prepared.unusable:
