@@ -120,6 +120,40 @@ def test_address_in_use_is_one_line_naming_port(tmp_path, script):
     assert len(lines) == 1 and "already in use" in lines[0] and "--port" in lines[0], r.stderr
 
 
+def test_stats_server_samples_to_file_and_stops_cleanly_on_sigterm(tmp_path):
+    import http.client
+    import signal
+    import time
+
+    port = _busy_port()
+    port_no = port.getsockname()[1]
+    port.close()
+    proc = subprocess.Popen([sys.executable, str(REPO / "memory_stats_api.py"), "--config", str(REPO / "config.json"),
+                             "--port", str(port_no), "--status-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        answer = None
+        for _ in range(200):  # until the server listens (bounded, not a timing assertion)
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port_no, timeout=5)
+                c.request("GET", "/api/memory_stats")
+                r = c.getresponse()
+                answer = (r.status, r.getheader("Content-Type"), r.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        assert answer is not None and answer[0] == 200 and answer[1] == "application/json", proc.stderr
+        assert status.read_json(tmp_path / status.MEMORY_STATUS)["schema_version"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_web_modules_do_not_import_torch():
     code = ("import sys; import ultimate_trainer.stats, ultimate_trainer.web.monitor, ultimate_trainer.web.stats_api; "
             "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")

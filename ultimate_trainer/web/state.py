@@ -35,7 +35,13 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
         entries = [e for e in os.scandir(status_dir / status.REPORTS_DIR) if e.name.endswith(".report.json")]
     except OSError:
         return []
-    entries.sort(key=lambda e: e.stat().st_mtime if e.is_file() else 0, reverse=True)
+    def mtime(e: os.DirEntry) -> float:
+        try:
+            return e.stat().st_mtime
+        except OSError:  # removed since the listing
+            return 0.0
+
+    entries.sort(key=mtime, reverse=True)
     out = []
     for e in entries[: MAX_REPORTS * 5]:
         rep = status.read_json(e.path)
