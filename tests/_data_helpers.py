@@ -57,3 +57,13 @@ def chat(user: str, answer: str, system: str | None = None, **extra: Any) -> dic
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return {"messages": msgs, **extra}
+
+
+class UnstableTemplate:
+    """A tokenizer whose template renders earlier turns differently once a later turn exists."""
+
+    chat_template = "unstable"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        body = "".join(f"[{m['role']}:{m['content']}]" for m in messages)
+        return f"<{len(messages)}>" + body + ("[assistant:" if add_generation_prompt else "")

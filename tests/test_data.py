@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import chat, make_cfg, smol_tokenizer, write_jsonl
+from _data_helpers import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jsonl
 from ultimate_trainer import data, status
+from ultimate_trainer.encoding import TemplateError
 from ultimate_trainer.formats import BadLine, parse_line
 from ultimate_trainer.tokenstore import TokenStore
 
@@ -269,6 +270,13 @@ def test_incomplete_store_is_not_opened(tmp_path):
     (tmp_path / "store").mkdir()
     with pytest.raises(FileNotFoundError):
         TokenStore.open(tmp_path / "store")
+    assert not TokenStore.is_complete(tmp_path / "store")
+
+
+def test_failed_prepare_leaves_no_complete_store(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [chat("q", "a")])
+    with pytest.raises(TemplateError):
+        data.prepare([f], UnstableTemplate(), make_cfg(tmp_path), tmp_path / "store", None)
     assert not TokenStore.is_complete(tmp_path / "store")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from _data_helpers import smol_tokenizer
+from _data_helpers import UnstableTemplate, smol_tokenizer
 from ultimate_trainer.encoding import TemplateError, encode
 from ultimate_trainer.formats import BadLine, Example
 
@@ -83,16 +83,6 @@ def test_overlong_skip_and_truncate():
     assert ids == full_ids[:40] and labels[-1] == ids[-1]
 
 
-class _UnstableTemplate:
-    """A tokenizer whose template renders earlier turns differently once a later turn exists."""
-
-    chat_template = "unstable"
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        body = "".join(f"[{m['role']}:{m['content']}]" for m in messages)
-        return f"<{len(messages)}>" + body + ("[assistant:" if add_generation_prompt else "")
-
-
 def test_template_that_is_not_prefix_stable_is_a_clear_error():
     with pytest.raises(TemplateError, match="not prefix-stable"):
-        encode(_UnstableTemplate(), _ex(("user", "q"), ("assistant", "a")), 64, "skip")
+        encode(UnstableTemplate(), _ex(("user", "q"), ("assistant", "a")), 64, "skip")

@@ -246,8 +246,10 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
                          report["train_examples"], report["heldout_examples"], report["bad_lines"])
             if status_dir is not None:
                 status.atomic_write_json(status.report_path(status_dir, path), report)
-    finally:
-        out.train = writer.close()
+    except BaseException:
+        writer.abort()  # no meta.json: a half-built store must never pass for a complete one
+        raise
+    out.train = writer.close()
     return out
 
 

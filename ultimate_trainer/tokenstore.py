@@ -62,6 +62,11 @@ class TokenStoreWriter:
         self.examples += len(encoded)
         self.tokens += len(ids)
 
+    def abort(self) -> None:
+        """Stop writing and leave the folder incomplete (``TokenStore.open`` refuses it)."""
+        for f in (self._ids, self._mask, self._offsets):
+            f.close()
+
     def close(self) -> "TokenStore":
         for f in (self._ids, self._mask, self._offsets):
             f.flush()
