@@ -181,10 +181,9 @@ def test_file_with_no_usable_example_is_unusable(tmp_path):
     p = _prepare(tmp_path, [good, bad, empty, missing])
     reasons = dict(p.unusable)
     assert set(reasons) == {str(bad), str(empty), str(missing)}
-    assert reasons[str(bad)] == ("bad.jsonl: no usable example (2 bad lines; first: line 1: "
-                                 "invalid JSON: Expecting value at column 1)")
+    assert reasons[str(bad)] == "no usable example (2 bad lines; first: line 1: invalid JSON: Expecting value at column 1)"
     assert "empty" in reasons[str(empty)] and "\n" not in reasons[str(empty)]
-    assert reasons[str(missing)].startswith("missing.jsonl: cannot read")
+    assert reasons[str(missing)].startswith("cannot read: ")
     assert p.reports[str(bad)]["usable"] is False
     assert p.reports[str(good)]["usable"] is True
 
@@ -238,7 +237,7 @@ def test_eval_file_is_all_heldout(tmp_path):
 def test_missing_eval_file_is_reported_unusable(tmp_path):
     train = write_jsonl(tmp_path / "a.jsonl", [chat("q", "a")])
     p = _prepare(tmp_path, [train], eval_file="nope.jsonl")
-    assert len(p.unusable) == 1 and p.unusable[0][1].startswith("eval file nope.jsonl: cannot read")
+    assert len(p.unusable) == 1 and p.unusable[0][1].startswith("eval file: cannot read: ")
 
 
 # ------------------------------------------------------------------ store, collator, summary

@@ -48,7 +48,7 @@ class Prepared:
     heldout: list[Example] = field(default_factory=list)  # eval prompts (text format excluded)
     heldout_encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)  # for val loss
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
-    unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason)
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
 
     @property
     def bad_lines(self) -> int:
@@ -222,7 +222,8 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
-    no usable example are listed in ``Prepared.unusable`` (the caller decides: train.py exits 3).
+    no usable example are listed in ``Prepared.unusable`` as (path, one-line reason without the file
+    name); the caller decides what to do (train.py exits 3).
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
@@ -236,11 +237,9 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
             report = _FileReader(path, tokenizer, cfg, writer, out, all_heldout).run()
             out.reports[str(path)] = report
             if not report["usable"]:
-                reason = f"{path.name}: {report['error']}"
-                if all_heldout:
-                    reason = f"eval file {reason}"
+                reason = f"eval file: {report['error']}" if all_heldout else report["error"]
                 out.unusable.append((str(path), reason))
-                log.error("%s", reason)
+                log.error("%s: %s", path.name, reason)
             else:
                 log.info("%s: %d examples (%d train, %d held out), %d bad lines", path.name, report["examples"],
                          report["train_examples"], report["heldout_examples"], report["bad_lines"])
@@ -288,7 +287,7 @@ def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
 
     return {
         "files": len(prepared.reports),
-        "unusable_files": [reason for _, reason in prepared.unusable],
+        "unusable_files": [f"{Path(p).name}: {reason}" for p, reason in prepared.unusable],
         "examples": sum(r["examples"] for r in prepared.reports.values()),
         "train_examples": len(prepared.train),
         "heldout_examples": len(prepared.heldout_encoded),
