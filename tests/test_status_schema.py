@@ -1,0 +1,44 @@
+"""A real run's training_status.json matches the schema documented in docs/STATUS.md, field by field."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from conftest import REPO, chat, run_train, write_jsonl
+
+TYPES = {"int": int, "float": (int, float), "string": str, "bool": bool, "list": list, "object": dict}
+
+
+def documented_fields() -> dict[str, str]:
+    """Field -> type word from the training_status.json table of docs/STATUS.md."""
+    text = (REPO / "docs" / "STATUS.md").read_text()
+    section = text.split("## `training_status.json`", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+?) \|", section, re.M)}
+
+
+def check_type(value, spec: str) -> bool:
+    allowed = [w.strip() for w in spec.replace(" of string", "").split(" or ")]
+    if value is None:
+        return "null" in allowed
+    return any(isinstance(value, TYPES[w]) and not (w in ("int", "float") and isinstance(value, bool))
+               for w in allowed if w in TYPES)
+
+
+def test_real_run_status_file_matches_documented_schema(tiny_model_dir, make_project, tmp_path):
+    cfg = make_project(tiny_model_dir, eval_steps=2)
+    data = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(30)])
+    r = run_train(cfg, data, extra=["--max-steps", "4"])
+    assert r.returncode == 0, r.stderr
+    status = json.loads((cfg.parent / "status" / "training_status.json").read_text())
+    fields = documented_fields()
+    assert len(fields) > 20
+    assert set(status) == set(fields), f"undocumented: {set(status) - set(fields)}, missing: {set(fields) - set(status)}"
+    wrong = {k: status[k] for k, spec in fields.items() if not check_type(status[k], spec)}
+    assert not wrong, wrong
+    assert status["state"] == "idle" and status["global_step"] == 4
+    assert set(status["accuracy"]) >= {"overall", "last_20", "last_50", "trend", "evaluations"}
+    assert status["accuracy"]["evaluations"] == 3  # before step 1, at step 2, at step 4
+    ex = status["recent_examples"][-1]
+    assert set(ex) == {"step", "prompt", "expected", "generated", "correct", "source"}
+    assert [c["global_step"] for c in status["checkpoints"]] == [3, 4]
