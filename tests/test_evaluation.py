@@ -173,6 +173,17 @@ def test_generate_answers_is_greedy_batched_and_restores_state(tiny_model):
     assert generate_answers(tiny_model, tok, [], 6, 2) == []
 
 
+def test_generate_answers_with_a_tokenizer_without_pad_token(tiny_model):
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer())
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    answers = generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=4, batch_size=3)
+    assert answers == generate_answers(tiny_model, smol_tokenizer(), PROMPTS, max_new_tokens=4, batch_size=3)
+    assert tok.pad_token is None
+
+
 def test_generate_answers_with_a_peft_model(tiny_model):
     from peft import LoraConfig, get_peft_model
 

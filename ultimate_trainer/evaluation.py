@@ -196,9 +196,11 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
     if not prompts:
         return []
     was_training = model.training
-    old_side = tokenizer.padding_side
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gc = _greedy_config(model, max_new_tokens, pad)
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    if tokenizer.pad_token is None:
+        # Batching needs a pad token; left pads are masked out by attention_mask, so EOS serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id)
     device = _device(model)
     answers: list[str] = []
     try:
@@ -209,15 +211,14 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
                 texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                          for p in prompts[i:i + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                if tokenizer.pad_token_id is None:
-                    # Padding needs an id; left pads are masked out by attention_mask anyway.
-                    enc["input_ids"][enc["attention_mask"] == 0] = pad
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, generation_config=gc)
                 new = out[:, enc["input_ids"].shape[1]:]
                 answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = None
         model.train(was_training)
     return answers
 
