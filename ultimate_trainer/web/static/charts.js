@@ -34,7 +34,7 @@ function drawChart(svg, series, opts) {
   let x0 = Math.min(...pts.map(p => p[0])), x1 = Math.max(...pts.map(p => p[0]));
   let y0 = opts.yMin !== undefined ? opts.yMin : Math.min(...pts.map(p => p[1]));
   let y1 = opts.yMax !== undefined ? opts.yMax : Math.max(...pts.map(p => p[1]));
-  if (x1 === x0) { x0 -= 1; x1 += 1; }
+  if (x1 === x0) x1 = x0 + 1;  // one point: start the axis at it, never at a negative step
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
   const X = x => pad.l + (x - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = y => h - pad.b - (y - y0) / (y1 - y0) * (h - pad.t - pad.b);
@@ -52,7 +52,7 @@ function drawChart(svg, series, opts) {
       const d = p.map((q, i) => (i ? "L" : "M") + X(q[0]).toFixed(1) + " " + Y(q[1]).toFixed(1)).join(" ");
       svg.appendChild(svgEl("path", {d, class: "line " + s.cls}));
     }
-    if (s.dots || s.dotsOnly) {
+    if (s.dots || s.dotsOnly || p.length === 1) {  // a lone point draws no visible line
       for (const q of p) {
         const c = svgEl("circle", {cx: X(q[0]), cy: Y(q[1]), r: 3, class: "dot " + s.cls});
         c.appendChild(svgEl("title", {}, `step ${q[0]}: ${fmtAxis(q[1])}${opts.yUnit || ""}`));
