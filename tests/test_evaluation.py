@@ -173,6 +173,25 @@ def test_generate_answers_is_greedy_batched_and_restores_state(tiny_model):
     assert generate_answers(tiny_model, tok, [], 6, 2) == []
 
 
+def test_generate_answers_ignores_the_models_sampling_config_quietly(tiny_model, capfd):
+    from transformers import GenerationConfig
+
+    tok = smol_tokenizer()
+    own = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, max_length=30, max_new_tokens=3,
+                           eos_token_id=tok.eos_token_id)
+    saved, tiny_model.generation_config = tiny_model.generation_config, own
+    try:
+        capfd.readouterr()
+        answers = generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
+        err = capfd.readouterr().err
+        assert answers == [_greedy_one(tiny_model, tok, p, 6) for p in PROMPTS]  # greedy, our bound
+        assert "generation flags" not in err and "seem to have been set" not in err, err
+        assert tiny_model.generation_config is own
+    finally:
+        tiny_model.generation_config = saved
+        tiny_model.train()
+
+
 def test_generate_answers_with_a_tokenizer_without_pad_token(tiny_model):
     import copy
 

@@ -175,14 +175,18 @@ def _device(model: Any) -> Any:
 
 
 def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
-    # A copy, with the sampling knobs cleared, so greedy decoding does not warn about them.
+    # A copy with the sampling knobs put back to the library defaults, so greedy decoding does not warn
+    # about a checkpoint's temperature/top_p (None would not do: generate() fills None from the model).
     gc = copy.deepcopy(model.generation_config)
+    defaults_of = getattr(type(gc), "_get_default_generation_params", None)
+    defaults = defaults_of() if callable(defaults_of) else {}
     gc.max_new_tokens = max_new_tokens
+    gc.max_length = None
     gc.do_sample = False
     gc.num_beams = 1
     for knob in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
         if hasattr(gc, knob):
-            setattr(gc, knob, None)
+            setattr(gc, knob, defaults.get(knob))
     if pad_token_id is not None:
         gc.pad_token_id = pad_token_id
     return gc
@@ -203,7 +207,12 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
     gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id)
     device = _device(model)
     answers: list[str] = []
+    # generate() fills unset values from the model's own generation config (a checkpoint's max_length
+    # would clash with max_new_tokens and warn at every evaluation): lend it ours for the duration.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own_config = inner.generation_config
     try:
+        inner.generation_config = gc
         model.eval()
         tokenizer.padding_side = "left"  # so every prompt ends right where generation starts
         with torch.inference_mode():
@@ -216,6 +225,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
                 new = out[:, enc["input_ids"].shape[1]:]
                 answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
+        inner.generation_config = own_config
         tokenizer.padding_side = old_side
         if old_pad is None:
             tokenizer.pad_token = None
