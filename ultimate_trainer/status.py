@@ -11,6 +11,7 @@ memory_status.json          memory_stats_api    latest RAM/GPU sample and OOM ri
 history/steps.jsonl         train.py            one line per logged optimizer step (append)
 history/evals.jsonl         train.py            one line per evaluation (append)
 history/examples.jsonl      train.py            one line per scored held-out answer (append)
+history/memory.jsonl        memory_stats_api    one RAM/GPU sample every 30 s (append)
 reports/<file>.report.json  train.py            per input file: counts and bad lines
 ==========================  ==================  ===========================================
 
