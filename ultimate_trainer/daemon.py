@@ -193,7 +193,7 @@ class Daemon:
     def _recover(self) -> None:
         self.spool.reconcile(self.status_dir / "reports")
         ob = self.spool.journal.state.open_batch
-        if ob and ob.pid and pid_alive(ob.pid) and ob.pid != os.getpid():
+        if ob and ob.pid and pid_alive(ob.pid) and ob.pid != os.getpid() and _runs_files(ob.pid, ob.files):
             log.warning("the trainer of run %s (pid %d) outlived the last daemon; asking it to save and stop", ob.batch, ob.pid)
             _terminate_pid(ob.pid)
 
@@ -469,6 +469,17 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _runs_files(pid: int, names: list[str]) -> bool:
+    """Whether ``pid`` is still our trainer (its command line names the run's files), not a reused pid."""
+    import psutil
+
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
+        return False
+    return any(n in cmdline for n in names)
 
 
 def _terminate_pid(pid: int, timeout: float = 120.0) -> None:

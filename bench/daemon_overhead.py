@@ -1,0 +1,120 @@
+"""How much of the daemon's wall time goes to loading the model, when files arrive one after another.
+
+    python bench/daemon_overhead.py [--files 6] [--examples 8] [--every 3] [--model smollm2-135m-instruct]
+
+Drops ``--files`` small chat JSONL files into a fresh project's inbox, one every ``--every`` seconds,
+while ``daemon.py`` (real train.py children) runs, in two modes:
+
+- **batched** (the default daemon): files that arrive while a run trains wait and go together into
+  the next run, so one model load serves many files;
+- **per-file** (``daemon.batch_max_files=1``): one train.py run, hence one process start and model
+  load, per file.
+
+For each mode it reports the wall time from the first drop to the last file in ``queue/done``, the
+number of runs, and the start-up overhead share: runs x (interpreter + imports + model load, measured
+here in a fresh subprocess) / wall time. Results go to stdout as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ultimate_trainer.status import iter_jsonl  # noqa: E402
+
+LOAD_PROBE = """
+import time, sys
+t = time.monotonic()
+from ultimate_trainer import config, model
+cfg = config.load(sys.argv[1])
+path = model.resolve_base(cfg)
+model.load_tokenizer(path)
+model.attach_lora(cfg, model.load_base_model(cfg, path, quantize=cfg.load_in_4bit))
+print(time.monotonic() - t)
+"""
+
+
+def make_project(root: Path, model: str) -> Path:
+    cfg = {
+        "base_model": model, "load_in_4bit": True, "eval_steps": 0, "save_steps": 50,
+        "paths": {"root": str(root), "model_cache": str(REPO / "models" / "cache")},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": 256,
+                     "gradient_checkpointing": False, "device": "cpu"},
+        "data": {"heldout_fraction": 0.0},
+        "eval": {"at_start": False},
+        "daemon": {"poll_interval": 0.5, "file_stable_seconds": 0.5, "start_monitors": False,
+                   "consolidation_hour": None, "disk_warn_gb": 0.0, "disk_critical_gb": 0.0},
+    }
+    (root / "inbox").mkdir(parents=True)
+    path = root / "config.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def write_file(path: Path, n: int, tag: str) -> None:
+    tmp = path.with_name(path.name + ".part")  # written under a temporary name, renamed when complete
+    with open(tmp, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{tag}: what is {i} + {i}?"},
+                                             {"role": "assistant", "content": str(2 * i)}]}) + "\n")
+    os.rename(tmp, path)
+
+
+def run_mode(name: str, extra: list[str], args: argparse.Namespace, workdir: Path) -> dict:
+    root = workdir / name
+    cfg = make_project(root, args.model)
+    cmd = [sys.executable, str(REPO / "daemon.py"), "--config", str(cfg), *extra]
+    log = open(root / "daemon.log", "w")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    for i in range(args.files):
+        write_file(root / "inbox" / f"f{i}.jsonl", args.examples, f"{name}{i}")
+        if i < args.files - 1:
+            time.sleep(args.every)
+    done = root / "queue" / "done"
+    while len(list(done.glob("*.jsonl"))) + len(list((root / "queue" / "failed").glob("*.jsonl"))) < args.files:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name}: daemon exited {proc.returncode}; see {root / 'daemon.log'}")
+        time.sleep(0.2)
+    wall = time.monotonic() - t0
+    (root / ".stop").touch()
+    proc.wait(timeout=120)
+    runs = sum(1 for r in iter_jsonl(root / "queue" / "journal.jsonl") if r.get("event") == "launch")
+    return {"mode": name, "wall": wall, "runs": runs, "cfg": cfg}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=6)
+    ap.add_argument("--examples", type=int, default=8, help="examples per file")
+    ap.add_argument("--every", type=float, default=3.0, help="seconds between arrivals")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="daemon-bench-") as tmp:
+        work = Path(tmp)
+        results = [run_mode("batched", [], args, work),
+                   run_mode("per-file", ["--set", "daemon.batch_max_files=1"], args, work)]
+        probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(results[0]["cfg"])], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+        load = float(probe.stdout.strip().splitlines()[-1])
+    print(f"{args.files} files x {args.examples} examples, one every {args.every:g} s, model {args.model}; "
+          f"start-up (interpreter + imports + model load + LoRA) measured at {load:.1f} s per run\n")
+    print("| mode | runs | wall s | start-up share |")
+    print("|---|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['mode']} | {r['runs']} | {r['wall']:.1f} | {min(r['runs'] * load / r['wall'], 1):.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
