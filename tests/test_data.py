@@ -234,6 +234,28 @@ def test_eval_file_is_all_heldout(tmp_path):
     assert p.reports[str(tmp_path / "eval.jsonl")]["heldout_examples"] == 70
 
 
+def test_copies_of_heldout_examples_are_never_trained(tmp_path):
+    # The eval file's example appears in a training file as another format; a held-out line is
+    # repeated in a second file after that file's cap is used up.
+    write_jsonl(tmp_path / "eval.jsonl", [chat("What is the code?", "XK-9")])
+    records = [chat(f"question {i}", f"answer {i}") for i in range(300)]
+    first = write_jsonl(tmp_path / "a.jsonl", records + [{"prompt": "What is the code?", "response": "XK-9"}])
+    p1 = _prepare(tmp_path, [first], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
+    held = [e for e in p1.heldout if e.source.startswith("a.jsonl")]
+    assert len(held) == 4  # 3 by hash + the copy of the eval example
+    assert held[-1].expected == "XK-9" and held[-1].source == "a.jsonl:301"
+    # The same example again in b.jsonl, as prompt/response: other bytes, so not chosen by its hash.
+    copy = {"prompt": held[0].prompt_text, "response": held[0].expected}
+    assert not data.is_heldout(_line(copy), 0.1)
+    second = write_jsonl(tmp_path / "b.jsonl", [copy] + [chat(f"other {i}", f"o{i}") for i in range(50)])
+    p2 = _prepare(tmp_path, [first, second], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
+    assert "b.jsonl:1" in [e.source for e in p2.heldout]
+    tok = smol_tokenizer()
+    trained = {tok.decode([t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100],
+                          skip_special_tokens=True) for x in p2.train}
+    assert held[0].expected not in trained and "XK-9" not in trained
+
+
 def test_missing_eval_file_is_reported_unusable(tmp_path):
     train = write_jsonl(tmp_path / "a.jsonl", [chat("q", "a")])
     p = _prepare(tmp_path, [train], eval_file="nope.jsonl")

@@ -9,8 +9,10 @@ appended to a ``TokenStore`` on disk and dropped, so memory does not grow with t
 Held-out split: a line is held out when the SHA-1 of its raw bytes falls below
 ``data.heldout_fraction`` of the hash space, at most ``data.heldout_max_per_file`` per file (the
 first ones met). It depends only on the line itself, so the same lines are held out after a restart
-or when the file comes back. Held-out lines are never trained on. A file whose every usable line
-landed in the held-out share (tiny files) is trained on instead: training on it matters more.
+or when the file comes back. Held-out lines are never trained on, nor are copies of them (same
+messages, in any file or format, including the examples of ``data.eval_file``, which is read first).
+A file whose every usable line landed in the held-out share (tiny files) is trained on instead:
+training on it matters more.
 
 See docs/DATA.md for formats, masking and the report.
 """
@@ -18,6 +20,7 @@ See docs/DATA.md for formats, masking and the report.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +101,12 @@ def is_heldout(raw: bytes, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
+def content_key(example: Example) -> bytes:
+    """Identity of an example's content (whatever its format or JSON spacing), to keep copies of a
+    held-out example out of training."""
+    return hashlib.sha1(json.dumps(example.messages, sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
 def _new_report(path: Path) -> dict[str, Any]:
     return {
         "schema_version": status.SCHEMA_VERSION,
@@ -121,9 +130,9 @@ class _FileReader:
     """Reads one file into the shared writer / held-out lists; fills in its report."""
 
     def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
-                 all_heldout: bool = False):
+                 seen_heldout: set[bytes], all_heldout: bool = False):
         self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
-        self.all_heldout = all_heldout
+        self.seen_heldout, self.all_heldout = seen_heldout, all_heldout
         self.report = _new_report(path)
         self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
         self.heldout_chosen = 0
@@ -174,11 +183,18 @@ class _FileReader:
                         self.bad(lineno, str(e))
                         continue
                     ex.source, ex.line = f"{self.path.name}:{lineno}", lineno
-                    if self.all_heldout or (
+                    key = content_key(ex)
+                    if key in self.seen_heldout:
+                        # The same example is already held out (eval file, another file, a duplicate
+                        # line): training on this copy would leak it, whatever the cap says.
+                        ex.heldout = True
+                        ex.extra["duplicate_of_heldout"] = True
+                    elif self.all_heldout or (
                         self.heldout_chosen < d.heldout_max_per_file and is_heldout(raw, d.heldout_fraction)
                     ):
                         ex.heldout = True
                         self.heldout_chosen += 1
+                        self.seen_heldout.add(key)
                     chunk.append(ex)
                     if len(chunk) >= d.tokenize_chunk_size:
                         self.flush(chunk)
@@ -193,11 +209,14 @@ class _FileReader:
         return self.report
 
     def _settle_heldout(self) -> None:
-        if self.report["train_examples"] == 0 and not self.all_heldout and self.heldout_here:
+        movable = [(ex, enc) for ex, enc in self.heldout_here if not ex.extra.get("duplicate_of_heldout")]
+        if self.report["train_examples"] == 0 and not self.all_heldout and movable:
             # Every usable line of this (tiny) file fell in the held-out share: train on them instead.
-            self.writer.append([enc for _, enc in self.heldout_here])
-            self.report["train_examples"] += len(self.heldout_here)
-            self.heldout_here = []
+            self.writer.append([enc for _, enc in movable])
+            self.report["train_examples"] += len(movable)
+            for ex, _ in movable:
+                self.seen_heldout.discard(content_key(ex))
+            self.heldout_here = [h for h in self.heldout_here if h[0].extra.get("duplicate_of_heldout")]
         for ex, enc in self.heldout_here:
             self.out.heldout_encoded.append(enc)
             if not ex.is_text:
@@ -229,12 +248,14 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
     inputs = [(Path(p), False) for p in files]
     if cfg.data.eval_file:
+        # Read first, so that copies of its examples in the training files are held out too.
         eval_path = Path(cfg.data.eval_file)
-        inputs.append((eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    seen_heldout: set[bytes] = set()
     try:
         for path, all_heldout in inputs:
             log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
-            report = _FileReader(path, tokenizer, cfg, writer, out, all_heldout).run()
+            report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, all_heldout).run()
             out.reports[str(path)] = report
             if not report["usable"]:
                 reason = f"eval file: {report['error']}" if all_heldout else report["error"]
