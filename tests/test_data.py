@@ -242,14 +242,15 @@ def test_copies_of_heldout_examples_are_never_trained(tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", records + [{"prompt": "What is the code?", "response": "XK-9"}])
     p1 = _prepare(tmp_path, [first], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
     held = [e for e in p1.heldout if e.source.startswith("a.jsonl")]
-    assert len(held) == 4  # 3 by hash + the copy of the eval example
-    assert held[-1].expected == "XK-9" and held[-1].source == "a.jsonl:301"
+    assert len(held) == 3 and p1.reports[str(first)]["heldout_examples"] == 4  # + the eval example's copy
+    assert p1.reports[str(first)]["train_examples"] == 297
+    assert [e.expected for e in p1.heldout].count("XK-9") == 1  # asked once, from the eval file
     # The same example again in b.jsonl, as prompt/response: other bytes, so not chosen by its hash.
     copy = {"prompt": held[0].prompt_text, "response": held[0].expected}
     assert not data.is_heldout(_line(copy), 0.1)
     second = write_jsonl(tmp_path / "b.jsonl", [copy] + [chat(f"other {i}", f"o{i}") for i in range(50)])
     p2 = _prepare(tmp_path, [first, second], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
-    assert "b.jsonl:1" in [e.source for e in p2.heldout]
+    assert p2.reports[str(second)]["train_examples"] + len([e for e in p2.heldout if e.source.startswith("b")]) == 50
     tok = smol_tokenizer()
     trained = {tok.decode([t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100],
                           skip_special_tokens=True) for x in p2.train}

@@ -136,6 +136,7 @@ class _FileReader:
         self.report = _new_report(path)
         self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
         self.heldout_chosen = 0
+        self.duplicates = 0
 
     def bad(self, line: int, reason: str) -> None:
         r = self.report
@@ -157,7 +158,9 @@ class _FileReader:
                 continue
             self.report["examples"] += 1
             self.report["formats"][ex.fmt] += 1
-            if ex.heldout:
+            if ex.extra.get("duplicate_of_heldout"):
+                self.duplicates += 1  # held out already: neither trained nor asked twice
+            elif ex.heldout:
                 self.heldout_here.append((ex, res))
             else:
                 train.append(res)
@@ -209,19 +212,18 @@ class _FileReader:
         return self.report
 
     def _settle_heldout(self) -> None:
-        movable = [(ex, enc) for ex, enc in self.heldout_here if not ex.extra.get("duplicate_of_heldout")]
-        if self.report["train_examples"] == 0 and not self.all_heldout and movable:
+        if self.report["train_examples"] == 0 and not self.all_heldout and self.heldout_here:
             # Every usable line of this (tiny) file fell in the held-out share: train on them instead.
-            self.writer.append([enc for _, enc in movable])
-            self.report["train_examples"] += len(movable)
-            for ex, _ in movable:
+            self.writer.append([enc for _, enc in self.heldout_here])
+            self.report["train_examples"] += len(self.heldout_here)
+            for ex, _ in self.heldout_here:
                 self.seen_heldout.discard(content_key(ex))
-            self.heldout_here = [h for h in self.heldout_here if h[0].extra.get("duplicate_of_heldout")]
+            self.heldout_here = []
         for ex, enc in self.heldout_here:
             self.out.heldout_encoded.append(enc)
             if not ex.is_text:
                 self.out.heldout.append(ex)
-        self.report["heldout_examples"] = len(self.heldout_here)
+        self.report["heldout_examples"] = len(self.heldout_here) + self.duplicates
 
     def _finish(self) -> None:
         r = self.report
