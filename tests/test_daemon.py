@@ -299,3 +299,64 @@ def test_real_trainer_once_then_kill9_trainer_resumes(make_project: Callable[...
     assert after[-1] > first[-1]
     ts = json.loads((root / "status" / "training_status.json").read_text())
     assert ts["run_step"] == ts["run_total_steps"] and ts["global_step"] == after[-1]
+
+
+def test_disk_going_critical_mid_run_pauses_then_resumes(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from _daemon_helpers import trainer_cmd
+
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
+    (proj / "inbox" / "a.jsonl").write_text(lines(30, "a"))
+    cfg = config_mod.load(proj / "config.json", FAST)
+    d = Daemon(cfg, str(proj / "config.json"), FAST, once=True, trainer_cmd=trainer_cmd)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(d.run()))
+    t.start()
+    try:
+        wait_for(lambda: len(steps(proj)) >= 2)
+        d.d.disk_warn_gb = d.d.disk_critical_gb = 1e12  # the free space is real; the line moves above it
+        wait_for(lambda: not t.is_alive())
+    finally:
+        d.stop_event.set()
+        t.join(30)
+    assert result == [1]  # --once cannot wait for room: exits 1 with the run still queued
+    assert (proj / "queue" / "processing" / "a.jsonl").exists() and len(steps(proj)) < 30
+    assert not journal_events(proj, "crash")
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 30}, set())
+
+
+def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from ultimate_trainer.daemon import CODE_DIR
+    from ultimate_trainer.daemon_children import ChildSet
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    monkeypatch.chdir(proj)
+    sets = [f"monitor.port={ports[0]}", f"monitor.stats_port={ports[1]}"]
+    cfg = config_mod.load(proj / "config.json", sets)
+    kids = ChildSet()
+    kids.start_monitors(cfg, ["--config", str(proj / "config.json"), *[a for s in sets for a in ("--set", s)]], CODE_DIR)
+    try:
+        st = kids.status(cfg)
+        assert st["monitor"]["running"] and st["stats_api"]["running"]
+        assert (st["monitor"]["port"], st["stats_api"]["port"]) == tuple(ports)
+
+        def listening(port: int) -> bool:
+            with socket.socket() as c:
+                return c.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(lambda: listening(ports[0]) and listening(ports[1]), timeout=120)
+        procs = list(kids.procs.values())
+    finally:
+        kids.stop_all()
+    assert all(p.poll() is not None for p in procs)
+    assert not kids.status(cfg)["monitor"]["running"]

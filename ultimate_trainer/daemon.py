@@ -97,6 +97,7 @@ class Daemon:
         self._last_status = 0.0
         self._last_intake = 0.0
         self._lock_fd: int | None = None
+        self.disk_stopped = False  # the current run was asked to stop because the disk is nearly full
         self.exit_code = 0  # what --once returns when the queue is empty (1 after a failed consolidation)
 
     # ------------------------------------------------------------------ commands
@@ -176,6 +177,9 @@ class Daemon:
             if self.state != "error":
                 self.state = "stopped" if code == 0 else "error"
             self._write_status(force=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
         log.info("daemon exits with %d", code)
         return code
 
@@ -292,6 +296,7 @@ class Daemon:
         cmd = self.trainer_cmd(paths, self._cfg_args())
         log.info("training %d file(s) (run %s, attempt %d): %s", len(names), batch.batch, attempt, ", ".join(names))
         started = self.clock()
+        self.disk_stopped = False
         proc = subprocess.Popen(cmd, cwd=os.getcwd(), start_new_session=True, preexec_fn=_pdeathsig)
         self.current_proc = proc
         self.current = {"files": names, "started_at": now_iso(), "pid": proc.pid, "attempt": attempt, "batch": batch.batch}
@@ -307,6 +312,8 @@ class Daemon:
             self._finish(batch, names, started, seconds)
         elif self.stop_event.is_set() and code in (0, -signal.SIGTERM):
             log.info("run %s interrupted by the stop; it resumes at the next start", batch.batch)
+        elif self.disk_stopped and code in (0, -signal.SIGTERM):
+            log.info("run %s paused for disk space; it resumes when there is room", batch.batch)
         elif code == 3 and self._fail_unusable(batch, names):
             self.failures = 0
         elif code in (2, 4):
@@ -328,7 +335,15 @@ class Daemon:
                 _signal(proc.pid, signal.SIGTERM)
                 signalled = True
             if not self.stop_event.is_set() and self.clock() - self._last_intake >= self.d.poll_interval:
-                self.intake()  # keep the queue (and its ETA) current while training
+                self.disk = schedule.disk_info(self.ckpt_dir, self.d.disk_warn_gb, self.d.disk_critical_gb)
+                if self.disk["level"] == "critical":
+                    if not signalled:  # each further checkpoint would eat the last free space
+                        log.error("free disk %.1f GB is critical: asking the trainer to save and pause",
+                                  self.disk["free_gb"])
+                        _signal(proc.pid, signal.SIGTERM)
+                        signalled = self.disk_stopped = True
+                else:
+                    self.intake()  # keep the queue (and its ETA) current while training
             self._write_status()
 
     def _run_complete(self, pid: int, names: list[str]) -> bool:
