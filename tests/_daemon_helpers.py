@@ -109,9 +109,9 @@ def fake_trainer(argv: list[str]) -> int:
 
 
 def run_daemon(argv: list[str]) -> int:
-    from ultimate_trainer import daemon
+    from ultimate_trainer.daemon_cli import main
 
-    return daemon.main(argv, trainer_cmd=trainer_cmd)
+    return main(argv, trainer_cmd=trainer_cmd)
 
 
 if __name__ == "__main__":

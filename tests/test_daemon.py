@@ -20,7 +20,8 @@ import pytest
 
 from ultimate_trainer import config as config_mod
 from ultimate_trainer import schedule
-from ultimate_trainer.daemon import Daemon, prune_checkpoints
+from ultimate_trainer.daemon import Daemon
+from ultimate_trainer.daemon_cli import prune_checkpoints
 from ultimate_trainer.journal import RunRecord
 
 HELPER = Path(__file__).with_name("_daemon_helpers.py")

@@ -1,0 +1,93 @@
+"""``daemon.py``'s command line, and the commands that run outside the loop (``--stop``, ``--prune-checkpoints``)."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, add_arguments, from_args
+from .daemon import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
+from .daemon_status import complete_checkpoints, consolidation_history
+
+log = logging.getLogger(__name__)
+
+
+def request_stop_file(cfg: Config) -> int:
+    """``daemon.py --stop``: ask a running daemon to stop gracefully (it polls for the file)."""
+    lock = cfg.path("queue") / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        print("no daemon is running here")
+        return 1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        print("no daemon is running here")
+        return 1
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    (cfg.path("root") / STOP_FILE).touch()
+    print(f"asked the daemon to stop ({cfg.path('root') / STOP_FILE}); it saves a checkpoint first")
+    return 0
+
+
+def prune_checkpoints(cfg: Config, keep: int) -> list[Path]:
+    """Delete old complete checkpoints, keeping the newest ``keep`` (at least 1) and every consolidation's source.
+
+    The only place anything is deleted, and only on the user's explicit command. Incomplete folders
+    are left alone (a save may be in progress).
+    """
+    ckpts = complete_checkpoints(cfg.path("checkpoints"))
+    needed = {h.get("source_checkpoint") for h in consolidation_history(cfg.path("models") / "consolidated")}
+    keep_names = {c.name for c in ckpts[-max(keep, 1):]} | needed
+    removed = []
+    for c in ckpts:
+        if c.name in keep_names:
+            continue
+        shutil.rmtree(c.path)
+        log.info("deleted %s", c.path)
+        removed.append(c.path)
+    return removed
+
+
+def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train continuously on whatever lands in inbox/ (docs/DAEMON.md).")
+    add_arguments(ap)
+    ap.add_argument("--once", action="store_true", help="process everything in the inbox, then exit")
+    ap.add_argument("--consolidate-now", action="store_true", help="merge the adapter into the base at the first idle moment")
+    ap.add_argument("--stop", action="store_true", help="ask the running daemon to stop gracefully, then exit")
+    ap.add_argument("--prune-checkpoints", type=int, metavar="KEEP", default=None,
+                    help="delete all but the newest KEEP checkpoints (never one a consolidation needs), then exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    try:
+        cfg = from_args(args)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.stop:
+        return request_stop_file(cfg)
+    if args.prune_checkpoints is not None:
+        removed = prune_checkpoints(cfg, args.prune_checkpoints)
+        print(f"deleted {len(removed)} checkpoint(s)")
+        return 0
+    daemon = Daemon(cfg, args.config, args.overrides, once=args.once, consolidate_now=args.consolidate_now,
+                    trainer_cmd=trainer_cmd)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        daemon.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return daemon.run()
