@@ -161,7 +161,22 @@ class Daemon:
                 self.children.start_monitors(self.cfg, self._cfg_args(), CODE_DIR)
             while not self.stop_event.is_set():
                 busy_before = self.spool.journal.path.stat().st_size
-                result = self.tick()
+                try:
+                    result = self.tick()
+                except OSError as e:
+                    # Disk full, a folder made unwritable...: the spool is consistent again after a
+                    # reconcile (every step is idempotent); wait and try again rather than die.
+                    log.error("spool operation failed: %s; retrying after a back-off", e)
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    self._backoff()
+                    try:
+                        self.spool.reconcile(self.status_dir / "reports")
+                    except OSError as e2:
+                        log.error("reconcile failed too: %s", e2)
+                    if self.once and self.failures >= self.d.max_attempts:
+                        code = 1
+                        break
+                    continue
                 if result is not None:
                     code = result
                     break
