@@ -182,7 +182,25 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the base model from {path}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on
+    if quantize and device == "cpu":
+        _disable_cpu_inference_packing(model)
     return model
+
+
+def _disable_cpu_inference_packing(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit CPU layers trainable after an evaluation.
+
+    On CPUs with AVX512-BF16, a Linear4bit forward in eval mode repacks its weight for a faster
+    inference kernel (``gemv_4bit``) and never unpacks it when training resumes; that kernel has no
+    autograd, so every step after a mid-training evaluation would get zero gradients until the next
+    checkpoint save happened to unpack the weights (bitsandbytes 0.50.2). Evaluation here is a small
+    share of the time, so the plain dequantizing path is used throughout.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: Config) -> Any:

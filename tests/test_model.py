@@ -1,0 +1,49 @@
+"""Base model resolution and the 4-bit LoRA path on this CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultimate_trainer import config
+from ultimate_trainer.model import ModelError, attach_lora, load_base_model, load_tokenizer, resolve_base
+
+
+def tiny_cfg(path, **sets):
+    return config.load(None, [f"base_model={path}", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
+                              'lora.target_modules=["q_proj","v_proj"]', "training.gradient_checkpointing=false",
+                              *[f"{k}={v}" for k, v in sets.items()]])
+
+
+def test_builtin_model_is_converted_once_and_keeps_its_chat_template(builtin_model_dir, tmp_path):
+    cfg = config.load(None, ["base_model=smollm2-135m-instruct", f"paths.model_cache={builtin_model_dir.parent}"])
+    assert resolve_base(cfg) == str(builtin_model_dir)
+    assert not (builtin_model_dir / "model.safetensors").is_symlink()
+    tok = load_tokenizer(resolve_base(cfg))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_folder_that_is_not_a_model_is_a_clear_model_error(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_base(tiny_cfg(tmp_path))
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_base(tiny_cfg(tmp_path / "nope"))
+
+
+def test_4bit_layers_stay_trainable_after_an_evaluation(tiny_model_dir):
+    """An eval-mode forward must not leave bitsandbytes' CPU layers on a kernel without autograd."""
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = tiny_cfg(tiny_model_dir, load_in_4bit="true")
+    model = load_base_model(cfg, str(tiny_model_dir), quantize=True, device="cpu")
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    model = attach_lora(cfg, model)
+    ids = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    with torch.inference_mode():
+        model(input_ids=ids[:1, :1])  # generation-like: one token, no grad
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
