@@ -100,6 +100,23 @@ class RunCallback(TrainerCallback):
                                 "files": self.files, **fields})
 
 
+VAL_LOSS_PER_PROMPT = 4
+
+
+def interleave_by_file(examples: list[Any], limit: int) -> list[Any]:
+    """Up to ``limit`` examples taken round-robin across their files, so every file is asked."""
+    by_file: dict[str, list[Any]] = {}
+    for ex in examples:
+        by_file.setdefault(ex.source.rsplit(":", 1)[0], []).append(ex)
+    out: list[Any] = []
+    queues = list(by_file.values())
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
 class EvalCallback(TrainerCallback):
     """Greedy answers to the held-out prompts, scored, every ``eval_steps`` (and once at the very start)."""
 
@@ -107,8 +124,11 @@ class EvalCallback(TrainerCallback):
                  heldout_encoded: list[Any], collator: Any, tracker: Any, run_id: str, stop: Any,
                  throughput: Throughput | None = None):
         self.cfg, self.reporter, self.tokenizer = cfg, reporter, tokenizer
-        self.heldout = heldout[: cfg.eval.max_prompts]
-        self.heldout_encoded, self.collator = heldout_encoded, collator
+        self.heldout = interleave_by_file(heldout, cfg.eval.max_prompts)
+        # Validation loss over an even sample, so that 64 files x 50 held-out lines stay cheap.
+        cap = VAL_LOSS_PER_PROMPT * cfg.eval.max_prompts
+        stride = max(1, -(-len(heldout_encoded) // cap))
+        self.heldout_encoded, self.collator = heldout_encoded[::stride][:cap], collator
         self.tracker, self.run_id, self.stop = tracker, run_id, stop
         self.throughput = throughput
         self.model: Any = None
