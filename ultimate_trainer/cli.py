@@ -6,20 +6,23 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import config
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-    )
-    # Library chatter that says nothing to a user watching a run.
-    for name in ("httpx", "urllib3", "filelock", "transformers.modeling_utils", "bitsandbytes"):
+def setup_logging(level: int | str = logging.INFO) -> None:
+    """The one log format of every entry script: timestamped lines on stderr."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    # Library chatter that says nothing to a user watching a run: bitsandbytes' note that an optional
+    # CPU kernel package is absent, transformers' tensor-parallel plan check on a single device.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
+    for name in ("httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -32,7 +35,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="validate config and data, print counts and token lengths; train nothing")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         cfg = config.from_args(args)
     except config.ConfigError as e:

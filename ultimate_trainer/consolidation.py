@@ -28,6 +28,7 @@ from typing import Any
 from .checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
 from .config import Config, ConfigError, add_arguments, from_args
 from .status import atomic_write_json, now_iso
+from .cli import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to merge (default: the newest complete one)")
     ap.add_argument("--files-json", metavar="F", help='JSON {"files": [...]}: files trained since the last consolidation')
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    setup_logging()
     try:
         cfg = from_args(args)
     except ConfigError as e:

@@ -15,6 +15,7 @@ from typing import Any
 from .config import Config, ConfigError, add_arguments, from_args
 from .daemon import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
 from .daemon_status import complete_checkpoints, consolidation_history
+from .cli import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -
     ap.add_argument("--prune-checkpoints", type=int, metavar="KEEP", default=None,
                     help="delete all but the newest KEEP checkpoints (never one a consolidation needs), then exit")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    setup_logging()
     try:
         cfg = from_args(args)
     except ConfigError as e:

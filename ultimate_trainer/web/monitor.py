@@ -24,6 +24,7 @@ from .. import config as config_mod
 from . import common, export
 from .history import History
 from .state import build_state
+from ..cli import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def create_app(status_dir: str | Path, refresh_seconds: float = 2.0, bind_host: 
 def main(argv: list[str] | None = None) -> int:
     parser = common.build_parser("Live training monitor page over the status files.", "port")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     try:
         cfg, host, port, status_dir = common.settings(args, "port")
     except config_mod.ConfigError as e:

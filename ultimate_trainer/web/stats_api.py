@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .. import config as config_mod
 from .. import stats
 from . import common
+from ..cli import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def create_app(sampler: stats.Sampler, bind_host: str = "127.0.0.1", extra_hosts
 def main(argv: list[str] | None = None) -> int:
     parser = common.build_parser("Memory/GPU stats API (JSON and Prometheus) over the status files.", "stats_port")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     try:
         cfg, host, port, status_dir = common.settings(args, "stats_port")
     except config_mod.ConfigError as e:
