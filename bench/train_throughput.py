@@ -42,7 +42,7 @@ def make_data(path: Path, n: int) -> None:
 
 
 def common_sets(batch: int, four_bit: bool, root: Path) -> list[str]:
-    return [f"base_model=smollm2-135m-instruct", f"load_in_4bit={'true' if four_bit else 'false'}",
+    return ["base_model=smollm2-135m-instruct", f"load_in_4bit={'true' if four_bit else 'false'}",
             f"paths.root={root}", f"paths.model_cache={REPO / 'models' / 'cache'}",
             "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"training.batch_size={batch}",
             "training.gradient_accumulation_steps=1", "training.gradient_checkpointing=false",

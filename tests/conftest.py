@@ -105,3 +105,9 @@ def run_train(config_path: Path, *files: Path, extra: list[str] | None = None, t
     """Run the real train.py CLI in a subprocess."""
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(config_path), *(extra or [])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, **popen)
+
+
+def spawn_train(config_path: Path, *files: Path) -> subprocess.Popen:
+    """Start the real train.py CLI in the background (for tests that signal or kill it)."""
+    cmd = [sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(config_path)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

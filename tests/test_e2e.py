@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, chat, run_train, write_jsonl
+from conftest import chat, run_train, spawn_train, write_jsonl
 from test_training import optimizer_step, wait_for
 from ultimate_trainer import checkpoints as ck
 
@@ -33,8 +31,7 @@ def test_qlora_on_builtin_model_continues_across_files_and_survives_sigkill(buil
     assert after_first.meta["load_in_4bit"] and after_first.meta["run_complete"]
 
     second = write_jsonl(tmp_path / "second.jsonl", [chat(f"Secret number {i}?", f"{i * 7}") for i in range(60)])
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(second), "--config", str(cfg)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn_train(cfg, second)
     try:
         wait_for(lambda: ck.newest_complete(root / "checkpoints").global_step >= after_first.global_step + 2,
                  timeout=300, proc=proc)

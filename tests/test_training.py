@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from conftest import REPO, chat, run_train, write_jsonl
+from conftest import chat, run_train, spawn_train, write_jsonl
 from ultimate_trainer import checkpoints as ck
 
 
@@ -66,8 +63,7 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tiny_model_dir, m
     cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=4)
     data = write_jsonl(tmp_path / "big.jsonl", records(160, "gamma"))
     root = cfg.parent
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(data), "--config", str(cfg)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn_train(cfg, data)
     try:
         wait_for(lambda: (ck.newest_complete(root / "checkpoints") or ck.CheckpointInfo(root, 0, {})).global_step >= 8,
                  proc=proc)
@@ -98,8 +94,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_model_dir, make_pro
     cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=1000)
     data = write_jsonl(tmp_path / "d.jsonl", records(300, "delta"))
     root = cfg.parent
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(data), "--config", str(cfg)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = spawn_train(cfg, data)
     status = root / "status" / "training_status.json"
 
     def training_started() -> bool:

@@ -25,6 +25,15 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
+def config_or_none(args: argparse.Namespace) -> config.Config | None:
+    """The Config named by ``--config``/``--set``; None after printing every problem (exit code 2)."""
+    try:
+        return config.from_args(args)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Fine-tune (QLoRA) on JSONL files, continuing from the last checkpoint.")
@@ -36,10 +45,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    try:
-        cfg = config.from_args(args)
-    except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = config_or_none(args)
+    if cfg is None:
         return 2
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
-from .config import Config, ConfigError, add_arguments, from_args
+from .config import Config, add_arguments
 from .status import atomic_write_json, now_iso
-from .cli import setup_logging
+from .cli import config_or_none, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files-json", metavar="F", help='JSON {"files": [...]}: files trained since the last consolidation')
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        cfg = from_args(args)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    cfg = config_or_none(args)
+    if cfg is None:
         return 2
     ckpt = None
     if args.checkpoint:

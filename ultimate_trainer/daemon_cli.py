@@ -8,14 +8,13 @@ import logging
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, add_arguments, from_args
+from .config import Config, add_arguments
 from .daemon import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
 from .daemon_status import complete_checkpoints, consolidation_history
-from .cli import setup_logging
+from .cli import config_or_none, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,8 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -
                     help="delete all but the newest KEEP checkpoints (never one a consolidation needs), then exit")
     args = ap.parse_args(argv)
     setup_logging()
-    try:
-        cfg = from_args(args)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
+    cfg = config_or_none(args)
+    if cfg is None:
         return 2
     if args.stop:
         return request_stop_file(cfg)

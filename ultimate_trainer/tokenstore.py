@@ -14,7 +14,6 @@ one chunk at most. Reading maps the files (``np.memmap``): the OS pages in what 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
