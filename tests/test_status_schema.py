@@ -42,3 +42,10 @@ def test_real_run_status_file_matches_documented_schema(tiny_model_dir, make_pro
     ex = status["recent_examples"][-1]
     assert set(ex) == {"step", "prompt", "expected", "generated", "correct", "source"}
     assert [c["global_step"] for c in status["checkpoints"]] == [3, 4]
+
+
+def test_documented_example_file_matches_the_schema():
+    example = json.loads((REPO / "docs" / "examples" / "training_status.json").read_text())
+    fields = documented_fields()
+    assert set(example) == set(fields)
+    assert all(check_type(example[k], spec) for k, spec in fields.items())
