@@ -105,7 +105,11 @@ def test_history_restarts_when_the_file_is_replaced(tmp_path):
 
 
 @pytest.mark.parametrize("losses, trend", [([2.0] * 20 + [1.0] * 20, "falling"), ([1.0] * 20 + [1.5] * 20, "rising"),
-                                           ([1.0] * 20 + [1.01] * 20, "flat"), ([1.0] * 39, None)])
+                                           ([1.0] * 20 + [1.01] * 20, "flat"), ([1.0] * 39, None),
+                                           # converged and jittering: large relative swings, no trend
+                                           ([0.0005, 0.0008] * 10 + [0.0009, 0.0013, 0.0005, 0.0011] * 5, "flat"),
+                                           # noisy but clearly falling
+                                           ([3.0, 2.0, 2.6, 1.8] * 5 + [1.0, 0.4, 0.8, 0.5] * 5, "falling")])
 def test_loss_trend(losses, trend):
     assert hist.loss_trend([{"loss": x} for x in losses]) == trend
 

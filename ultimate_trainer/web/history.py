@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from collections import deque
@@ -25,6 +26,7 @@ CHART_POINTS = 400          # buckets per whole-history chart
 RECENT_STEPS = 200          # newest raw steps kept for the loss trend
 TREND_WINDOW = 20           # steps per half of the loss-trend comparison
 TREND_FLAT_FRACTION = 0.02  # relative change of mean loss below which the trend is "flat"
+TREND_MIN_CHANGE = 0.01     # nats/token: a smaller change of mean loss is "flat" however large relatively
 STEP_FIELDS = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
 EVAL_FIELDS = ("accuracy", "overall", "last_20", "last_50", "val_loss")
 
@@ -119,20 +121,27 @@ class Downsampler:
 
 
 def loss_trend(recent: list[dict[str, Any]], window: int = TREND_WINDOW) -> str | None:
-    """``falling``/``flat``/``rising``: mean loss of the newest ``window`` steps against the ``window`` before."""
+    """``falling``/``flat``/``rising``: mean loss of the newest ``window`` steps against the ``window`` before.
+
+    A change counts only when it is larger than ``TREND_FLAT_FRACTION`` of the older mean, than
+    ``TREND_MIN_CHANGE`` and than the noise (twice the standard error of the difference of the two
+    means): a converged loss jittering between 0.0005 and 0.0013 is flat, not "rising" by 50 %.
+    """
     losses = [r["loss"] for r in recent if isinstance(r.get("loss"), (int, float))]
     if len(losses) < 2 * window:
         return None
-    old = sum(losses[-2 * window:-window]) / window
-    new = sum(losses[-window:]) / window
+    older, newer = losses[-2 * window:-window], losses[-window:]
+    old, new = sum(older) / window, sum(newer) / window
     if old == 0:
         return "flat"
-    change = (new - old) / abs(old)
-    if change <= -TREND_FLAT_FRACTION:
-        return "falling"
-    if change >= TREND_FLAT_FRACTION:
-        return "rising"
-    return "flat"
+
+    def var(xs: list[float], mean: float) -> float:
+        return sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+
+    noise = 2.0 * math.sqrt((var(older, old) + var(newer, new)) / window)
+    if abs(new - old) <= max(TREND_FLAT_FRACTION * abs(old), TREND_MIN_CHANGE, noise):
+        return "flat"
+    return "falling" if new < old else "rising"
 
 
 class History:
