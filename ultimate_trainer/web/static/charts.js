@@ -36,7 +36,11 @@ function drawChart(svg, series, opts) {
   let y1 = opts.yMax !== undefined ? opts.yMax : Math.max(...pts.map(p => p[1]));
   if (x1 === x0) x1 = x0 + 1;  // one point: start the axis at it, never at a negative step
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
-  if (opts.yMin === undefined) { const m = (y1 - y0) * 0.05; y0 -= m; y1 += m; }  // keep lines off the frame
+  if (opts.yMin === undefined) {  // keep lines off the frame, but never below zero for data that cannot be
+    const m = (y1 - y0) * 0.05;
+    y0 = y0 >= 0 ? Math.max(0, y0 - m) : y0 - m;
+    y1 += m;
+  }
   const X = x => pad.l + (x - x0) / (x1 - x0) * (w - pad.l - pad.r);
   const Y = y => h - pad.b - (y - y0) / (y1 - y0) * (h - pad.t - pad.b);
   for (let i = 0; i <= 4; i++) {
