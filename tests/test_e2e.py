@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
 from conftest import chat, run_train, spawn_train, write_jsonl
-from test_training import optimizer_step, wait_for
+from test_training import optimizer_step, sigkill_when
 from ultimate_trainer import checkpoints as ck
 
 pytestmark = pytest.mark.e2e
@@ -31,15 +30,9 @@ def test_qlora_on_builtin_model_continues_across_files_and_survives_sigkill(buil
     assert after_first.meta["load_in_4bit"] and after_first.meta["run_complete"]
 
     second = write_jsonl(tmp_path / "second.jsonl", [chat(f"Secret number {i}?", f"{i * 7}") for i in range(60)])
-    proc = spawn_train(cfg, second)
-    try:
-        wait_for(lambda: ck.newest_complete(root / "checkpoints").global_step >= after_first.global_step + 2,
-                 timeout=300, proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(spawn_train(cfg, second),
+                 lambda: ck.newest_complete(root / "checkpoints").global_step >= after_first.global_step + 2,
+                 timeout=300)
     killed = ck.newest_complete(root / "checkpoints")
     assert not killed.meta["run_complete"]
 

@@ -35,6 +35,17 @@ def wait_for(predicate, timeout: float = 120.0, proc: subprocess.Popen | None = 
     raise AssertionError("condition not met in time")
 
 
+def sigkill_when(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> None:
+    """SIGKILL ``proc`` as soon as ``predicate()`` holds (a crash at a chosen point)."""
+    try:
+        wait_for(predicate, timeout=timeout, proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_second_run_continues_global_step_and_restores_optimizer(tiny_model_dir, make_project, tmp_path):
     cfg = make_project(tiny_model_dir, eval_steps=0)
     a = write_jsonl(tmp_path / "a.jsonl", records(12, "alpha"))
@@ -63,15 +74,8 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tiny_model_dir, m
     cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=4)
     data = write_jsonl(tmp_path / "big.jsonl", records(160, "gamma"))
     root = cfg.parent
-    proc = spawn_train(cfg, data)
-    try:
-        wait_for(lambda: (ck.newest_complete(root / "checkpoints") or ck.CheckpointInfo(root, 0, {})).global_step >= 8,
-                 proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_when(spawn_train(cfg, data),
+                 lambda: (ck.newest_complete(root / "checkpoints") or ck.CheckpointInfo(root, 0, {})).global_step >= 8)
     killed_at = ck.newest_complete(root / "checkpoints")
     total = killed_at.meta["run_total_steps"]
     assert killed_at.global_step < total, "the run finished before it could be killed"

@@ -19,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .. import config as config_mod
+from ..cli import config_or_none
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,11 @@ def build_parser(description: str, default_port_key: str) -> argparse.ArgumentPa
     return parser
 
 
-def settings(args: argparse.Namespace, default_port_key: str) -> tuple[config_mod.Config, str, int, Path]:
-    """Config plus the resolved (host, port, status dir); command-line flags win over the config."""
-    cfg = config_mod.from_args(args)
+def settings(args: argparse.Namespace, default_port_key: str) -> tuple[config_mod.Config, str, int, Path] | None:
+    """Config plus the resolved (host, port, status dir), flags winning; None after a config error."""
+    cfg = config_or_none(args)
+    if cfg is None:
+        return None
     host = args.host or cfg.monitor.host
     port = args.port if args.port is not None else getattr(cfg.monitor, default_port_key)
     status_dir = Path(args.status_dir) if args.status_dir else cfg.path("status")

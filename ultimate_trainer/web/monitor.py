@@ -15,12 +15,10 @@ Routes:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from flask import Flask, Response, jsonify, send_from_directory, stream_with_context
 
-from .. import config as config_mod
 from . import common, export
 from .history import History
 from .state import build_state
@@ -78,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.build_parser("Live training monitor page over the status files.", "port")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        cfg, host, port, status_dir = common.settings(args, "port")
-    except config_mod.ConfigError as e:
-        print(e, file=sys.stderr)
+    resolved = common.settings(args, "port")
+    if resolved is None:
         return 2
+    cfg, host, port, status_dir = resolved
     app = create_app(status_dir, cfg.monitor.refresh_seconds, host, args.allow_host)
     return common.serve(app, host, port, "monitor_server")

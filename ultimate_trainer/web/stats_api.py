@@ -11,7 +11,6 @@ Routes:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +19,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .. import config as config_mod
 from .. import stats
 from . import common
 from ..cli import setup_logging
@@ -109,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.build_parser("Memory/GPU stats API (JSON and Prometheus) over the status files.", "stats_port")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        cfg, host, port, status_dir = common.settings(args, "stats_port")
-    except config_mod.ConfigError as e:
-        print(e, file=sys.stderr)
+    resolved = common.settings(args, "stats_port")
+    if resolved is None:
         return 2
+    cfg, host, port, status_dir = resolved
     th = stats.Thresholds(cfg.monitor.oom_medium_percent, cfg.monitor.oom_high_percent)
     sampler = stats.Sampler(Path(status_dir), th, cfg.monitor.sample_interval)
     # Bind first: a port in use is reported before NVML or the sampler thread start.
