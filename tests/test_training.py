@@ -183,6 +183,10 @@ def test_after_consolidation_a_fresh_adapter_continues_the_global_step(tiny_mode
     assert after.meta["base_model"] == str(merged)
     # A fresh optimizer: its step counter counts only this run's steps.
     assert optimizer_step(after.path) == after.meta["run_total_steps"]
+    # That adapter belongs to the merged weights: without them, refuse rather than use another base.
+    shutil.rmtree(merged)
+    r = run_train(cfg, tmp_path / "b.jsonl")
+    assert r.returncode == 4 and "consolidated model" in r.stderr and "missing" in r.stderr
 
 
 def test_checkpoint_of_another_base_model_is_not_resumed(tiny_model_dir, make_project, tmp_path):

@@ -17,6 +17,7 @@ from . import status as st
 from .checkpoints import list_complete
 
 TEXT_LIMIT = 2000
+CHECKPOINTS_LISTED = 100  # the file is rewritten every few seconds: months of checkpoints stay on disk, not in it
 EXAMPLE_FIELDS = ("prompt", "expected", "generated", "correct", "source")
 
 
@@ -101,7 +102,7 @@ class StatusReporter:
         found = list_complete(self.checkpoints_dir)
         self.update(
             checkpoints=[{"name": c.name, "global_step": c.global_step, "created_at": c.meta.get("created_at")}
-                         for c in found],
+                         for c in found[-CHECKPOINTS_LISTED:]],
             last_checkpoint=found[-1].name if found else None,
         )
 

@@ -151,10 +151,27 @@ def _fail(reporter: StatusReporter, code: int, reason: str, dry_run: bool) -> in
     return code
 
 
+def _base_path(cfg: Config, start: ck.StartPoint) -> str:
+    """The base weights the start point continues; the configured base when none is recorded.
+
+    A recorded built-in or Hub base that moved (another machine, a new cache) is resolved again by
+    name; a consolidated base cannot be, and applying its adapter to another base would be wrong.
+    """
+    from .model import resolve_base
+
+    if start.base_path and Path(start.base_path).is_dir():
+        return start.base_path
+    if start.base_path and (start.kind == "consolidation" or "consolidated" in Path(start.base_path).parts):
+        name = start.checkpoint.name if start.checkpoint else "the newest checkpoint"
+        raise ModelError(f"{name} continues the consolidated model {start.base_path}, which is missing: restore "
+                         f"it, or point paths.checkpoints at a new folder to start over")
+    return resolve_base(cfg)
+
+
 def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFlag, *,
          max_steps: int | None, dry_run: bool) -> int:
     from . import data
-    from .model import load_tokenizer, resolve_base
+    from .model import load_tokenizer
 
     # Start point first: it decides which base (and so which tokenizer) this run uses.
     ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
@@ -167,12 +184,13 @@ def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFla
               f"{cfg.base_model!r}: set base_model back, or point paths.checkpoints at a new folder to start "
               f"another model", file=sys.stderr)
         return EXIT_CONFIG
-    base_path = start.base_path if start.base_path and Path(start.base_path).is_dir() else resolve_base(cfg)
+    base_path = _base_path(cfg, start)
     tokenizer = load_tokenizer(base_path)
     stop.check()
 
     # Read and tokenize: streaming, chunked, into a memory-mapped store.
-    reporter.set_state("tokenizing") if not dry_run else None
+    if not dry_run:
+        reporter.set_state("tokenizing")
     store_dir = cfg.path("work") / "current"
     shutil.rmtree(store_dir, ignore_errors=True)
     prepared = data.prepare(files, tokenizer, cfg, store_dir, None if dry_run else cfg.path("status"))
