@@ -22,6 +22,7 @@ Trainer continue the global step with a new optimizer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -137,7 +138,11 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
                      dry_run)
     except Exception as e:
         log.exception("training failed")
-        return _fail(reporter, EXIT_CRASH, _one_line(e), dry_run)
+        reason = _one_line(e)
+        if "No space left on device" in reason or getattr(e, "errno", None) == errno.ENOSPC:
+            reason = (f"disk full while writing ({reason}): free space under {cfg.path('checkpoints')} "
+                      f"(the unfinished checkpoint is set aside at the next start)")
+        return _fail(reporter, EXIT_CRASH, reason, dry_run)
     finally:
         if not dry_run:
             reporter.stop()
