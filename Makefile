@@ -37,6 +37,7 @@ demo: setup
 	$(BIN)/python -m ultimate_trainer.demo
 
 test: setup-dev
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup-dev
