@@ -277,9 +277,6 @@ def _contradictions(cfg: Config) -> list[str]:
         p.append("daemon.retry_initial_seconds: must not exceed daemon.retry_max_seconds")
     if cfg.eval.max_new_tokens >= cfg.training.max_seq_length:
         p.append("eval.max_new_tokens: must be below training.max_seq_length")
-    if not cfg.load_in_4bit and cfg.quantization.compute_dtype not in ("auto",) and cfg.training.device == "cpu" \
-            and cfg.quantization.compute_dtype != "float32":
-        p.append("quantization.compute_dtype: only float32 is supported on the CPU")
     if not cfg.lora.target_modules:
         p.append("lora.target_modules: name at least one module")
     return p

@@ -37,7 +37,8 @@ from .inbox import Inbox, Spool
 from .journal import BatchRecord
 from .status import DAEMON_STATUS, TRAINING_STATUS, atomic_write_json, now_iso, pid_alive, read_json, report_path
 from .daemon_children import ChildSet
-from .daemon_status import build_status, complete_checkpoints, consolidation_history
+from .checkpoints import list_complete
+from .daemon_status import build_status, consolidation_history
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,7 @@ class Daemon:
         return self._checkpoint_completes(names)
 
     def _checkpoint_completes(self, names: list[str]) -> bool:
-        ckpts = complete_checkpoints(self.ckpt_dir)
+        ckpts = list_complete(self.ckpt_dir)
         if not ckpts:
             return False
         meta = ckpts[-1].meta
@@ -380,7 +381,7 @@ class Daemon:
     def _finish(self, batch: BatchRecord, names: list[str], started: float, seconds: float) -> None:
         st = self.spool.journal.state
         ts = read_json(self.status_dir / TRAINING_STATUS) or {}
-        ckpts = complete_checkpoints(self.ckpt_dir)
+        ckpts = list_complete(self.ckpt_dir)
         gstep = ckpts[-1].global_step if ckpts else ts.get("global_step")
         files, examples = [], 0
         for n in names:
@@ -442,7 +443,7 @@ class Daemon:
         st = self.spool.journal.state
         if st.open_batch is not None or self.clock() < self.consolidation_retry_ts:
             return False
-        ckpts = complete_checkpoints(self.ckpt_dir)
+        ckpts = list_complete(self.ckpt_dir)
         if not ckpts or not ckpts[-1].meta.get("run_complete", True):
             return False
         hist = consolidation_history(self.consolidated_dir)

@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import Config, add_arguments
 from .daemon import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
-from .daemon_status import complete_checkpoints, consolidation_history
+from .checkpoints import list_complete
+from .daemon_status import consolidation_history
 from .cli import config_or_none, setup_logging
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def prune_checkpoints(cfg: Config, keep: int) -> list[Path]:
     The only place anything is deleted, and only on the user's explicit command. Incomplete folders
     are left alone (a save may be in progress).
     """
-    ckpts = complete_checkpoints(cfg.path("checkpoints"))
+    ckpts = list_complete(cfg.path("checkpoints"))
     needed = {h.get("source_checkpoint") for h in consolidation_history(cfg.path("models") / "consolidated")}
     keep_names = {c.name for c in ckpts[-max(keep, 1):]} | needed
     removed = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import schedule
-from .checkpoints import CheckpointInfo, list_complete, list_consolidations
+from .checkpoints import list_consolidations
 from .status import SCHEMA_VERSION, TRAINING_STATUS, now_iso, read_json, report_path
 
 if TYPE_CHECKING:
@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 
 RECENT_DONE = 20
 FAILED_SHOWN = 50
-
-
-def complete_checkpoints(checkpoints_dir: Path) -> list[CheckpointInfo]:
-    return list_complete(checkpoints_dir)
 
 
 def consolidation_history(consolidated_dir: Path) -> list[dict[str, Any]]:

@@ -30,14 +30,12 @@ line (killed mid-write) is skipped by the reader and repaired by the next append
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .status import iter_jsonl, now_iso
+from .status import append_jsonl, iter_jsonl, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +111,7 @@ class Journal:
 
     def append(self, event: str, **fields: Any) -> None:
         rec = {"event": event, "time": now_iso(), **fields}
-        line = json.dumps(rec, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
-        with open(self.path, "a+b") as f:
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")  # repair a line torn by a kill
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, rec, fsync=True)
         self._apply(rec)
 
     # ------------------------------------------------------------------ replay

@@ -98,8 +98,11 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as one line. A torn last line (process killed mid-write) is repaired first."""
+def append_jsonl(path: str | Path, record: dict[str, Any], *, fsync: bool = False) -> None:
+    """Append one record as one line. A torn last line (process killed mid-write) is repaired first.
+
+    ``fsync=True`` also survives a power cut (the daemon's journal); history lines don't need it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
@@ -110,6 +113,8 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
                 f.write(b"\n")
         f.write(line.encode("utf-8"))
         f.flush()
+        if fsync:
+            os.fsync(f.fileno())
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
