@@ -5,7 +5,7 @@ See docs/DAEMON.md.
 
 import sys
 
-from ultimate_trainer.daemon_cli import main
+from ultimate_trainer.daemon.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

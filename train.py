@@ -8,7 +8,7 @@ Exit codes: 0 trained (or stopped cleanly), 1 failure, 2 configuration, 3 data, 
 
 import sys
 
-from ultimate_trainer.cli import train_main
+from ultimate_trainer.trainer.cli import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -116,7 +116,8 @@ def load(port: int, path: str, seconds: float, concurrency: int) -> dict[str, fl
 
 def start_real_training(tmp: Path, sd: Path) -> subprocess.Popen:
     """train.py on the built-in model, CPU, 4-bit, with its status going to ``sd``; returns once it trains."""
-    from ultimate_trainer import config, status
+    from ultimate_trainer.core import config
+    from ultimate_trainer.core import status
 
     data = tmp / "bench_data.jsonl"
     with open(data, "w", encoding="utf-8") as f:
@@ -145,7 +146,7 @@ def start_real_training(tmp: Path, sd: Path) -> subprocess.Popen:
 
 
 def make_status_dir(root: Path) -> Path:
-    from ultimate_trainer import status
+    from ultimate_trainer.core import status
 
     sd = root / "status"
     shutil.copytree(FIXTURES, sd)

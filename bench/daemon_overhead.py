@@ -29,12 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ultimate_trainer.status import iter_jsonl  # noqa: E402
+from ultimate_trainer.core.status import iter_jsonl  # noqa: E402
 
 LOAD_PROBE = """
 import time, sys
 t = time.monotonic()
-from ultimate_trainer import config, model
+from ultimate_trainer.core import config
+from ultimate_trainer.model import loading as model
 cfg = config.load(sys.argv[1])
 path = model.resolve_base(cfg)
 model.load_tokenizer(path)

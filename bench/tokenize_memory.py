@@ -61,10 +61,10 @@ def load_tokenizer():
     """The built-in model's tokenizer (through model.resolve_base when present, else from its GGUF)."""
     from transformers import AutoTokenizer
 
-    from ultimate_trainer import config
+    from ultimate_trainer.core import config
 
     try:
-        from ultimate_trainer.model import resolve_base
+        from ultimate_trainer.model.loading import resolve_base
 
         cfg = config.from_dict({"base_model": config.BUILTIN_MODEL, "paths": {"root": str(REPO)}})
         return AutoTokenizer.from_pretrained(resolve_base(cfg))
@@ -87,7 +87,8 @@ def worker(kind: str, file: Path, tokenizer_dir: Path, work: Path) -> dict:
     base = _rss_mb()
     t0 = time.perf_counter()
     if kind == "project":
-        from ultimate_trainer import config, data
+        from ultimate_trainer.core import config
+        from ultimate_trainer.data import prepare as data
 
         cfg = config.from_dict({"paths": {"root": str(work)}})
         prepared = data.prepare([file], tokenizer, cfg, work / "store", None)

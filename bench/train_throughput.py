@@ -54,8 +54,9 @@ def baseline(data: Path, batch: int, steps: int, four_bit: bool) -> float:
     """A bare PEFT loop on the project's own tokenization of the same file."""
     import torch
 
-    from ultimate_trainer import config, data as data_mod
-    from ultimate_trainer.model import attach_lora, load_base_model, load_tokenizer, resolve_base
+    from ultimate_trainer.core import config
+    from ultimate_trainer.data import prepare as data_mod
+    from ultimate_trainer.model.loading import attach_lora, load_base_model, load_tokenizer, resolve_base
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config.load(None, common_sets(batch, four_bit, Path(tmp)))

@@ -26,8 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
 
-from ultimate_trainer import config as config_mod  # noqa: E402
-from ultimate_trainer.status import atomic_write_json, now_iso  # noqa: E402
+from ultimate_trainer.core import config as config_mod  # noqa: E402
+from ultimate_trainer.core.status import atomic_write_json  # noqa: E402
+from ultimate_trainer.core.times import now_iso  # noqa: E402
 
 
 def trainer_cmd(files: list[Path], cfg_args: list[str]) -> list[str]:
@@ -109,7 +110,7 @@ def fake_trainer(argv: list[str]) -> int:
 
 
 def run_daemon(argv: list[str]) -> int:
-    from ultimate_trainer.daemon_cli import main
+    from ultimate_trainer.daemon.cli import main
 
     return main(argv, trainer_cmd=trainer_cmd)
 

@@ -15,7 +15,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from ultimate_trainer import status  # noqa: E402
+from ultimate_trainer.core import status  # noqa: E402
+from ultimate_trainer.core.times import now_iso
 
 FIXTURE_STATUS = Path(__file__).parent / "fixtures" / "status"
 
@@ -27,7 +28,7 @@ def live_status_dir(dest: Path) -> Path:
     for name, fields in ((status.TRAINING_STATUS, ("updated_at",)), (status.MEMORY_STATUS, ("updated_at", "sampled_at"))):
         doc = json.loads((dest / name).read_text(encoding="utf-8"))
         for f in fields:
-            doc[f] = status.now_iso()
+            doc[f] = now_iso()
         if name == status.TRAINING_STATUS:
             doc["pid"] = os.getpid()
         status.atomic_write_json(dest / name, doc)

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def builtin_model_dir() -> Path:
     """The built-in model converted to safetensors (first use converts the GGUF, ~20 s)."""
-    from ultimate_trainer.model import ensure_builtin_cache
+    from ultimate_trainer.model.loading import ensure_builtin_cache
 
     return ensure_builtin_cache(MODEL_CACHE)
 

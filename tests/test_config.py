@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ultimate_trainer import config
+from ultimate_trainer.core import config
 
 
 def test_shipped_config_json_loads_and_targets_qwen_in_4bit():
@@ -29,7 +29,7 @@ def test_every_shipped_config_loads(path: Path):
 
 def test_docs_config_md_matches_the_code():
     assert (REPO / "docs" / "CONFIG.md").read_text() == config.markdown(), \
-        "regenerate: python -m ultimate_trainer.config --markdown > docs/CONFIG.md"
+        "regenerate: python -m ultimate_trainer.core.config --markdown > docs/CONFIG.md"
 
 
 def test_all_problems_are_reported_together_naming_each_key(tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ultimate_trainer import config as config_mod
-from ultimate_trainer.checkpoints import list_consolidations, newest_complete
-from ultimate_trainer.consolidation import consolidate
+from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.core.checkpoints import list_consolidations, newest_complete
+from ultimate_trainer.trainer.consolidate import consolidate
 
 HELPER = Path(__file__).with_name("_daemon_helpers.py")
 
@@ -24,7 +24,7 @@ def make_checkpoint(root: Path, base_dir: Path, *, four_bit: bool, global_step: 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ultimate_trainer.model import load_base_model
+    from ultimate_trainer.model.loading import load_base_model
 
     cfg = config_mod.load(None, [f"paths.root={root}", f"load_in_4bit={json.dumps(four_bit)}", "training.device=cpu"])
     base = load_base_model(cfg, str(base_dir), quantize=four_bit, device="cpu")
@@ -65,7 +65,7 @@ def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, tiny_model_
         # Exact: the same dequantized weights with the adapter applied unmerged (the merge adds nothing).
         from peft import PeftModel
 
-        from ultimate_trainer.model import load_base_model
+        from ultimate_trainer.model.loading import load_base_model
 
         dq = load_base_model(cfg, str(tiny_model_dir), quantize=True, device="cpu").dequantize(dtype=torch.float32)
         exact = PeftModel.from_pretrained(dq, str(ck)).eval()

@@ -18,11 +18,11 @@ from typing import Callable
 
 import pytest
 
-from ultimate_trainer import config as config_mod
-from ultimate_trainer import schedule
-from ultimate_trainer.daemon import Daemon
-from ultimate_trainer.daemon_cli import prune_checkpoints
-from ultimate_trainer.journal import RunRecord
+from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.daemon import schedule
+from ultimate_trainer.daemon.loop import Daemon
+from ultimate_trainer.daemon.cli import prune_checkpoints
+from ultimate_trainer.daemon.journal import RunRecord
 
 HELPER = Path(__file__).with_name("_daemon_helpers.py")
 FAST = ["daemon.file_stable_seconds=0", "daemon.start_monitors=false", "daemon.disk_warn_gb=0",
@@ -333,8 +333,8 @@ def test_disk_going_critical_mid_run_pauses_then_resumes(proj: Path, monkeypatch
 def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from ultimate_trainer.daemon import CODE_DIR
-    from ultimate_trainer.daemon_children import ChildSet
+    from ultimate_trainer.daemon.loop import CODE_DIR
+    from ultimate_trainer.daemon.children import ChildSet
 
     ports = []
     for _ in range(2):

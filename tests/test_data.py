@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from _data_helpers import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jsonl
-from ultimate_trainer import data, status
-from ultimate_trainer.encoding import TemplateError
-from ultimate_trainer.formats import BadLine, parse_line
-from ultimate_trainer.tokenstore import TokenStore
+from ultimate_trainer.data import prepare as data
+from ultimate_trainer.core import status
+from ultimate_trainer.data.encoding import TemplateError
+from ultimate_trainer.data.formats import BadLine, parse_line
+from ultimate_trainer.data.tokenstore import TokenStore
 
 SYS = "Be brief."
 
@@ -270,7 +271,7 @@ def test_store_round_trip_across_chunks_and_reopen(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", records)
     p = _prepare(tmp_path, [f], tokenize_chunk_size=5, heldout_fraction=0.0)
     cfg = make_cfg(tmp_path)
-    from ultimate_trainer.encoding import encode
+    from ultimate_trainer.data.encoding import encode
 
     tok = smol_tokenizer()
     expected = [encode(tok, parse_line(json.dumps(r).encode(), cfg.data.system_prompt), 256, "skip") for r in records]

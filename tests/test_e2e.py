@@ -8,7 +8,7 @@ import pytest
 
 from conftest import chat, run_train, spawn_train, write_jsonl
 from test_training import optimizer_step, sigkill_when
-from ultimate_trainer import checkpoints as ck
+from ultimate_trainer.core import checkpoints as ck
 
 pytestmark = pytest.mark.e2e
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from _data_helpers import smol_tokenizer
-from ultimate_trainer import status
-from ultimate_trainer.data import Collator
-from ultimate_trainer.evaluation import (AccuracyTracker, generate_answers, normalize, score,
+from ultimate_trainer.core import status
+from ultimate_trainer.data.prepare import Collator
+from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, normalize, score,
                                          validation_loss)
 
 

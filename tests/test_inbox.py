@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ultimate_trainer.inbox import Inbox, Spool, StabilityTracker, unique_name
+from ultimate_trainer.daemon.inbox import Inbox, Spool, StabilityTracker, unique_name
 
 
 class FakeClock:

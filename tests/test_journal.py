@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ultimate_trainer.inbox import Spool, move_no_overwrite
-from ultimate_trainer.journal import Journal
+from ultimate_trainer.daemon.inbox import Spool, move_no_overwrite
+from ultimate_trainer.daemon.journal import Journal
 
 LINE = '{"text": "hello"}\n'
 

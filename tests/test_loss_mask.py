@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from _data_helpers import UnstableTemplate, smol_tokenizer
-from ultimate_trainer.encoding import TemplateError, encode
-from ultimate_trainer.formats import BadLine, Example
+from ultimate_trainer.data.encoding import TemplateError, encode
+from ultimate_trainer.data.formats import BadLine, Example
 
 
 def _ex(*turns: tuple[str, str]) -> Example:

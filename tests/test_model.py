@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultimate_trainer import config
-from ultimate_trainer.model import ModelError, attach_lora, load_base_model, load_tokenizer, resolve_base
+from ultimate_trainer.core import config
+from ultimate_trainer.model.loading import ModelError, attach_lora, load_base_model, load_tokenizer, resolve_base
 
 
 def tiny_cfg(path, **sets):

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from _data_helpers import make_cfg, smol_tokenizer
-from ultimate_trainer import data, sample_data
+from ultimate_trainer.data import prepare as data
+from ultimate_trainer.data import sample as sample_data
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -69,7 +70,7 @@ def test_base_model_does_not_know_the_format_yet(tmp_path, builtin_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ultimate_trainer.evaluation import generate_answers, score
+    from ultimate_trainer.model.scoring import generate_answers, score
 
     files = sample_data.write_demo_data(tmp_path / "in", n_files=1, examples_per_file=200)
     tok = AutoTokenizer.from_pretrained(builtin_model_dir)

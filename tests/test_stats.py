@@ -1,4 +1,4 @@
-"""ultimate_trainer.stats: OOM thresholds, process-tree memory, GPU reading, health ordering, the sampler."""
+"""ultimate_trainer.web.sampler: OOM thresholds, process-tree memory, GPU reading, health ordering, the sampler."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from _stats_helpers import FakeNVML
 from _web_helpers import FIXTURE_STATUS  # noqa: F401  (puts the repository root on sys.path)
-from ultimate_trainer import stats, status
+from ultimate_trainer.web import sampler as stats
+from ultimate_trainer.core import status
 
 TH = stats.Thresholds(70.0, 85.0)
 

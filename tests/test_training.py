@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from conftest import chat, run_train, spawn_train, write_jsonl
-from ultimate_trainer import checkpoints as ck
+from ultimate_trainer.core import checkpoints as ck
 
 
 def records(n: int, tag: str) -> list[dict]:

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from _web_helpers import FIXTURE_STATUS, live_status_dir
-from ultimate_trainer import status
+from ultimate_trainer.core import status
 from ultimate_trainer.web import history as hist
 from ultimate_trainer.web.monitor import STATIC_DIR, create_app
 

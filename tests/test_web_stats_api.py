@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _stats_helpers import FakeNVML
 from _web_helpers import FIXTURE_STATUS  # noqa: F401  (puts the repository root on sys.path)
-from ultimate_trainer import stats, status
+from ultimate_trainer.web import sampler as stats
+from ultimate_trainer.core import status
 from ultimate_trainer.web import stats_api
 
 REPO = FIXTURE_STATUS.parents[2]
@@ -155,6 +156,6 @@ def test_stats_server_samples_to_file_and_stops_cleanly_on_sigterm(tmp_path):
 
 
 def test_web_modules_do_not_import_torch():
-    code = ("import sys; import ultimate_trainer.stats, ultimate_trainer.web.monitor, ultimate_trainer.web.stats_api; "
+    code = ("import sys; import ultimate_trainer.web.sampler, ultimate_trainer.web.monitor, ultimate_trainer.web.stats_api; "
             "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60).returncode == 0

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
-from . import config, sample_data
-from . import status as st
+from ultimate_trainer.core import config
+from ultimate_trainer.data import sample as sample_data
+from ultimate_trainer.core import status as st
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = config.REPO_DIR
 
 
 def _demo_batches(cfg: config.Config) -> int:
@@ -38,10 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-running", action="store_true",
                         help="keep the daemon (and the page) running after the demo data is trained")
     args = parser.parse_args(argv)
-    try:
-        cfg = config.from_args(args)
-    except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = config.config_or_none(args)
+    if cfg is None:
         return 2
 
     batch = _demo_batches(cfg) + 1

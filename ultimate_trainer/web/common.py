@@ -18,8 +18,8 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .. import config as config_mod
-from ..cli import config_or_none
+from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.core.config import config_or_none
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import stats, status
-from .history import epoch_seconds
+from ultimate_trainer.web import sampler as stats
+from ultimate_trainer.core import status
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.core.times import epoch_seconds
 
 CSV_COLUMNS = (
     "time", "global_step", "run_id", "loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch",
@@ -90,7 +92,7 @@ def iter_json(status_dir: str | Path, current: dict[str, Any]) -> Iterator[str]:
     """``{"exported_at", "current", "steps": [rows as in the CSV], "evals": [...], "memory": [...]}``."""
     sd = Path(status_dir)
     j = _Joiner(sd)
-    yield '{"schema_version": 1, "exported_at": ' + json.dumps(status.now_iso())
+    yield '{"schema_version": 1, "exported_at": ' + json.dumps(now_iso())
     yield ', "current": ' + json.dumps(current, ensure_ascii=False, default=str)
     yield ', "steps": ['
     for i, step in enumerate(status.iter_jsonl(sd / status.STEPS_HISTORY)):

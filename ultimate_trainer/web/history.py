@@ -14,11 +14,10 @@ import math
 import os
 import threading
 from collections import deque
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import status
+from ultimate_trainer.core import status
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +196,3 @@ class History:
         with self._lock:
             return {"loss_trend": loss_trend(list(self.recent)), "last_val_loss": (self.last_eval or {}).get("val_loss"),
                     "steps": self.steps.count, "evals": self.evals.count}
-
-
-def epoch_seconds(iso: Any) -> float | None:
-    """Seconds since the epoch of an ISO 8601 string, or None."""
-    if not isinstance(iso, str):
-        return None
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return None

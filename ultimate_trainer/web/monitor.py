@@ -19,10 +19,11 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, send_from_directory, stream_with_context
 
-from . import common, export
-from .history import History
-from .state import build_state
-from ..cli import setup_logging
+from ultimate_trainer.web import common
+from ultimate_trainer.web import export
+from ultimate_trainer.web.history import History
+from ultimate_trainer.web.state import build_state
+from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import stats, status
-from .history import History, epoch_seconds
+from ultimate_trainer.web import sampler as stats
+from ultimate_trainer.core import status
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.web.history import History
+from ultimate_trainer.core.times import epoch_seconds
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
     hist = history.summary()
     return {
         "schema_version": status.SCHEMA_VERSION,
-        "now": status.now_iso(),
+        "now": now_iso(),
         "refresh_seconds": refresh_seconds,
         "waiting": training is None,
         "training": training,

@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .. import stats
-from . import common
-from ..cli import setup_logging
+from ultimate_trainer.web import sampler as stats
+from ultimate_trainer.web import common
+from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .formats import BadLine, Example
+from ultimate_trainer.data.formats import BadLine, Example
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints as ck
-from .config import Config
-from .model import ModelError
-from .reporter import StatusReporter
+from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.model.loading import ModelError
+from ultimate_trainer.trainer.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
     A recorded built-in or Hub base that moved (another machine, a new cache) is resolved again by
     name; a consolidated base cannot be, and applying its adapter to another base would be wrong.
     """
-    from .model import resolve_base
+    from ultimate_trainer.model.loading import resolve_base
 
     if start.base_path and Path(start.base_path).is_dir():
         return start.base_path
@@ -175,8 +175,8 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
 
 def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFlag, *,
          max_steps: int | None, dry_run: bool) -> int:
-    from . import data
-    from .model import load_tokenizer
+    from ultimate_trainer.data import prepare as data
+    from ultimate_trainer.model.loading import load_tokenizer
 
     # Start point first: it decides which base (and so which tokenizer) this run uses.
     ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
@@ -228,7 +228,7 @@ def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFla
         reporter.set_state("idle")
         return EXIT_OK
 
-    from .hf_trainer import build_and_train
+    from ultimate_trainer.trainer.hf import build_and_train
 
     build_and_train(cfg, files=files, prepared=prepared, tokenizer=tokenizer, base_path=base_path,
                     start=start, plan=plan, steps_now=steps_now, hashes=hashes,

@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import schedule
-from .checkpoints import list_consolidations
-from .status import SCHEMA_VERSION, TRAINING_STATUS, now_iso, read_json, report_path
+from ultimate_trainer.daemon import schedule
+from ultimate_trainer.core.checkpoints import list_consolidations
+from ultimate_trainer.core.status import SCHEMA_VERSION, TRAINING_STATUS, read_json, report_path
+from ultimate_trainer.core.times import iso, now_iso, parse_iso
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ultimate_trainer.daemon.loop import Daemon
 
 RECENT_DONE = 20
 FAILED_SHOWN = 50
@@ -57,16 +58,16 @@ def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
             run_bytes = sum(q["size_bytes"] for q in queue if q["state"] == "training")
             remaining -= run_bytes * min(step / total, 1.0)
     eta = schedule.queue_eta(remaining, tp["mb_per_hour"]) if queue else None
-    eta_at = schedule.iso(dt.datetime.fromtimestamp(now_ts).astimezone() + dt.timedelta(seconds=eta)) if eta is not None else None
+    eta_at = iso(dt.datetime.fromtimestamp(now_ts).astimezone() + dt.timedelta(seconds=eta)) if eta is not None else None
 
     done = sorted((r for r in st.files.values() if r.state == "done"), key=lambda r: r.finished_at or "")
     failed = sorted((r for r in st.files.values() if r.state == "failed"), key=lambda r: r.finished_at or "")
 
     hist = consolidation_history(d.consolidated_dir)
     hour = d.d.consolidation_hour
-    last_at = schedule.parse_iso(hist[-1].get("created_at")) if hist else None
+    last_at = parse_iso(hist[-1].get("created_at")) if hist else None
     now_dt = dt.datetime.fromtimestamp(now_ts).astimezone()
-    due = schedule.consolidation_due(hour, last_at, schedule.parse_iso(st.first_started), now_dt)
+    due = schedule.consolidation_due(hour, last_at, parse_iso(st.first_started), now_dt)
     current = None
     if d.current:
         current = {k: d.current[k] for k in ("files", "started_at", "pid", "attempt")}
@@ -95,9 +96,9 @@ def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
         "consolidation": {
             "enabled": hour is not None,
             "hour": hour,
-            "last_at": schedule.iso(last_at),
+            "last_at": iso(last_at),
             "last_path": hist[-1]["path"] if hist else None,
-            "next_at": schedule.iso(schedule.next_consolidation(hour, due, now_dt)),
+            "next_at": iso(schedule.next_consolidation(hour, due, now_dt)),
             "running": d.consolidation_running,
             "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
                         for h in hist[-RECENT_DONE:]],

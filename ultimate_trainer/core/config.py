@@ -1,7 +1,7 @@
 """Typed configuration: ``config.json`` loaded once, overridden by ``--set KEY=VALUE``, validated as a whole.
 
 Every setting is a dataclass field with a ``doc`` string; ``docs/CONFIG.md`` is generated from them
-(``python -m ultimate_trainer.config --markdown``) and a test keeps the two in step.
+(``python -m ultimate_trainer.core.config --markdown``) and a test keeps the two in step.
 
 A config file may leave keys out: missing keys take the defaults below. Unknown keys, wrong types,
 values out of range and contradictory options are all collected and reported together in one
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+REPO_DIR = Path(__file__).resolve().parents[2]  # where train.py, daemon.py and the servers live
 
 
 def _f(default: Any, doc: str, **check: Any) -> Any:
@@ -365,12 +366,21 @@ def from_args(args: argparse.Namespace) -> Config:
 
 # --------------------------------------------------------------------------- documentation
 
+
+def config_or_none(args: argparse.Namespace) -> Config | None:
+    """The Config named by ``--config``/``--set``; None after printing every problem (exit code 2)."""
+    try:
+        return from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
 def markdown() -> str:
     """docs/CONFIG.md, generated from the dataclasses."""
     out = [
         "# Configuration reference",
         "",
-        "Generated from `ultimate_trainer/config.py` by `python -m ultimate_trainer.config --markdown`;",
+        "Generated from `ultimate_trainer/core/config.py` by `python -m ultimate_trainer.core.config --markdown`;",
         "a test fails when this file and the code disagree. Every key can be set in `config.json`",
         "or on the command line with `--set KEY=VALUE` (dotted for groups, VALUE read as JSON).",
         "Missing keys take the default shown here.",

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .status import atomic_write_json, now_iso, read_json
+from ultimate_trainer.core.status import atomic_write_json, read_json
+from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import status
+from ultimate_trainer.core import status
 
 log = logging.getLogger(__name__)
 

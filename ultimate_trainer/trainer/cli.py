@@ -1,4 +1,4 @@
-"""Argument parsing for the entry scripts; each returns a process exit code."""
+"""``train.py``'s command line: parse, check, then hand over to the run recipe. Returns the exit code."""
 
 from __future__ import annotations
 
@@ -6,32 +6,11 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from . import config
-
-
-def setup_logging(level: int | str = logging.INFO) -> None:
-    """The one log format of every entry script: timestamped lines on stderr."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
-    # Library chatter that says nothing to a user watching a run: bitsandbytes' note that an optional
-    # CPU kernel package is absent, transformers' tensor-parallel plan check on a single device.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
-    for name in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-
-
-def config_or_none(args: argparse.Namespace) -> config.Config | None:
-    """The Config named by ``--config``/``--set``; None after printing every problem (exit code 2)."""
-    try:
-        return config.from_args(args)
-    except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+from ultimate_trainer.core import config
+from ultimate_trainer.core.config import config_or_none
+from ultimate_trainer.core.logs import setup_logging
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -57,7 +36,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .training import StopFlag, run
+    from ultimate_trainer.trainer.recipe import StopFlag, run
 
     stop = StopFlag()
     stop.install()

@@ -9,7 +9,7 @@ long, scored with the ``normalized`` matcher.
 Most lines are chat format; a few use ShareGPT, prompt/response and Alpaca; the first file also
 carries deliberately bad lines so the demo shows a bad-line report.
 
-    python -m ultimate_trainer.sample_data OUTDIR [--files 2] [--examples 300] [--seed 0]
+    python -m ultimate_trainer.data.sample OUTDIR [--files 2] [--examples 300] [--seed 0]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from .journal import RunRecord
+from ultimate_trainer.daemon.journal import RunRecord
 
 
 def disk_info(path: str | Path, warn_gb: float, critical_gb: float) -> dict[str, Any]:
@@ -77,20 +77,3 @@ def next_consolidation(hour: int | None, due: bool, now: dt.datetime) -> dt.date
     if due:
         return now
     return last_boundary(hour, now) + dt.timedelta(days=1)
-
-
-def parse_iso(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        d = dt.datetime.fromisoformat(s)
-    except ValueError:
-        try:
-            d = dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%S%z")
-        except ValueError:
-            return None
-    return d.astimezone() if d.tzinfo else d.astimezone()
-
-
-def iso(d: dt.datetime | None) -> str | None:
-    return None if d is None else d.astimezone().strftime("%Y-%m-%dT%H:%M:%S%z")

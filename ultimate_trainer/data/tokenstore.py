@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch.utils.data
 
-from . import status
+from ultimate_trainer.core import status
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .journal import Journal
-from .status import atomic_write_text, now_iso
+from ultimate_trainer.daemon.journal import Journal
+from ultimate_trainer.core.status import atomic_write_text
+from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 

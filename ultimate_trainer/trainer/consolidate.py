@@ -1,6 +1,6 @@
 """Daily consolidation: merge the current LoRA adapter into the base weights.
 
-    python -m ultimate_trainer.consolidation [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
+    python -m ultimate_trainer.trainer.consolidate [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
 
 The daemon runs this as a child process (its memory never stays in the daemon). It writes
 ``models/consolidated/<YYYYmmdd-HHMMSS>/``: the merged model (safetensors, config, generation
@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
-from .config import Config, add_arguments
-from .status import atomic_write_json, now_iso
-from .cli import config_or_none, setup_logging
+from ultimate_trainer.core.checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
+from ultimate_trainer.core.config import Config, add_arguments
+from ultimate_trainer.core.status import atomic_write_json
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.core.config import config_or_none
+from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
     """Base as trained + the checkpoint's adapter, merged into full-precision weights. Returns (model, base path)."""
     from peft import PeftModel
 
-    from .model import load_base_model, pick_device, resolve_base
+    from ultimate_trainer.model.loading import load_base_model, pick_device, resolve_base
 
     device = device or pick_device(cfg)
     base_path = ckpt.meta.get("base_model") or resolve_base(cfg)

@@ -11,11 +11,12 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from .config import Config, add_arguments
-from .daemon import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
-from .checkpoints import list_complete
-from .daemon_status import consolidation_history
-from .cli import config_or_none, setup_logging
+from ultimate_trainer.core.config import Config, add_arguments
+from ultimate_trainer.daemon.loop import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
+from ultimate_trainer.core.checkpoints import list_complete
+from ultimate_trainer.daemon.snapshot import consolidation_history
+from ultimate_trainer.core.config import config_or_none
+from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .status import append_jsonl, iter_jsonl, now_iso
+from ultimate_trainer.core.status import append_jsonl, iter_jsonl
+from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 

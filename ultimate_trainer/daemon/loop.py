@@ -31,18 +31,19 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from . import schedule
-from .config import Config
-from .inbox import Inbox, Spool
-from .journal import BatchRecord
-from .status import DAEMON_STATUS, TRAINING_STATUS, atomic_write_json, now_iso, pid_alive, read_json, report_path
-from .daemon_children import ChildSet
-from .checkpoints import list_complete
-from .daemon_status import build_status, consolidation_history
+from ultimate_trainer.daemon import schedule
+from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.daemon.inbox import Inbox, Spool
+from ultimate_trainer.daemon.journal import BatchRecord
+from ultimate_trainer.core.status import DAEMON_STATUS, TRAINING_STATUS, atomic_write_json, pid_alive, read_json, report_path
+from ultimate_trainer.core.times import now_iso, parse_iso
+from ultimate_trainer.daemon.children import ChildSet
+from ultimate_trainer.core.checkpoints import list_complete
+from ultimate_trainer.daemon.snapshot import build_status, consolidation_history
 
 log = logging.getLogger(__name__)
 
-CODE_DIR = Path(__file__).resolve().parent.parent
+CODE_DIR = REPO_DIR
 STOP_FILE = ".stop"
 LOCK_FILE = "daemon.lock"
 STATUS_EVERY = 1.0  # seconds between daemon_status.json rewrites while waiting on a child
@@ -113,7 +114,7 @@ class Daemon:
         return [sys.executable, str(CODE_DIR / "train.py"), *map(str, files), *cfg_args]
 
     def _default_consolidate_cmd(self, files_json: Path) -> list[str]:
-        return [sys.executable, "-m", "ultimate_trainer.consolidation", *self._cfg_args(), "--files-json", str(files_json)]
+        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidate", *self._cfg_args(), "--files-json", str(files_json)]
 
     # ------------------------------------------------------------------ lifecycle
     def acquire_lock(self) -> None:
@@ -452,8 +453,8 @@ class Daemon:
             return False
         if self.force_consolidation:
             return True
-        last = schedule.parse_iso(hist[-1]["created_at"]) if hist else None
-        return schedule.consolidation_due(self.d.consolidation_hour, last, schedule.parse_iso(st.first_started),
+        last = parse_iso(hist[-1]["created_at"]) if hist else None
+        return schedule.consolidation_due(self.d.consolidation_hour, last, parse_iso(st.first_started),
                                           dt.datetime.now().astimezone())
 
     def consolidate(self) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,18 +36,12 @@ SCHEMA_VERSION = 1
 TRAINING_STATUS = "training_status.json"
 DAEMON_STATUS = "daemon_status.json"
 MEMORY_STATUS = "memory_status.json"
-HISTORY_DIR = "history"
 STEPS_HISTORY = "history/steps.jsonl"
 EVALS_HISTORY = "history/evals.jsonl"
 EXAMPLES_HISTORY = "history/examples.jsonl"
 REPORTS_DIR = "reports"
 
 TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")
-
-
-def now_iso() -> str:
-    """Local time with offset, second precision: what every ``*_at`` field holds."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _fsync_dir(path: Path) -> None:

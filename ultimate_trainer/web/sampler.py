@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import psutil
 
-from . import status
+from ultimate_trainer.core import status
+from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def take_sample(status_dir: str | Path, th: Thresholds, gpu: GpuReader) -> dict[
         "gpu_available": gpu_ok,
         "gpu_reason": gpu_reason,
         "gpus": gpus,
-        "sampled_at": status.now_iso(),
+        "sampled_at": now_iso(),
     }
     sample["health"] = health(sample, training, daemon)
     return sample

@@ -24,8 +24,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import BUILTIN_MODEL, Config
-from .status import atomic_write_json, now_iso
+from ultimate_trainer.core.config import BUILTIN_MODEL, Config
+from ultimate_trainer.core.status import atomic_write_json
+from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 import torch
 
-from . import status
-from .config import Config
-from .encoding import IGNORE_INDEX, encode_batch
-from .formats import FORMATS, BadLine, Example, parse_line
-from .tokenstore import TokenStore, TokenStoreWriter
+from ultimate_trainer.core import status
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.data.encoding import IGNORE_INDEX, encode_batch
+from ultimate_trainer.data.formats import FORMATS, BadLine, Example, parse_line
+from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class _FileReader:
                               f"line {first['line']}: {first['reason']})")
             else:
                 r["error"] = "no usable example (the file is empty)"
-        r["created_at"] = status.now_iso()
+        r["created_at"] = now_iso()
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,

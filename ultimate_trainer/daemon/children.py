@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from ultimate_trainer.core.config import Config
 
 log = logging.getLogger(__name__)
 

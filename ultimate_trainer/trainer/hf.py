@@ -18,10 +18,10 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerControl, TrainerState
 
-from . import checkpoints as ck
-from . import evaluation
-from .config import Config
-from .reporter import StatusReporter, Throughput
+from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.model import scoring as evaluation
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer:
     """Load the model and adapter for ``start``, then train ``steps_now`` steps of ``plan``."""
     import torch
 
-    from .data import Collator
-    from .model import attach_lora, compute_dtype, load_base_model, pick_device
+    from ultimate_trainer.data.prepare import Collator
+    from ultimate_trainer.model.loading import attach_lora, compute_dtype, load_base_model, pick_device
 
     device = pick_device(cfg)
     dtype = compute_dtype(cfg, device)

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import status as st
-from .checkpoints import list_complete
+from ultimate_trainer.core import status as st
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.core.checkpoints import list_complete
 
 TEXT_LIMIT = 2000
 CHECKPOINTS_LISTED = 100  # the file is rewritten every few seconds: months of checkpoints stay on disk, not in it
@@ -73,15 +74,15 @@ class StatusReporter:
             "device": None,
             "load_in_4bit": None,
             "error": None,
-            "started_at": st.now_iso(),
-            "updated_at": st.now_iso(),
+            "started_at": now_iso(),
+            "updated_at": now_iso(),
         }
         self.refresh_checkpoints()
 
     # ------------------------------------------------------------------ writing
     def write(self) -> None:
         with self._lock:
-            self.data["updated_at"] = st.now_iso()
+            self.data["updated_at"] = now_iso()
             self.data["rss_bytes"] = _rss_bytes()
             snapshot = dict(self.data)
         try:
@@ -108,10 +109,10 @@ class StatusReporter:
 
     # ------------------------------------------------------------------ history
     def log_step(self, record: dict[str, Any]) -> None:
-        st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": st.now_iso(), **record})
+        st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": now_iso(), **record})
 
     def log_evaluation(self, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
-        now = st.now_iso()
+        now = now_iso()
         for ex in examples:
             st.append_jsonl(self.dir / st.EXAMPLES_HISTORY, {"time": now, **{k: _clip(v) for k, v in ex.items()}})
         st.append_jsonl(self.dir / st.EVALS_HISTORY, {"time": now, **summary})

@@ -1,0 +1,9 @@
+"""The ground floor every process stands on; it imports nothing above it.
+
+- ``config``      typed configuration (``config.json`` + ``--set``), validated as a whole
+- ``logs``        the one log format of every entry point
+- ``status``      the files in ``status/``: names, atomic writes, JSONL history, safe reads
+- ``times``       the ``*_at`` time format and its parser
+- ``exitcodes``   what a trainer's exit code means to the daemon
+- ``checkpoints`` complete-or-absent checkpoints, their marker keys, "is this run complete", the start point
+"""

@@ -1,0 +1,32 @@
+"""What ``train.py`` (and the consolidation child) tell the daemon by their exit code.
+
+The daemon turns each into an outcome (daemon/runner.py); the fake trainer of the tests imports
+them from here too, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Exit(enum.IntEnum):
+    OK = 0        # the run finished, or stopped cleanly after saving (SIGTERM, .stop)
+    CRASH = 1     # anything unexpected: the daemon retries with a back-off, then isolates the file
+    CONFIG = 2    # the configuration is wrong: no file is to blame, the daemon waits for a fix
+    DATA = 3      # a file has no usable example: that file goes to queue/failed/
+    MODEL = 4     # the base model cannot be found or loaded: no file is to blame
+
+    @property
+    def meaning(self) -> str:
+        return _MEANING[self]
+
+
+_MEANING = {
+    Exit.OK: "finished",
+    Exit.CRASH: "crashed",
+    Exit.CONFIG: "configuration error",
+    Exit.DATA: "no usable data",
+    Exit.MODEL: "model cannot be loaded",
+}
+
+SETUP_ERRORS = frozenset({Exit.CONFIG, Exit.MODEL})  # not the files' fault: retrying other files cannot help
