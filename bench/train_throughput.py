@@ -56,6 +56,7 @@ def baseline(data: Path, batch: int, steps: int, four_bit: bool) -> float:
 
     from ultimate_trainer.core import config
     from ultimate_trainer.data import prepare as data_mod
+    from ultimate_trainer.data.collate import Collator
     from ultimate_trainer.model.loading import attach_lora, load_base_model, load_tokenizer, resolve_base
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +66,7 @@ def baseline(data: Path, batch: int, steps: int, four_bit: bool) -> float:
         prepared = data_mod.prepare([data], tok, cfg, Path(tmp) / "store", None)
         model = attach_lora(cfg, load_base_model(cfg, path, quantize=four_bit, device="cpu"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        collate = data_mod.Collator(tok)
+        collate = Collator(tok)
         model.train()
         tokens, t0 = 0, None
         for step in range(steps):

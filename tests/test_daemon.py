@@ -333,7 +333,7 @@ def test_disk_going_critical_mid_run_pauses_then_resumes(proj: Path, monkeypatch
 def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from ultimate_trainer.daemon.loop import CODE_DIR
+    from ultimate_trainer.core.config import REPO_DIR as CODE_DIR
     from ultimate_trainer.daemon.children import ChildSet
 
     ports = []

@@ -12,6 +12,7 @@ import torch
 
 from _data_helpers import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jsonl
 from ultimate_trainer.data import prepare as data
+from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.core import status
 from ultimate_trainer.data.encoding import TemplateError
 from ultimate_trainer.data.formats import BadLine, parse_line
@@ -304,7 +305,7 @@ def test_failed_prepare_leaves_no_complete_store(tmp_path):
 
 
 def test_collator_pads_right_with_masks():
-    c = data.Collator(pad_token_id=0)
+    c = Collator(pad_token_id=0)
     batch = c([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -313,7 +314,7 @@ def test_collator_pads_right_with_masks():
 
 
 def test_collator_falls_back_to_eos():
-    assert data.Collator(smol_tokenizer()).pad_token_id == smol_tokenizer().eos_token_id
+    assert Collator(smol_tokenizer()).pad_token_id == smol_tokenizer().eos_token_id
 
 
 def test_summarize_counts_and_lengths(tmp_path):

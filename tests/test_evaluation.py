@@ -9,7 +9,7 @@ import torch
 
 from _data_helpers import smol_tokenizer
 from ultimate_trainer.core import status
-from ultimate_trainer.data.prepare import Collator
+from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, normalize, score,
                                          validation_loss)
 

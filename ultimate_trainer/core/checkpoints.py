@@ -55,6 +55,38 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps: int,
+                files: list[dict[str, Any]], base_model: str, base_model_name: str | None = None,
+                load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The marker's fields (docs/STATUS.md, "Checkpoints"): the one place they are spelled.
+
+    ``files`` lists the run's input files, each ``{"name", "sha256", ...}``; ``run_complete`` says
+    whether this checkpoint ends its run (a checkpoint saved part-way lets the run be continued).
+    """
+    return {"global_step": global_step, "run_id": run_id, "run_step": run_step, "run_total_steps": run_total_steps,
+            "run_complete": run_step >= run_total_steps, "files": files, "base_model": base_model,
+            "base_model_name": base_model_name, "load_in_4bit": load_in_4bit, "lora": lora}
+
+
+def run_complete(meta: dict[str, Any]) -> bool:
+    """Whether the checkpoint ends its run. Markers older than the field count as complete."""
+    return bool(meta.get("run_complete", True))
+
+
+def steps_done(meta: dict[str, Any], run_id: str) -> int:
+    """Run steps of ``run_id`` already trained, when this checkpoint cut that run short; else 0."""
+    if meta.get("run_id") != run_id or run_complete(meta):
+        return 0
+    step = meta.get("run_step")
+    return step if isinstance(step, int) and step > 0 else 0
+
+
+def completes_files(meta: dict[str, Any], sha256s: list[str]) -> bool:
+    """Whether the checkpoint ends a run over exactly these files (by content)."""
+    trained = sorted(f.get("sha256", "") for f in meta.get("files") or [] if isinstance(f, dict))
+    return run_complete(meta) and trained == sorted(sha256s)
+
+
 def mark_complete(path: Path, meta: dict[str, Any]) -> None:
     """Seal a checkpoint folder: fsync its files, then write the marker atomically."""
     _fsync_tree(path)

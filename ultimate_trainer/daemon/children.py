@@ -1,7 +1,7 @@
 """The monitor servers the daemon brings up as children (``monitor_server.py``, ``memory_stats_api.py``).
 
 Started once each, in their own session (a terminal Ctrl-C reaches the daemon, which stops them in
-order); a server that is not there yet (not written, or removed) is skipped with a note.
+order); a server script that is missing from the install is skipped with a note.
 """
 
 from __future__ import annotations

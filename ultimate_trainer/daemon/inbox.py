@@ -16,6 +16,7 @@ are reported once and left where they are.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -82,7 +83,7 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
         os.rename(src, dst)
         return
     except OSError as e:
-        if e.errno != 18:  # EXDEV: queue/ on another filesystem than inbox/
+        if e.errno != errno.EXDEV:  # queue/ on another filesystem than inbox/
             raise
     tmp = dst.with_name(f".{dst.name}.part")
     shutil.copyfile(src, tmp)
@@ -124,7 +125,6 @@ class ScanResult:
     pending: list[Path] = field(default_factory=list)     # still changing (or not yet watched long enough)
     incomplete: list[Path] = field(default_factory=list)  # stable, but the last line has no newline
     ignored: list[Path] = field(default_factory=list)     # symlinks, non-JSONL, temporary names
-    flattened: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 class Inbox:
@@ -196,7 +196,6 @@ class Inbox:
                         self._report_once(p, f"cannot move to the inbox root ({e})")
                         continue
                     log.info("flattened %s -> %s", p, dst.name)
-                    res.flattened.append((p, dst))
                     p = dst
                 res.ready.append(p)
         self.tracker.forget_missing(alive)

@@ -40,9 +40,6 @@ from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("done", "failed", "duplicate")
-
-
 @dataclass
 class FileRecord:
     name: str
@@ -66,7 +63,6 @@ class BatchRecord:
     pid: int | None = None
     ended: bool = False
     crashes: int = 0
-    last_reason: str | None = None
 
 
 @dataclass
@@ -84,7 +80,6 @@ class JournalState:
     files: dict[str, FileRecord] = field(default_factory=dict)
     batches: dict[str, BatchRecord] = field(default_factory=dict)
     runs: list[RunRecord] = field(default_factory=list)
-    consolidations: list[dict[str, Any]] = field(default_factory=list)
     first_started: str | None = None
     done_since_consolidation: list[str] = field(default_factory=list)
 
@@ -138,7 +133,6 @@ class Journal:
                 b = s.batches.get(rec["batch"])
                 if b:
                     b.crashes += 1
-                    b.last_reason = rec.get("reason")
             elif ev == "done":
                 b = s.batches.get(rec["batch"])
                 if b:
@@ -168,7 +162,6 @@ class Journal:
                 if r:
                     r.state = "missing"
             elif ev == "consolidated":
-                s.consolidations.append(rec)
                 s.done_since_consolidation = []
         except (KeyError, TypeError, ValueError) as e:
             # A hand-edited or foreign line must not stop the daemon: skip it, say where.

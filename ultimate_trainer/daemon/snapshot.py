@@ -2,26 +2,42 @@
 
 The schema is documented in docs/STATUS.md (section ``daemon_status.json``); fields may be added,
 never renamed. Built from the journal, the spool folders, the trainer's reports and the daemon's
-in-memory state; it is a view, never the source of truth (that is the journal + folders).
+in-memory ``Snapshot`` (the loop's state, the only part of the daemon this module sees); it is a
+view, never the source of truth (that is the journal + folders).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.core.checkpoints import list_consolidations
 from ultimate_trainer.core.status import SCHEMA_VERSION, TRAINING_STATUS, read_json, report_path
 from ultimate_trainer.core.times import iso, now_iso, parse_iso
-
-if TYPE_CHECKING:
-    from ultimate_trainer.daemon.loop import Daemon
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.daemon.inbox import Spool
 
 RECENT_DONE = 20
 FAILED_SHOWN = 50
+
+
+@dataclass
+class Snapshot:
+    """The daemon's in-memory state, as the loop updates it."""
+
+    started_ts: float
+    started_at: str
+    state: str = "starting"
+    last_error: str | None = None
+    current: dict[str, Any] | None = None  # the run in progress: files, started_at, pid, attempt, batch
+    pending_inbox: int = 0
+    disk: dict[str, Any] = field(default_factory=dict)
+    consolidation_running: bool = False
+    monitors: dict[str, Any] = field(default_factory=dict)
 
 
 def consolidation_history(consolidated_dir: Path) -> list[dict[str, Any]]:
@@ -35,26 +51,27 @@ def _examples(status_dir: Path, name: str) -> int | None:
     return ex if isinstance(ex, int) else None
 
 
-def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
-    st = d.spool.journal.state
-    training = set(d.current["files"]) if d.current else set()
+def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> dict[str, Any]:
+    st = spool.journal.state
+    status_dir = cfg.path("status")
+    training = set(snap.current["files"]) if snap.current else set()
     queue = []
     for state in ("processing", "waiting"):
-        for n in d.spool.names_in(state):
+        for n in spool.names_in(state):
             rec = st.files.get(n)
             if rec is None or rec.state != "queued":
                 continue
             queue.append({"name": n, "size_bytes": rec.size, "state": "training" if n in training else "waiting",
-                          "arrived_at": rec.arrived_at, "examples": _examples(d.status_dir, n)})
+                          "arrived_at": rec.arrived_at, "examples": _examples(status_dir, n)})
     queue.sort(key=lambda q: (q["state"] != "training", q["arrived_at"], q["name"]))
     qbytes = sum(q["size_bytes"] for q in queue)
 
-    tp = schedule.throughput(st.runs, d.d.throughput_window_hours, now_ts)
+    tp = schedule.throughput(st.runs, cfg.daemon.throughput_window_hours, now_ts)
     remaining = float(qbytes)
-    if d.current:
-        ts = read_json(d.status_dir / TRAINING_STATUS) or {}
+    if snap.current:
+        ts = read_json(status_dir / TRAINING_STATUS) or {}
         total, step = ts.get("run_total_steps"), ts.get("run_step")
-        if ts.get("pid") == d.current["pid"] and isinstance(total, int) and total > 0 and isinstance(step, int):
+        if ts.get("pid") == snap.current["pid"] and isinstance(total, int) and total > 0 and isinstance(step, int):
             run_bytes = sum(q["size_bytes"] for q in queue if q["state"] == "training")
             remaining -= run_bytes * min(step / total, 1.0)
     eta = schedule.queue_eta(remaining, tp["mb_per_hour"]) if queue else None
@@ -63,23 +80,23 @@ def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
     done = sorted((r for r in st.files.values() if r.state == "done"), key=lambda r: r.finished_at or "")
     failed = sorted((r for r in st.files.values() if r.state == "failed"), key=lambda r: r.finished_at or "")
 
-    hist = consolidation_history(d.consolidated_dir)
-    hour = d.d.consolidation_hour
+    hist = consolidation_history(cfg.path("models") / "consolidated")
+    hour = cfg.daemon.consolidation_hour
     last_at = parse_iso(hist[-1].get("created_at")) if hist else None
     now_dt = dt.datetime.fromtimestamp(now_ts).astimezone()
     due = schedule.consolidation_due(hour, last_at, parse_iso(st.first_started), now_dt)
     current = None
-    if d.current:
-        current = {k: d.current[k] for k in ("files", "started_at", "pid", "attempt")}
-        current["run"] = d.current.get("batch")
+    if snap.current:
+        current = {k: snap.current[k] for k in ("files", "started_at", "pid", "attempt")}
+        current["run"] = snap.current.get("batch")
 
     return {
         "schema_version": SCHEMA_VERSION,
-        "state": d.state,
+        "state": snap.state,
         "pid": os.getpid(),
-        "started_at": d.started_at,
+        "started_at": snap.started_at,
         "updated_at": now_iso(),
-        "uptime_seconds": round(now_ts - d.started_ts, 1),
+        "uptime_seconds": round(now_ts - snap.started_ts, 1),
         "queue": queue,
         "queue_files": len(queue),
         "queue_bytes": qbytes,
@@ -91,18 +108,18 @@ def build_status(d: "Daemon", now_ts: float) -> dict[str, Any]:
         "recent_done": [{"name": r.name, "finished_at": r.finished_at, "examples": r.examples,
                          "global_step": r.global_step} for r in done[-RECENT_DONE:]],
         "failed": [{"name": r.name, "reason": r.reason, "failed_at": r.finished_at} for r in failed[-FAILED_SHOWN:]],
-        "last_error": d.last_error,
-        "inbox_pending": d.pending_inbox,
+        "last_error": snap.last_error,
+        "inbox_pending": snap.pending_inbox,
         "consolidation": {
             "enabled": hour is not None,
             "hour": hour,
             "last_at": iso(last_at),
             "last_path": hist[-1]["path"] if hist else None,
             "next_at": iso(schedule.next_consolidation(hour, due, now_dt)),
-            "running": d.consolidation_running,
+            "running": snap.consolidation_running,
             "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
                         for h in hist[-RECENT_DONE:]],
         },
-        "disk": d.disk,
-        "monitors": d.children.status(d.cfg),
+        "disk": snap.disk,
+        "monitors": snap.monitors,
     }

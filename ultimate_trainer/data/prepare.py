@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
-import torch
 
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.encoding import IGNORE_INDEX, encode_batch
+from ultimate_trainer.data.encoding import encode_batch
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, parse_line
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
 
@@ -274,31 +273,6 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
         raise
     out.train = writer.close()
     return out
-
-
-class Collator:
-    """Pads a batch to its longest example: ``input_ids`` with the pad id (EOS when there is none),
-    ``labels`` with -100, and builds ``attention_mask``."""
-
-    def __init__(self, tokenizer: Any = None, pad_token_id: int | None = None):
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_token_id is None:
-            raise ValueError("Collator: the tokenizer has neither a pad nor an EOS token")
-        self.pad_token_id = int(pad_token_id)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        n = len(features)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
 def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch.utils.data
 
 from ultimate_trainer.core import status
+from ultimate_trainer.data.encoding import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ IDS_FILE = "input_ids.int32"
 MASK_FILE = "loss_mask.uint8"
 OFFSETS_FILE = "offsets.int64"
 META_FILE = "meta.json"
-IGNORE_INDEX = -100
 
 
 class TokenStoreWriter:
@@ -83,7 +82,7 @@ def _map(path: Path, dtype: Any, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
-class TokenStore(torch.utils.data.Dataset):
+class TokenStore:
     """Read side: ``store[i] -> {"input_ids": [...], "labels": [...]}``, optionally through an index order."""
 
     def __init__(self, directory: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray,
@@ -120,10 +119,6 @@ class TokenStore(torch.utils.data.Dataset):
         """Token count of each example (in this view's order)."""
         all_lengths = np.diff(np.asarray(self._offsets), prepend=0)
         return all_lengths if self._order is None else all_lengths[self._order]
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.lengths.sum())
 
     def __len__(self) -> int:
         return len(self._offsets) if self._order is None else len(self._order)

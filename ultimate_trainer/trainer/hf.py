@@ -1,10 +1,12 @@
-"""The Hugging Face Trainer wiring for one run: arguments, the continuous-training trainer, callbacks.
+"""The Hugging Face Trainer wiring of a run: its ``TrainingArguments`` and callbacks.
 
-- ``ContinuousTrainer`` seals every checkpoint (fsync, then the ``ut_checkpoint.json`` marker) and
-  reports the ``saving`` state around it.
 - ``RunCallback`` keeps ``training_status.json`` and ``history/steps.jsonl`` current, turns a stop
   request into "save, then stop" and makes sure the run's last step is saved.
 - ``EvalCallback`` answers the held-out prompts every ``eval_steps`` and records the scores.
+- ``SealCallback`` seals every checkpoint right after the Trainer wrote it (``on_save``): fsync,
+  then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
+
+No Trainer subclass is needed: the recipe (``recipe.train``) hands these to a plain ``Trainer``.
 """
 
 from __future__ import annotations
@@ -13,35 +15,34 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ultimate_trainer.core import checkpoints as ck
-from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
 
 
-class ContinuousTrainer(Trainer):
-    """A Trainer whose checkpoints are complete-or-absent and self-describing."""
+class SealCallback(TrainerCallback):
+    """Makes every checkpoint complete-or-absent and self-describing, and reports the ``saving`` state."""
 
-    def __init__(self, *args: Any, reporter: StatusReporter, checkpoint_meta: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.reporter = reporter
-        self.checkpoint_meta = checkpoint_meta  # callable(global_step) -> dict for the marker
+    def __init__(self, reporter: StatusReporter, meta_for_step: Callable[[int], dict[str, Any]]):
+        self.reporter, self.meta_for_step = reporter, meta_for_step
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        previous = self.reporter.data["state"]
-        self.reporter.set_state("saving")
-        super()._save_checkpoint(model, trial)
-        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        ck.mark_complete(path, self.checkpoint_meta(self.state.global_step))
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if control.should_save:  # the Trainer saves right after this step's callbacks
+            self.reporter.begin_phase("saving")
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        ck.mark_complete(path, self.meta_for_step(state.global_step))
         self.reporter.refresh_checkpoints()
-        self.reporter.set_state(previous if previous != "saving" else "training")
+        self.reporter.end_phase("saving")
         log.info("saved %s", path.name)
 
 
@@ -89,7 +90,7 @@ class RunCallback(TrainerCallback):
             "loss": logs.get("loss"),
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
-            "tokens_per_second": round(tps, 1) if tps else self.reporter.data.get("tokens_per_second"),
+            "tokens_per_second": round(tps, 1) if tps else self.reporter.get("tokens_per_second"),
         }
         self.reporter.update(**fields)
         log.info("step %d (run %d/%d) loss %.4f lr %.3g grad_norm %s tok/s %s", state.global_step,
@@ -149,9 +150,13 @@ class EvalCallback(TrainerCallback):
     def evaluate(self, global_step: int) -> None:
         if not self.heldout and not self.heldout_encoded:
             return
-        previous = self.reporter.data["state"]
-        self.reporter.set_state("evaluating")
-        t0 = time.monotonic()
+        with self.reporter.phase("evaluating"):
+            t0 = time.monotonic()
+            self._evaluate(global_step)
+            if self.throughput is not None:
+                self.throughput.exclude(time.monotonic() - t0)
+
+    def _evaluate(self, global_step: int) -> None:
         ev = self.cfg.eval
         answers = evaluation.generate_answers(self.model, self.tokenizer, [e.prompt_messages for e in self.heldout],
                                               ev.max_new_tokens, ev.batch_size)
@@ -170,11 +175,7 @@ class EvalCallback(TrainerCallback):
                    "accuracy": round(100.0 * correct / len(examples), 2) if examples else None,
                    "val_loss": val_loss, **{k: snap[k] for k in ("overall", "last_20", "last_50", "trend")}}
         self.reporter.log_evaluation(summary, examples)
-        self.reporter.update(accuracy=snap, val_loss=val_loss if val_loss is not None else
-                             self.reporter.data.get("val_loss"))
-        self.reporter.set_state(previous if previous != "evaluating" else "training")
-        if self.throughput is not None:
-            self.throughput.exclude(time.monotonic() - t0)
+        self.reporter.update(accuracy=snap, val_loss=val_loss if val_loss is not None else self.reporter.get("val_loss"))
         log.info("eval at step %d: %d/%d correct, overall %s%%, val_loss %s", global_step, correct,
                  len(examples), snap["overall"], None if val_loss is None else round(val_loss, 4))
 
@@ -215,7 +216,7 @@ def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: st
     )
 
 
-def _write_bootstrap(model: Any, directory: Path, global_step: int, args: TrainingArguments) -> Path:
+def write_bootstrap(model: Any, directory: Path, global_step: int, args: TrainingArguments) -> Path:
     """A start folder for the Trainer after a consolidation: the fresh adapter and the global step only.
 
     With no optimizer/scheduler files in it, the Trainer starts those afresh (warm-up included).
@@ -232,60 +233,3 @@ def _write_bootstrap(model: Any, directory: Path, global_step: int, args: Traini
                          stateful_callbacks=[TrainerControl()])
     state.save_to_json(str(directory / "trainer_state.json"))
     return directory
-
-
-def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer: Any, base_path: str,
-                    start: ck.StartPoint, plan: Any, steps_now: int, hashes: list[str],
-                    reporter: StatusReporter, stop: Any) -> None:
-    """Load the model and adapter for ``start``, then train ``steps_now`` steps of ``plan``."""
-    import torch
-
-    from ultimate_trainer.data.prepare import Collator
-    from ultimate_trainer.model.loading import attach_lora, compute_dtype, load_base_model, pick_device
-
-    device = pick_device(cfg)
-    dtype = compute_dtype(cfg, device)
-    reporter.set_state("loading", device=device)
-    model = load_base_model(cfg, base_path, quantize=cfg.load_in_4bit, device=device)
-    resume_dir: Path | None = None
-    if start.kind == "checkpoint":
-        model = attach_lora(cfg, model, adapter_dir=str(start.checkpoint.path))
-        resume_dir = start.checkpoint.path
-    else:
-        torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
-        model = attach_lora(cfg, model)
-    stop.check()
-
-    collator = Collator(tokenizer)
-    tracker = evaluation.AccuracyTracker.from_history(
-        cfg.path("status") / "history" / "examples.jsonl", cfg.path("status") / "history" / "evals.jsonl",
-        margin_last_20=cfg.eval.margin_last_20, margin_last_50=cfg.eval.margin_last_50,
-        margin_trend=cfg.eval.margin_trend)
-    reporter.update(accuracy=tracker.snapshot())
-    file_entries = [{"name": f.name, "sha256": h} for f, h in zip(files, hashes)]
-
-    def checkpoint_meta(global_step: int) -> dict[str, Any]:
-        run_step = plan.done_steps + global_step - start.global_step
-        return {"global_step": global_step, "run_id": plan.run_id, "run_step": run_step,
-                "run_total_steps": plan.total_steps, "run_complete": run_step >= plan.total_steps,
-                "files": file_entries, "base_model": str(base_path), "base_model_name": cfg.base_model,
-                "load_in_4bit": cfg.load_in_4bit, "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha}}
-
-    names = [f.name for f in files]
-    run_cb = RunCallback(reporter, stop, start.global_step, plan.done_steps, plan.total_steps,
-                         plan.steps_per_epoch, names, plan.run_id)
-    eval_cb = EvalCallback(cfg, reporter, tokenizer, prepared.heldout, prepared.heldout_encoded, collator,
-                           tracker, plan.run_id, stop, run_cb.throughput)
-    args = training_arguments(cfg, cfg.path("checkpoints"), start.global_step + steps_now, device, dtype)
-    if start.kind != "checkpoint" and start.global_step > 0:
-        resume_dir = _write_bootstrap(model, cfg.path("work") / "bootstrap", start.global_step, args)
-    trainer = ContinuousTrainer(
-        model=model, args=args, train_dataset=prepared.train.select(plan.remaining_order),
-        data_collator=collator, processing_class=tokenizer, callbacks=[eval_cb, run_cb],
-        reporter=reporter, checkpoint_meta=checkpoint_meta,
-    )
-    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
-    log.info("run %s: %d examples, steps %d..%d of the run (global %d -> %d), base %s",
-             plan.run_id, len(prepared.train), plan.done_steps, plan.done_steps + steps_now,
-             start.global_step, start.global_step + steps_now, base_path)
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)

@@ -1,7 +1,6 @@
-"""One training run, read top to bottom as its phases:
+"""One training run, read top to bottom as its phases (``_recipe`` below):
 
-    load config -> find the start point -> load tokenizer -> read and tokenize data -> plan the run
-    -> load model (+ adapter) -> train (evaluate, save) -> final save -> idle
+    config -> start point -> tokenizer -> data -> plan -> model (+ adapter) -> train (evaluate, save) -> idle
 
 Continuous training on the Hugging Face Trainer. The Trainer's own resume is built for "the same
 dataset, interrupted"; here every run brings new files, so:
@@ -18,6 +17,8 @@ dataset, interrupted"; here every run brings new files, so:
 After a consolidation the start point is the merged model with a fresh adapter: a one-off
 bootstrap folder holding only ``trainer_state.json`` (the global step) and that adapter lets the
 Trainer continue the global step with a new optimizer.
+
+Everything the phases build lands on one ``RunState``; nothing else is passed around.
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ import math
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_DATA, EXIT_MODEL = 0, 1, 2, 3, 4
 DATA_ORDER_KEYS = ("batch_size", "gradient_accumulation_steps", "epochs_per_file", "seed", "max_seq_length")
 
 
@@ -85,6 +86,38 @@ class RunPlan:
         return self.order[self.done_steps * self.examples_per_step:]
 
 
+@dataclass
+class RunState:
+    """What one run knows, filled in phase by phase."""
+
+    cfg: Config
+    files: list[Path]
+    reporter: StatusReporter
+    stop: StopFlag
+    max_steps: int | None = None
+    start: ck.StartPoint | None = None
+    base_path: str = ""
+    tokenizer: Any = None
+    prepared: Any = None  # data.prepare.Prepared
+    hashes: list[str] = field(default_factory=list)
+    plan: RunPlan | None = None
+    steps_now: int = 0
+    device: str = "cpu"
+    model: Any = None
+
+    def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
+        """The marker of a checkpoint saved at ``global_step`` of this run."""
+        assert self.plan is not None and self.start is not None
+        cfg = self.cfg
+        return ck.marker_meta(
+            global_step=global_step, run_id=self.plan.run_id,
+            run_step=self.plan.done_steps + global_step - self.start.global_step,
+            run_total_steps=self.plan.total_steps,
+            files=[{"name": f.name, "sha256": h} for f, h in zip(self.files, self.hashes)],
+            base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
+            lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha})
+
+
 def run_id_for(file_hashes: list[str], cfg: Config) -> str:
     """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
     key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
@@ -102,9 +135,7 @@ def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInf
         order.extend(rng.permutation(n_examples).tolist())
     order = order[:total_examples]
     total_steps = math.ceil(total_examples / per_step)
-    done = 0
-    if resume is not None and resume.meta.get("run_id") == run_id and not resume.meta.get("run_complete", True):
-        done = min(int(resume.meta.get("run_step", 0)), total_steps)
+    done = min(ck.steps_done(resume.meta, run_id), total_steps) if resume is not None else 0
     return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(n_examples / per_step)))
 
 
@@ -113,47 +144,107 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
+# --------------------------------------------------------------------------- the run
+
 def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run: bool = False,
         stop: StopFlag | None = None) -> int:
     """Train on ``files`` from wherever the last run ended. Returns the process exit code."""
     stop = stop or StopFlag()
-    status_dir, ckpt_dir = cfg.path("status"), cfg.path("checkpoints")
-    reporter = StatusReporter(status_dir, ckpt_dir, cfg.status.interval_seconds, cfg.eval.recent_examples)
-    if not dry_run:
-        reporter.update(current_files=[f.name for f in files], base_model=cfg.base_model,
-                        load_in_4bit=cfg.load_in_4bit)
-        reporter.set_state("loading")
-        reporter.start()
+    reporter = StatusReporter(cfg.path("status"), cfg.path("checkpoints"), cfg.status.interval_seconds,
+                              cfg.eval.recent_examples, live=not dry_run)
+    reporter.update(current_files=[f.name for f in files], base_model=cfg.base_model, load_in_4bit=cfg.load_in_4bit)
+    reporter.set_state("loading")
+    reporter.start()
+    state = RunState(cfg, files, reporter, stop, max_steps=max_steps)
     try:
-        return _run(cfg, files, reporter, stop, max_steps=max_steps, dry_run=dry_run)
+        return _recipe(state, dry_run)
     except StopRequested:
         log.info("stopped before training started; nothing to save")
-        if not dry_run:
-            reporter.set_state("idle")
-        return EXIT_OK
+        reporter.set_state("idle")
+        return Exit.OK
     except ModelError as e:
-        return _fail(reporter, EXIT_MODEL, str(e), dry_run)
+        return _fail(reporter, Exit.MODEL, str(e))
     except MemoryError:
-        return _fail(reporter, EXIT_CRASH, "out of memory (lower training.batch_size or training.max_seq_length)",
-                     dry_run)
+        return _fail(reporter, Exit.CRASH, "out of memory (lower training.batch_size or training.max_seq_length)")
     except Exception as e:
         log.exception("training failed")
         reason = _one_line(e)
         if "No space left on device" in reason or getattr(e, "errno", None) == errno.ENOSPC:
             reason = (f"disk full while writing ({reason}): free space under {cfg.path('checkpoints')} "
                       f"(the unfinished checkpoint is set aside at the next start)")
-        return _fail(reporter, EXIT_CRASH, reason, dry_run)
+        return _fail(reporter, Exit.CRASH, reason)
     finally:
-        if not dry_run:
-            reporter.stop()
+        reporter.stop()
         shutil.rmtree(cfg.path("work") / "current", ignore_errors=True)
 
 
-def _fail(reporter: StatusReporter, code: int, reason: str, dry_run: bool) -> int:
+def _recipe(run: RunState, dry_run: bool) -> int:
+    reporter = run.reporter
+
+    # 1. Start point: it decides which base weights (and so which tokenizer) this run continues.
+    problem = find_start(run, quarantine=not dry_run)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return Exit.CONFIG
+
+    # 2. Tokenizer of that base.
+    from ultimate_trainer.model.loading import load_tokenizer
+
+    run.tokenizer = load_tokenizer(run.base_path)
+    run.stop.check()
+
+    # 3. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
+    reporter.set_state("tokenizing")
+    prepare_data(run, write_reports=not dry_run)
+    if dry_run:
+        return print_dry_run(run)
+    if run.prepared.unusable:
+        for path, reason in run.prepared.unusable:
+            print(f"error: {path}: {reason}", file=sys.stderr)
+        reporter.set_state("error", error="; ".join(f"{Path(p).name}: {r}" for p, r in run.prepared.unusable))
+        return Exit.DATA
+    run.stop.check()
+
+    # 4. Plan: which examples, in which order, how many steps; continue an interrupted attempt.
+    if not plan(run):
+        log.info("nothing to train: run %s is already complete", run.plan.run_id)
+        reporter.set_state("idle")
+        return Exit.OK
+
+    # 5. Model: the base (4-bit or not) and the adapter to continue, or a fresh one.
+    load_model(run)
+    run.stop.check()
+
+    # 6. Train: evaluate every eval_steps, save every save_steps and at the end of the run.
+    train(run)
+
+    # 7. Done: the last checkpoint is sealed; say so.
+    reporter.refresh_checkpoints()
+    reporter.set_state("idle", eta_seconds=0.0)
+    return Exit.OK
+
+
+def _fail(reporter: StatusReporter, code: Exit, reason: str) -> int:
     print(f"error: {reason}", file=sys.stderr)
-    if not dry_run:
-        reporter.set_state("error", error=reason)
+    reporter.set_state("error", error=reason)
     return code
+
+
+# --------------------------------------------------------------------------- the phases
+
+def find_start(run: RunState, quarantine: bool) -> str | None:
+    """Fill ``run.start`` and ``run.base_path``; a one-line problem when the checkpoints belong to another model."""
+    cfg = run.cfg
+    ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
+    if quarantine:
+        ck.quarantine_incomplete(ckpt_dir)
+    start = run.start = ck.start_point(ckpt_dir, models_dir)
+    trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+    if start.kind == "checkpoint" and trained_on not in (None, cfg.base_model):
+        return (f"{ckpt_dir} continues {trained_on!r} but base_model is {cfg.base_model!r}: set base_model back, "
+                f"or point paths.checkpoints at a new folder to start another model")
+    run.base_path = _base_path(cfg, start)
+    return None
 
 
 def _base_path(cfg: Config, start: ck.StartPoint) -> str:
@@ -173,66 +264,91 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
     return resolve_base(cfg)
 
 
-def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFlag, *,
-         max_steps: int | None, dry_run: bool) -> int:
-    from ultimate_trainer.data import prepare as data
-    from ultimate_trainer.model.loading import load_tokenizer
+def prepare_data(run: RunState, write_reports: bool) -> None:
+    from ultimate_trainer.data import prepare
 
-    # Start point first: it decides which base (and so which tokenizer) this run uses.
-    ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
-    if not dry_run:
-        ck.quarantine_incomplete(ckpt_dir)
-    start = ck.start_point(ckpt_dir, models_dir)
-    if start.checkpoint is not None and start.checkpoint.meta.get("base_model_name") not in (None, cfg.base_model) \
-            and start.kind == "checkpoint":
-        print(f"error: {ckpt_dir} continues {start.checkpoint.meta['base_model_name']!r} but base_model is "
-              f"{cfg.base_model!r}: set base_model back, or point paths.checkpoints at a new folder to start "
-              f"another model", file=sys.stderr)
-        return EXIT_CONFIG
-    base_path = _base_path(cfg, start)
-    tokenizer = load_tokenizer(base_path)
-    stop.check()
-
-    # Read and tokenize: streaming, chunked, into a memory-mapped store.
-    if not dry_run:
-        reporter.set_state("tokenizing")
-    store_dir = cfg.path("work") / "current"
+    store_dir = run.cfg.path("work") / "current"
     shutil.rmtree(store_dir, ignore_errors=True)
-    prepared = data.prepare(files, tokenizer, cfg, store_dir, None if dry_run else cfg.path("status"))
-    if dry_run:
-        for path, report in prepared.reports.items():
-            for bad in report["bad"]:
-                print(f"{Path(path).name}:{bad['line']}: {bad['reason']}", file=sys.stderr)
-        print(json.dumps(data.summarize(prepared, cfg.training.max_seq_length), indent=2))
-        return EXIT_DATA if prepared.unusable else EXIT_OK
-    for path, reason in prepared.unusable:
-        print(f"error: {path}: {reason}", file=sys.stderr)
-    if prepared.unusable:
-        reporter.set_state("error", error="; ".join(f"{Path(p).name}: {r}" for p, r in prepared.unusable))
-        return EXIT_DATA
-    stop.check()
+    run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
+                                   run.cfg.path("status") if write_reports else None)
+    run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
 
-    # Plan: which examples, in which order, how many steps; continue an interrupted attempt.
-    hashes = [prepared.reports[str(f)]["sha256"] for f in files]
-    run_id = run_id_for(hashes, cfg)
-    plan = plan_run(len(prepared.train), run_id, cfg, start.checkpoint)
-    steps_now = plan.total_steps - plan.done_steps
-    if max_steps is not None:
-        steps_now = min(steps_now, max_steps)
-    reporter.update(run_id=run_id, run_step=plan.done_steps, run_total_steps=plan.total_steps,
-                    global_step=start.global_step, epoch=plan.done_steps / plan.steps_per_epoch)
-    if plan.done_steps:
-        log.info("continuing interrupted run %s at run step %d of %d", run_id, plan.done_steps, plan.total_steps)
-    if steps_now <= 0:
-        log.info("nothing to train: run %s is already complete", run_id)
-        reporter.set_state("idle")
-        return EXIT_OK
 
-    from ultimate_trainer.trainer.hf import build_and_train
+def print_dry_run(run: RunState) -> int:
+    from ultimate_trainer.data import prepare
 
-    build_and_train(cfg, files=files, prepared=prepared, tokenizer=tokenizer, base_path=base_path,
-                    start=start, plan=plan, steps_now=steps_now, hashes=hashes,
-                    reporter=reporter, stop=stop)
-    reporter.refresh_checkpoints()
-    reporter.set_state("idle", eta_seconds=0.0)
-    return EXIT_OK
+    for path, report in run.prepared.reports.items():
+        for bad in report["bad"]:
+            print(f"{Path(path).name}:{bad['line']}: {bad['reason']}", file=sys.stderr)
+    print(json.dumps(prepare.summarize(run.prepared, run.cfg.training.max_seq_length), indent=2))
+    return Exit.DATA if run.prepared.unusable else Exit.OK
+
+
+def plan(run: RunState) -> bool:
+    """Fill ``run.plan`` and ``run.steps_now``; False when the run has nothing left to train."""
+    run_id = run_id_for(run.hashes, run.cfg)
+    p = run.plan = plan_run(len(run.prepared.train), run_id, run.cfg, run.start.checkpoint)
+    run.steps_now = p.total_steps - p.done_steps
+    if run.max_steps is not None:
+        run.steps_now = min(run.steps_now, run.max_steps)
+    run.reporter.update(run_id=run_id, run_step=p.done_steps, run_total_steps=p.total_steps,
+                        global_step=run.start.global_step, epoch=p.done_steps / p.steps_per_epoch)
+    if p.done_steps:
+        log.info("continuing interrupted run %s at run step %d of %d", run_id, p.done_steps, p.total_steps)
+    return run.steps_now > 0
+
+
+def load_model(run: RunState) -> None:
+    """The base model and the adapter of the start point: resumed from its checkpoint, or fresh."""
+    import torch
+
+    from ultimate_trainer.model.loading import attach_lora, load_base_model, pick_device
+
+    cfg = run.cfg
+    run.device = pick_device(cfg)
+    run.reporter.set_state("loading", device=run.device)
+    model = load_base_model(cfg, run.base_path, quantize=cfg.load_in_4bit, device=run.device)
+    if run.start.kind == "checkpoint":
+        run.model = attach_lora(cfg, model, adapter_dir=str(run.start.checkpoint.path))
+    else:
+        torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
+        run.model = attach_lora(cfg, model)
+
+
+def train(run: RunState) -> None:
+    """Hand the planned order to the Hugging Face Trainer and train ``run.steps_now`` steps."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    from ultimate_trainer.data.collate import Collator
+    from ultimate_trainer.model.loading import compute_dtype
+    from ultimate_trainer.model.scoring import AccuracyTracker
+    from ultimate_trainer.trainer import hf
+
+    cfg, start, p, reporter = run.cfg, run.start, run.plan, run.reporter
+    collator = Collator(run.tokenizer)
+    tracker = AccuracyTracker.from_history(
+        reporter.examples_history, reporter.evals_history, margin_last_20=cfg.eval.margin_last_20,
+        margin_last_50=cfg.eval.margin_last_50, margin_trend=cfg.eval.margin_trend)
+    reporter.update(accuracy=tracker.snapshot())
+
+    args = hf.training_arguments(cfg, cfg.path("checkpoints"), start.global_step + run.steps_now, run.device,
+                                 compute_dtype(cfg, run.device))
+    run_cb = hf.RunCallback(reporter, run.stop, start.global_step, p.done_steps, p.total_steps, p.steps_per_epoch,
+                            [f.name for f in run.files], p.run_id)
+    callbacks = [
+        hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
+                        tracker, p.run_id, run.stop, run_cb.throughput),
+        run_cb,
+        hf.SealCallback(reporter, run.checkpoint_meta),
+    ]
+    resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
+    if start.kind != "checkpoint" and start.global_step > 0:
+        resume_dir = str(hf.write_bootstrap(run.model, cfg.path("work") / "bootstrap", start.global_step, args))
+    trainer = Trainer(model=run.model, args=args, train_dataset=run.prepared.train.select(p.remaining_order),
+                      data_collator=collator, processing_class=run.tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
+    log.info("run %s: %d examples, steps %d..%d of the run (global %d -> %d), base %s",
+             p.run_id, len(run.prepared.train), p.done_steps, p.done_steps + run.steps_now,
+             start.global_step, start.global_step + run.steps_now, run.base_path)
+    trainer.train(resume_from_checkpoint=resume_dir)

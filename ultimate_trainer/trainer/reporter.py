@@ -7,11 +7,12 @@ at once. History lines are appended as they happen (docs/STATUS.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.times import now_iso
@@ -36,8 +37,20 @@ def _rss_bytes() -> int:
 
 
 class StatusReporter:
-    def __init__(self, status_dir: Path, checkpoints_dir: Path, interval: float, recent_limit: int):
+    """Holds the live fields of ``training_status.json`` and writes them; ``live=False`` (a dry run) writes nothing.
+
+    Callers change fields with ``update``/``set_state``, read one with ``get``, and wrap a pause
+    of training in ``with reporter.phase("evaluating"):`` (or ``begin_phase``/``end_phase`` when it
+    spans two callbacks, like a save), which restores the state it interrupted.
+    """
+
+    def __init__(self, status_dir: Path, checkpoints_dir: Path, interval: float, recent_limit: int,
+                 live: bool = True):
         self.dir = Path(status_dir)
+        self.live = live
+        self.examples_history = self.dir / st.EXAMPLES_HISTORY
+        self.evals_history = self.dir / st.EVALS_HISTORY
+        self._resume_state: list[str] = []
         self.checkpoints_dir = Path(checkpoints_dir)
         self.interval = interval
         self.recent_limit = recent_limit
@@ -46,7 +59,7 @@ class StatusReporter:
         self._thread: threading.Thread | None = None
         self._recent: list[dict[str, Any]] = [
             {"step": r.get("global_step"), **{k: r.get(k) for k in EXAMPLE_FIELDS}}
-            for r in st.tail_jsonl(self.dir / st.EXAMPLES_HISTORY, recent_limit)
+            for r in (st.tail_jsonl(self.dir / st.EXAMPLES_HISTORY, recent_limit) if live else [])
         ]
         self.data: dict[str, Any] = {
             "schema_version": st.SCHEMA_VERSION,
@@ -77,10 +90,13 @@ class StatusReporter:
             "started_at": now_iso(),
             "updated_at": now_iso(),
         }
-        self.refresh_checkpoints()
+        if live:
+            self.refresh_checkpoints()
 
     # ------------------------------------------------------------------ writing
     def write(self) -> None:
+        if not self.live:
+            return
         with self._lock:
             self.data["updated_at"] = now_iso()
             self.data["rss_bytes"] = _rss_bytes()
@@ -94,10 +110,37 @@ class StatusReporter:
         with self._lock:
             self.data.update(fields)
 
+    def get(self, key: str) -> Any:
+        with self._lock:
+            return self.data.get(key)
+
+    @property
+    def state(self) -> str:
+        return self.get("state")
+
     def set_state(self, state: str, **fields: Any) -> None:
         assert state in st.TRAINING_STATES, state
         self.update(state=state, **fields)
         self.write()
+
+    def begin_phase(self, state: str) -> None:
+        """Enter ``state`` (evaluating, saving) from whatever training was doing."""
+        if self.state != state:
+            self._resume_state.append(self.state)
+            self.set_state(state)
+
+    def end_phase(self, state: str) -> None:
+        """Leave ``state`` for the state it interrupted."""
+        if self.state == state:
+            self.set_state(self._resume_state.pop() if self._resume_state else "training")
+
+    @contextlib.contextmanager
+    def phase(self, state: str) -> Iterator[None]:
+        self.begin_phase(state)
+        try:
+            yield
+        finally:
+            self.end_phase(state)
 
     def refresh_checkpoints(self) -> None:
         found = list_complete(self.checkpoints_dir)
@@ -123,6 +166,9 @@ class StatusReporter:
 
     # ------------------------------------------------------------------ heartbeat
     def start(self) -> None:
+        if not self.live:
+            return
+
         def beat() -> None:
             while not self._stop.wait(self.interval):
                 self.write()

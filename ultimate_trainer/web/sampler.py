@@ -36,8 +36,6 @@ GPU_MEM_CRITICAL_PERCENT = 97.0
 GPU_TEMP_WARN_C = 83.0
 GPU_TEMP_CRITICAL_C = 90.0
 SWAP_WARN_PERCENT = 50.0
-# A trainer that has not rewritten its status for this long while "alive" is reported as stale.
-TRAINER_STALE_SECONDS = 120.0
 LEVELS = ("ok", "warning", "critical")
 
 

@@ -1,0 +1,94 @@
+"""When the daemon merges the adapter into the base, and how it runs the merge (a child process).
+
+A consolidation is wanted when nothing is open in the spool, the newest checkpoint ends a run and
+is newer than the last consolidation, and either ``--consolidate-now`` was given or a
+``daemon.consolidation_hour`` boundary passed since the last one (or since the daemon was first
+started: a boundary missed while it was down counts). A failed merge is retried after
+``daemon.retry_max_seconds``. The merge itself is ``python -m ultimate_trainer.trainer.consolidate``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.status import atomic_write_json
+from ultimate_trainer.core.times import parse_iso
+from ultimate_trainer.daemon import schedule
+from ultimate_trainer.daemon.inbox import Spool
+from ultimate_trainer.daemon.runner import ChildRunner
+from ultimate_trainer.daemon.snapshot import consolidation_history
+
+log = logging.getLogger(__name__)
+
+# files.json (the files trained since the last merge, for the manifest) -> argv of the merge child
+ConsolidateCmd = Callable[[Path], list[str]]
+
+
+class Consolidations:
+    def __init__(self, cfg: Config, spool: Spool, runner: ChildRunner, cfg_args: list[str], *, now_requested: bool,
+                 clock: Callable[[], float], consolidate_cmd: ConsolidateCmd | None = None):
+        self.cfg, self.spool, self.runner, self.clock = cfg, spool, runner, clock
+        self.cfg_args = cfg_args
+        self.requested = now_requested  # --consolidate-now: at the first idle moment
+        self.cmd = consolidate_cmd or self._default_cmd
+        self.retry_ts = 0.0
+        self.running = False
+        self.failed = False  # the last attempt failed (--once exits 1)
+
+    def _default_cmd(self, files_json: Path) -> list[str]:
+        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidate", *self.cfg_args,
+                "--files-json", str(files_json)]
+
+    def wanted(self) -> bool:
+        st = self.spool.journal.state
+        if st.open_batch is not None or self.clock() < self.retry_ts:
+            return False
+        ckpts = ck.list_complete(self.cfg.path("checkpoints"))
+        if not ckpts or not ck.run_complete(ckpts[-1].meta):
+            return False
+        hist = consolidation_history(self.cfg.path("models") / "consolidated")
+        if hist and hist[-1].get("global_step", -1) >= ckpts[-1].global_step:
+            self.requested = False
+            return False
+        if self.requested:
+            return True
+        last = parse_iso(hist[-1]["created_at"]) if hist else None
+        return schedule.consolidation_due(self.cfg.daemon.consolidation_hour, last, parse_iso(st.first_started),
+                                          dt.datetime.now().astimezone())
+
+    def run(self, stopping: Callable[[], bool]) -> str | None:
+        """Run the merge child to its end. Returns an error line, or None when it succeeded (or was stopped)."""
+        st = self.spool.journal.state
+        files_json = self.spool.dir / "consolidation-files.json"
+        atomic_write_json(files_json, {"files": list(st.done_since_consolidation)})
+        log.info("consolidating: merging the adapter into the base")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")]))}
+        self.running = True
+        try:
+            self.runner.launch(self.cmd(files_json), env=env)
+            code = self.runner.wait()
+        finally:
+            self.running = False
+        hist = consolidation_history(self.cfg.path("models") / "consolidated")
+        if code == 0 and hist:
+            m = hist[-1]
+            self.spool.journal.append("consolidated", path=m.get("path"), global_step=m.get("global_step"),
+                                      source_checkpoint=m.get("source_checkpoint"))
+            self.requested = self.failed = False
+            log.info("consolidated into %s (global step %s)", m.get("path"), m.get("global_step"))
+            return None
+        if stopping():
+            return None
+        retry = self.cfg.daemon.retry_max_seconds
+        self.retry_ts = self.clock() + retry
+        self.failed = True
+        error = f"consolidation failed (exit {code}); retrying in {retry:.0f} s"
+        log.error("%s", error)
+        return error
