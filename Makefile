@@ -38,6 +38,7 @@ demo: setup
 
 test: setup-dev
 	$(BIN)/ruff check --no-cache .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup-dev

@@ -26,25 +26,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
 
+from ultimate_trainer.core import checkpoints as ck  # noqa: E402
 from ultimate_trainer.core import config as config_mod  # noqa: E402
-from ultimate_trainer.core.status import atomic_write_json  # noqa: E402
+from ultimate_trainer.core.exitcodes import Exit  # noqa: E402
+from ultimate_trainer.core.status import TRAINING_STATUS, atomic_write_json, report_path  # noqa: E402
 from ultimate_trainer.core.times import now_iso  # noqa: E402
 
 
 def trainer_cmd(files: list[Path], cfg_args: list[str]) -> list[str]:
     return [sys.executable, str(HERE), "trainer", *map(str, files), *cfg_args]
-
-
-def _newest(ckdir: Path) -> dict | None:
-    best = None
-    if ckdir.is_dir():
-        for p in ckdir.iterdir():
-            m = p / "ut_checkpoint.json"
-            if p.name.startswith("checkpoint-") and m.exists():
-                meta = json.loads(m.read_text())
-                if best is None or meta["global_step"] > best["global_step"]:
-                    best = meta
-    return best
 
 
 def fake_trainer(argv: list[str]) -> int:
@@ -70,21 +60,21 @@ def fake_trainer(argv: list[str]) -> int:
             except ValueError:
                 pass
         digest = hashlib.sha256(data).hexdigest()
-        atomic_write_json(status / "reports" / f"{f.name}.report.json", {
+        atomic_write_json(report_path(status, f), {
             "file": str(f), "sha256": digest, "examples": examples, "usable": examples > 0,
             "error": None if examples else "no usable example", "created_at": now_iso()})
         unusable |= examples == 0
         files.append({"name": f.name, "sha256": digest, "examples": examples})
     if unusable:
-        return 3
+        return Exit.DATA
     run_id = hashlib.sha256("".join(sorted(x["sha256"] for x in files)).encode()).hexdigest()[:16]
     total = sum(x["examples"] for x in files)
-    newest = _newest(ckdir)
-    gstep = newest["global_step"] if newest else 0
-    run_step = newest["run_step"] if newest and newest["run_id"] == run_id else 0
+    newest = ck.newest_complete(ckdir)
+    gstep = newest.global_step if newest else 0
+    run_step = newest.meta["run_step"] if newest and newest.meta["run_id"] == run_id else 0
 
     def write_status(state: str) -> None:
-        atomic_write_json(status / "training_status.json", {
+        atomic_write_json(status / TRAINING_STATUS, {
             "schema_version": 1, "state": state, "current_files": [str(f) for f in args.files], "run_id": run_id,
             "global_step": gstep, "run_step": run_step, "run_total_steps": total, "pid": os.getpid(), "error": None})
 
@@ -95,18 +85,16 @@ def fake_trainer(argv: list[str]) -> int:
         if target.exists():
             with open(status / "fake_violations.txt", "a") as fh:
                 fh.write(f"{target} exists: step trained twice\n")
-            return 1
+            return Exit.CRASH
         tmp = ckdir / f".tmp-checkpoint-{gstep}-{os.getpid()}"
         tmp.mkdir(parents=True)
-        atomic_write_json(tmp / "ut_checkpoint.json", {
-            "schema_version": 1, "global_step": gstep, "run_id": run_id, "run_step": run_step,
-            "run_total_steps": total, "run_complete": run_step == total,
-            "files": [{"name": x["name"], "sha256": x["sha256"]} for x in files],
-            "base_model": "fake", "load_in_4bit": False, "created_at": now_iso()})
+        ck.mark_complete(tmp, ck.marker_meta(
+            global_step=gstep, run_id=run_id, run_step=run_step, run_total_steps=total,
+            files=[{"name": x["name"], "sha256": x["sha256"]} for x in files], base_model="fake", load_in_4bit=False))
         os.rename(tmp, target)
         write_status("training")
     write_status("idle")
-    return 0
+    return Exit.OK
 
 
 def run_daemon(argv: list[str]) -> int:

@@ -6,16 +6,23 @@ end-to-end tests (marked ``e2e``) use the real built-in SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repository root there
+    sys.path.insert(0, str(REPO))
+
+from ultimate_trainer.core import config  # noqa: E402
 MODEL_CACHE = REPO / "models" / "cache"  # shared by every test and by `make demo`: converted once
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,8 +69,78 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def chat(user: str, answer: str) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+def chat(user: str, answer: str, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One chat example (optionally with a system message and extra top-level fields)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": msgs, **extra}
+
+
+@functools.lru_cache(maxsize=1)
+def smol_tokenizer() -> Any:
+    """The built-in model's real tokenizer (and ChatML template), read from its GGUF, once per session."""
+    from transformers import AutoTokenizer
+
+    from ultimate_trainer.model.loading import builtin_gguf_path
+
+    gguf = builtin_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def make_cfg(tmp_path: Path, **data: Any) -> config.Config:
+    """A config rooted at tmp_path with ``data.*`` overrides and a short max length."""
+    raw = {"paths": {"root": str(tmp_path)}, "data": data, "training": {"max_seq_length": 256},
+           "eval": {"max_new_tokens": 16}}
+    return config.from_dict(raw)
+
+
+class UnstableTemplate:
+    """A tokenizer whose template renders earlier turns differently once a later turn exists."""
+
+    chat_template = "unstable"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        body = "".join(f"[{m['role']}:{m['content']}]" for m in messages)
+        return f"<{len(messages)}>" + body + ("[assistant:" if add_generation_prompt else "")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``predicate`` until it holds; fail when ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def sigkill_when(proc: subprocess.Popen, predicate: Callable[[], bool], timeout: float = 120.0) -> None:
+    """SIGKILL ``proc`` as soon as ``predicate()`` holds (a crash at a chosen point)."""
+    try:
+        wait_for(predicate, timeout=timeout, proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def newest_step(checkpoints: Path) -> int:
+    """Global step of the newest complete checkpoint under ``checkpoints`` (0 when none)."""
+    from ultimate_trainer.core.checkpoints import newest_complete
+
+    newest = newest_complete(checkpoints)
+    return newest.global_step if newest else 0
+
+
+def optimizer_step(ckpt: Path) -> float:
+    """Adam's step counter in a checkpoint's optimizer state."""
+    import torch
+
+    state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
+    return float(next(iter(state.values()))["step"])
 
 
 @pytest.fixture

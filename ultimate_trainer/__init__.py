@@ -1,21 +1,18 @@
 """Ultimate Trainer: continuous QLoRA fine-tuning fed from an inbox folder.
 
-Modules (each named for what it does):
+One sub-package per process, over a shared ground floor (docs/ARCHITECTURE.md)::
 
-- ``config``      typed configuration loaded from ``config.json`` (+ ``--set`` overrides)
-- ``status``      the files in ``status/``: atomic writes, history logs, safe reads (the process contract)
-- ``data``        JSONL formats, bad-line reports, held-out split, streaming tokenization
-- ``model``       base model resolution (built-in GGUF, local dir, Hub cache), 4-bit loading, LoRA
-- ``checkpoints`` complete-or-absent checkpoints and the choice of where to resume
-- ``evaluation``  answer matchers, accuracy windows and trends, greedy generation
-- ``training``    one training run: setup, resume, train with eval/save callbacks, final save
-- ``inbox``       the spool: flattening, stable-file intake, journal
-- ``daemon``      the long-running supervisor that feeds ``train.py``
-- ``consolidation`` daily merge of the adapter into the base
-- ``stats``       RAM/GPU sampling and OOM risk
-- ``web``         the Flask apps behind ports 8080 and 8081
+    core/      config, logging, the status-file contract (atomic writes, history, exit codes,
+               times) and checkpoints: used by every process, imports nothing above it
+    data/      JSONL formats, loss masking, the streamed token store, sample data
+    model/     base model loading (built-in GGUF, local folder, Hub cache; 4-bit; LoRA), scoring
+    trainer/   the train.py process: one run as a recipe, its Trainer callbacks, the daily merge
+    daemon/    the daemon.py process: inbox, spool, journal, the trainer child, consolidation timing
+    web/       monitor_server.py (:8080) and memory_stats_api.py (:8081)
+    demo.py    make demo
 
-Importing the package is cheap: nothing here imports torch; modules that need it import it themselves.
+Imports run downward only (pyproject.toml, tests/test_architecture.py). Importing the package
+is cheap: ``core``, ``daemon`` and ``web`` never import torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -148,9 +148,20 @@ def compute_dtype(cfg: Config, device: str) -> Any:
 
 
 def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer (and chat template) saved with the model in ``path``.
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    A folder with a ``tokenizer.json`` (every fast tokenizer, Qwen's and the built-in model's among
+    them) is read by the generic fast tokenizer class: the same tokenizer, without ``AutoTokenizer``
+    reading the model config, which imports torch (3 s here) in a dry run or a tokenization pass.
+    """
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:

@@ -12,11 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _stats_helpers import FakeNVML
 from _web_helpers import FIXTURE_STATUS  # noqa: F401  (puts the repository root on sys.path)
+from conftest import REPO
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
 from ultimate_trainer.web import stats_api
 
-REPO = FIXTURE_STATUS.parents[2]
 FIELDS = ["total_gb", "used_gb", "available_gb", "percent", "swap_used_gb", "training_process_gb",
           "daemon_process_gb", "oom_risk", "oom_reason", "gpu_available", "gpus"]
 GPU_FIELDS = ["name", "memory_used_gb", "memory_total_gb", "utilization_percent", "temperature_c", "power_w"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jsonl
+from conftest import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jsonl
 from ultimate_trainer.data import prepare as data
 from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.core import status

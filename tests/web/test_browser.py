@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from _web_helpers import ServerThread, live_status_dir
+from conftest import REPO
 from ultimate_trainer.web.monitor import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = REPO / "artifacts"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 

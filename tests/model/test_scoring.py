@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _data_helpers import smol_tokenizer
+from conftest import smol_tokenizer
 from ultimate_trainer.core import status
 from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, normalize, score,

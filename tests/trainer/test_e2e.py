@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from conftest import chat, run_train, spawn_train, write_jsonl
-from test_training import optimizer_step, sigkill_when
+from conftest import chat, optimizer_step, run_train, sigkill_when, spawn_train, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 
 pytestmark = pytest.mark.e2e

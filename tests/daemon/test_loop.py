@@ -12,19 +12,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from conftest import REPO, wait_for
 from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.core.checkpoints import mark_complete
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.daemon.loop import Daemon
 from ultimate_trainer.daemon.cli import prune_checkpoints
 from ultimate_trainer.daemon.journal import RunRecord
 
-HELPER = Path(__file__).with_name("_daemon_helpers.py")
+HELPER = REPO / "tests" / "_daemon_helpers.py"
 FAST = ["daemon.file_stable_seconds=0", "daemon.start_monitors=false", "daemon.disk_warn_gb=0",
         "daemon.disk_critical_gb=0", "daemon.retry_initial_seconds=0", "daemon.consolidation_hour=null",
         "daemon.poll_interval=0.2"]
@@ -56,14 +57,6 @@ def start(proj: Path, *extra: str, env: dict | None = None, sets: list[str] = FA
 def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
     out, _ = p.communicate(timeout=timeout)
     return p.returncode, out
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def steps(proj: Path) -> list[int]:
@@ -230,7 +223,7 @@ def test_prune_keeps_newest_and_consolidation_sources(proj: Path) -> None:
     for g in (1, 2, 3, 4):
         c = proj / "checkpoints" / f"checkpoint-{g}"
         c.mkdir(parents=True)
-        (c / "ut_checkpoint.json").write_text(json.dumps({"global_step": g}))
+        mark_complete(c, {"global_step": g})
     m = proj / "models" / "consolidated" / "20260101-030000"
     m.mkdir(parents=True)
     (m / "manifest.json").write_text(json.dumps({"global_step": 2, "source_checkpoint": "checkpoint-2"}))
@@ -278,7 +271,7 @@ def test_real_trainer_once_then_kill9_trainer_resumes(make_project: Callable[...
     write_jsonl(root / "inbox" / "sub" / "b.jsonl", [chat(f"x{i}", f"y{i}") for i in range(10)])
     write_jsonl(root / "inbox" / "bad.jsonl", ["not json", "{]"])
     sets = FAST + ["daemon.retry_initial_seconds=0"]
-    args = [sys.executable, str(Path(__file__).parent.parent / "daemon.py"), "--once", "--config", str(cfg_path)]
+    args = [sys.executable, str(REPO / "daemon.py"), "--once", "--config", str(cfg_path)]
     for s in sets:
         args += ["--set", s]
     r = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from ultimate_trainer.core import config as config_mod
-from ultimate_trainer.core.checkpoints import list_consolidations, newest_complete
+from ultimate_trainer.core.checkpoints import list_consolidations, mark_complete, marker_meta, newest_complete
 from ultimate_trainer.trainer.consolidate import consolidate
 
-HELPER = Path(__file__).with_name("_daemon_helpers.py")
+HELPER = REPO / "tests" / "_daemon_helpers.py"
 
 
 def make_checkpoint(root: Path, base_dir: Path, *, four_bit: bool, global_step: int = 5) -> tuple[Path, object]:
@@ -31,13 +32,11 @@ def make_checkpoint(root: Path, base_dir: Path, *, four_bit: bool, global_step: 
     torch.manual_seed(1)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                            init_lora_weights=False, lora_dropout=0.0))
-    ck = root / "checkpoints" / f"checkpoint-{global_step}"
-    peft.save_pretrained(ck)
-    (ck / "ut_checkpoint.json").write_text(json.dumps({
-        "schema_version": 1, "global_step": global_step, "run_id": "r", "run_step": 3, "run_total_steps": 3,
-        "run_complete": True, "files": [], "base_model": str(base_dir), "base_model_name": str(base_dir),
-        "load_in_4bit": four_bit, "created_at": "2026-01-01T00:00:00+0000"}))
-    return ck, peft.eval()
+    ckpt = root / "checkpoints" / f"checkpoint-{global_step}"
+    peft.save_pretrained(ckpt)
+    mark_complete(ckpt, marker_meta(global_step=global_step, run_id="r", run_step=3, run_total_steps=3, files=[],
+                                    base_model=str(base_dir), base_model_name=str(base_dir), load_in_4bit=four_bit))
+    return ckpt, peft.eval()
 
 
 def logits(model: object, ids: object) -> object:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from _data_helpers import UnstableTemplate, smol_tokenizer
+from conftest import UnstableTemplate, smol_tokenizer
 from ultimate_trainer.data.encoding import TemplateError, encode
 from ultimate_trainer.data.formats import BadLine, Example
 

@@ -24,6 +24,21 @@ def test_builtin_model_is_converted_once_and_keeps_its_chat_template(builtin_mod
     assert text.endswith("<|im_start|>assistant\n")
 
 
+def test_tokenizer_read_without_auto_classes_equals_autotokenizer(builtin_model_dir):
+    from transformers import AutoTokenizer
+
+    ours, auto = load_tokenizer(str(builtin_model_dir)), AutoTokenizer.from_pretrained(builtin_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo, 世界 <b>x</b>?"},
+                {"role": "assistant", "content": "Fine: 42 ✓"}]
+    for tok in (ours, auto):
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    assert ours.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(messages, tokenize=False)
+    text = ours.apply_chat_template(messages, tokenize=False)
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert (ours.eos_token_id, ours.pad_token_id) == (auto.eos_token_id, auto.pad_token_id)
+
+
 def test_folder_that_is_not_a_model_is_a_clear_model_error(tmp_path):
     with pytest.raises(ModelError, match="no config.json"):
         resolve_base(tiny_cfg(tmp_path))

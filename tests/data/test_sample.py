@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from _data_helpers import make_cfg, smol_tokenizer
+from conftest import make_cfg, smol_tokenizer
 from ultimate_trainer.data import prepare as data
 from ultimate_trainer.data import sample as sample_data
 

@@ -5,45 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import time
-from pathlib import Path
 
-import torch
 
-from conftest import chat, run_train, spawn_train, write_jsonl
+from conftest import chat, optimizer_step, run_train, sigkill_when, spawn_train, wait_for, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 
 
 def records(n: int, tag: str) -> list[dict]:
     return [chat(f"{tag} question number {i}?", f"{tag} answer {i}") for i in range(n)]
-
-
-def optimizer_step(ckpt: Path) -> float:
-    state = torch.load(ckpt / "optimizer.pt", weights_only=False)["state"]
-    return float(next(iter(state.values()))["step"])
-
-
-def wait_for(predicate, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
-def sigkill_when(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> None:
-    """SIGKILL ``proc`` as soon as ``predicate()`` holds (a crash at a chosen point)."""
-    try:
-        wait_for(predicate, timeout=timeout, proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_second_run_continues_global_step_and_restores_optimizer(tiny_model_dir, make_project, tmp_path):

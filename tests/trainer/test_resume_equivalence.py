@@ -1,0 +1,58 @@
+"""A run killed after a checkpoint and resumed trains exactly what the uninterrupted run trains.
+
+The check torchtune's and transformers' own suites make of their resume: step for step the same
+losses, and the same adapter at the end. Here it also covers this project's own continuation (the
+run plan, the run id, the marker's run step) on top of the Trainer's resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import chat, newest_step, run_train, sigkill_when, spawn_train, write_jsonl
+from ultimate_trainer.core import checkpoints as ck
+
+SETTINGS = dict(eval_steps=0, save_steps=4)  # evaluation is covered elsewhere; here only the training path
+
+
+def losses(root: Path) -> dict[int, float]:
+    """Loss per global step; a step logged again after a crash keeps its last line (docs/STATUS.md)."""
+    out = {}
+    for line in (root / "status" / "history" / "steps.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["global_step"]] = rec["loss"]
+    return out
+
+
+def adapter(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(ck.newest_complete(root / "checkpoints").path / "adapter_model.safetensors")
+
+
+def test_sigkilled_and_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, make_project, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(f"question {i} about {i % 7}?", f"answer {i * 3}")
+                                                 for i in range(120)])
+    straight = make_project(tiny_model_dir, root=tmp_path / "straight", **SETTINGS)
+    resumed = make_project(tiny_model_dir, root=tmp_path / "resumed", **SETTINGS)
+
+    r = run_train(straight, data)
+    assert r.returncode == 0, r.stderr
+    sigkill_when(spawn_train(resumed, data), lambda: newest_step(resumed.parent / "checkpoints") >= 8)
+    killed_at = newest_step(resumed.parent / "checkpoints")
+    total = ck.newest_complete(straight.parent / "checkpoints").global_step
+    assert 8 <= killed_at < total, "the run finished before it could be killed"
+    r = run_train(resumed, data)
+    assert r.returncode == 0, r.stderr
+    assert "continuing interrupted run" in r.stderr
+
+    expected, got = losses(straight.parent), losses(resumed.parent)
+    assert sorted(got) == sorted(expected) == list(range(1, total + 1))
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
+    a, b = adapter(straight.parent), adapter(resumed.parent)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
