@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.reporter import StatusReporter
@@ -202,7 +203,9 @@ def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFla
     if dry_run:
         for path, report in prepared.reports.items():
             for bad in report["bad"]:
-                print(f"{Path(path).name}:{bad['line']}: {bad['reason']}", file=sys.stderr)
+                print(st.bad_entry_text(Path(path).name, bad), file=sys.stderr)
+            for warning in report["warnings"]:
+                print(f"{Path(path).name}: warning: {warning}", file=sys.stderr)
         print(json.dumps(data.summarize(prepared, cfg.training.max_seq_length), indent=2))
         return EXIT_DATA if prepared.unusable else EXIT_OK
     for path, reason in prepared.unusable:
