@@ -77,8 +77,8 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
         content = m["content"]
         at = full.find(content, start, end) if content else -1
         if at < 0:
-            raise BadLine(f"message {i + 1} ({m['role']}): its text does not appear verbatim in the chat "
-                          f"template's rendering, so the trained part cannot be placed")
+            raise BadLine(f"a trained {m['role']} turn ({content[:30]!r}) does not appear verbatim in the chat "
+                          f"template's rendering, so its trained part cannot be placed")
         if target is True:
             spans.append((at, end))
             continue

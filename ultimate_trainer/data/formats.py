@@ -312,13 +312,13 @@ def parse_record(obj: Any, system_prompt: str) -> Example:
     }[fmt](obj)
     tools = tools_list(obj.get("tools"), "tools") if "tools" in obj else tools_list(obj.get("functions"), "functions")
     messages, targets = _check_turns(messages, targets)
+    warnings = _scan_content(messages)  # before a system turn is added, so numbers match the source
     system = obj.get("system")
     if messages[0]["role"] != "system":
         own = content_text(system, "system") if system is not None else ""
         if own or system_prompt:
             messages.insert(0, {"role": "system", "content": own or system_prompt})
             targets.insert(0, False)
-    warnings = _scan_content(messages)
     return Example(messages, fmt, metadata, tools=tools, targets=targets, skill=skill, warnings=warnings)
 
 

@@ -271,10 +271,16 @@ class _FileReader:
 
     def _finish(self) -> None:
         r = self.report
+        r["bad"].sort(key=lambda b: b[r["unit"]])  # reasons found at tokenization come in line order too
         r["usable"] = r["error"] is None and r["examples"] > 0
         if r["error"] is None and not r["usable"]:
-            if r["bad_lines"]:
-                first = r["bad"][0]
+            first = r["bad"][0] if r["bad"] else {}
+            if self.path.suffix == ".json" and r["unit"] == "line" and first.get("line") == 1 \
+                    and first["reason"].startswith("invalid JSON"):
+                # A pretty-printed object, most likely: say what a .json file has to hold.
+                r["error"] = ("not a JSON array of records ([{...}, ...]) nor JSON Lines (one object per line): "
+                              f"line 1: {first['reason']}")
+            elif r["bad_lines"]:
                 unit = r["unit"]
                 r["error"] = (f"no usable example ({r['bad_lines']} bad {unit}s; first: "
                               f"{unit} {first[unit]}: {first['reason']})")
