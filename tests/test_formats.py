@@ -244,3 +244,13 @@ def test_dry_run_of_the_whole_corpus_adds_up(tiny_model_dir, make_project, tmp_p
         in r.stderr
     assert "llamafactory_sharegpt.json:item 4: not a JSON object (got str)" in r.stderr
     assert "identity.json: warning: template placeholder {{name}}" in r.stderr
+
+
+def test_tool_definitions_and_results_are_in_the_prompt_but_not_trained(tmp_path):
+    tok = tool_tokenizer(smol_tokenizer())
+    p = _prepare(tmp_path, [CORPUS / "openai_chat.jsonl"], tok)
+    item = p.train[1]  # line 2: tools + a tool call + a tool result
+    untrained = tok.decode([t for t, lab in zip(item["input_ids"], item["labels"]) if lab == -100])
+    assert '"name": "get_weather", "description": "Current weather in a city"' in untrained
+    assert "<|im_start|>tool\n18 C, cloudy<|im_end|>" in untrained
+    assert "<tool_call>" not in untrained

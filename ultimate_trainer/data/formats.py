@@ -252,7 +252,9 @@ def _check_turns(messages: list[dict[str, Any]], targets: list[Target]) -> Turns
 
 
 def _scan_content(messages: list[dict[str, Any]]) -> list[str]:
-    """Skip media placeholders (their media is not trained); return warnings for template placeholders."""
+    """Skip media placeholders (their media is not trained); return warnings for template placeholders.
+
+    A warning is a short kind ("template placeholder {{name}}"): ``prepare`` counts them per file."""
     warnings = []
     for i, m in enumerate(messages, 1):
         found = MEDIA_PLACEHOLDER.search(m["content"])
@@ -260,8 +262,8 @@ def _scan_content(messages: list[dict[str, Any]]) -> list[str]:
             raise BadLine(f"multimodal: message {i} ({m['role']}) has a {found.group(0)} placeholder; "
                           f"only text is trained, line skipped")
         found = TEMPLATE_PLACEHOLDER.search(m["content"])
-        if found:
-            warnings.append(f"template placeholder {found.group(0)} in message {i} ({m['role']}), trained as is")
+        if found and f"template placeholder {found.group(0)}" not in warnings:
+            warnings.append(f"template placeholder {found.group(0)}")
     return warnings
 
 

@@ -161,10 +161,8 @@ class _FileReader:
 
     def warn(self, ex: Example) -> None:
         """Collect per-example warnings (template placeholders) into a few per-file lines."""
-        for w in ex.warnings:
-            kind = w.split(" in ", 1)[0]  # e.g. "template placeholder {{name}}"
-            seen = self.warned.setdefault(kind, [0, ex.line])
-            seen[0] += 1
+        for kind in ex.warnings:  # e.g. "template placeholder {{name}}"
+            self.warned.setdefault(kind, [0, ex.line])[0] += 1
 
     def _warnings(self) -> list[str]:
         unit = self.report["unit"]
