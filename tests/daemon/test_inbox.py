@@ -146,3 +146,23 @@ def test_failed_file_gets_error_text_and_is_never_deleted(tmp_path: Path) -> Non
     sp.fail(n, "no usable example")
     assert (sp.folder("failed") / n).read_text() == "not json\n"
     assert "no usable example" in (sp.folder("failed") / f"{n}.error.txt").read_text()
+
+
+def test_json_arrays_are_taken_once_closed_other_json_reported(tmp_path: Path, caplog) -> None:
+    inbox = tmp_path / "inbox"
+    write(inbox / "alpaca.json", '[\n  {"instruction": "a", "output": "b"}\n]\n')
+    write(inbox / "lines.json", LINE * 2)  # JSON Lines under a .json name (datasets' to_json)
+    write(inbox / "open.json", '[\n  {"instruction": "a", "output": "b"},\n')
+    write(inbox / "object.json", '{\n  "data": []\n}\n')
+    write(inbox / "notes.txt", "x")
+    with caplog.at_level("WARNING"):
+        res = Inbox(inbox, 0).scan()
+    assert sorted(p.name for p in res.ready) == ["alpaca.json", "lines.json"]
+    assert [p.name for p in res.incomplete] == ["open.json"]
+    assert sorted(p.name for p in res.ignored) == ["notes.txt", "object.json"]
+    assert "JSON array not closed with ] (still being written?)" in caplog.text
+    assert "a .json file must hold a JSON array of records" in caplog.text
+    assert "not a .jsonl or .json file" in caplog.text
+    spool = Spool(tmp_path / "queue")
+    spool.take(inbox / "alpaca.json", skip_duplicates=False)
+    assert spool.names_in("waiting") == ["alpaca.json"]

@@ -88,7 +88,7 @@ def test_text_format_has_no_roles():
     (b'{"foo": 1, "bar": 2}', "unknown shape (keys: bar, foo)"),
     (_line({"messages": [{"role": "user", "content": "q"}]}), "no assistant turn"),
     (_line(chat("q", "  ")), "empty assistant turn"),
-    (_line({"messages": [{"role": "tool", "content": "x"}]}), "message 1: unknown role \"tool\""),
+    (_line({"messages": [{"role": "robot", "content": "x"}]}), "message 1: unknown role \"robot\""),
     (_line({"messages": [{"role": "user", "content": 3}]}), "message 1 content is not a string"),
     (_line({"messages": [{"role": "assistant", "content": "a"}]}), "no user turn before the assistant turn"),
     (_line({"conversations": [{"from": "alien", "value": "x"}]}), "turn 1: unknown speaker"),

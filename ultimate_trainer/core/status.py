@@ -138,6 +138,13 @@ def report_path(status_dir: str | Path, input_file: str | Path) -> Path:
     return Path(status_dir) / REPORTS_DIR / f"{Path(input_file).name}.report.json"
 
 
+def bad_entry_text(file_name: str, entry: dict[str, Any]) -> str:
+    """One ``bad`` entry of a report as ``name:3: reason`` (a JSONL line) or ``name:item 3: reason`` (an
+    item of a JSON array file)."""
+    where = f"item {entry.get('item')}" if "item" in entry else str(entry.get("line"))
+    return f"{file_name}:{where}: {entry.get('reason')}"
+
+
 def pid_alive(pid: Any) -> bool:
     """True when ``pid`` names a running process (used to tell a stale status file from a live one)."""
     if not isinstance(pid, int) or pid <= 0:

@@ -10,14 +10,17 @@ modified after it is moved, nothing is ever deleted)::
                        | queue/failed/          beside x.jsonl.error.txt (why)
 
 Names are unique across the whole spool, so the trainer's per-name report never collides.
-Symlinks are never followed; they, other non-JSONL files and files whose last line has no newline
-are reported once and left where they are.
+Taken: ``.jsonl`` files, and ``.json`` files that hold a JSON array of records (``[{...}, ...]``,
+complete once it ends with ``]``) or JSON Lines (the first line is a whole object). Symlinks are never
+followed; they, other files, other ``.json`` files and files still being written (a last line without
+a newline, an array without its ``]``) are reported once and left where they are.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +50,34 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+DATA_SUFFIXES = (".jsonl", ".json")
+_FIRST_LINE_MAX = 1 << 20
+
+
+def is_data_file(name: str) -> bool:
+    return name.endswith(DATA_SUFFIXES)
+
+
+def json_file_problem(path: Path) -> str | None:
+    """Why a ``.json`` file is not (yet) taken, or None: an array must be closed, JSON Lines complete."""
+    with open(path, "rb") as f:
+        head = f.read(_FIRST_LINE_MAX).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if not head:
+            return None  # empty: taken, and reported as such by the trainer
+        if head[:1] == b"[":
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            return None if f.read().rstrip()[-1:] == b"]" else "JSON array not closed with ] (still being written?)"
+    if head[:1] == b"{":
+        first = head.split(b"\n", 1)[0]
+        try:
+            if isinstance(json.loads(first), dict):
+                return None if ends_with_newline(path) else "last line has no newline (still being written?)"
+        except ValueError:
+            pass
+    return ("a .json file must hold a JSON array of records ([{...}, ...]) or one JSON object per line; "
+            f"this one starts with {head[:12].decode('utf-8', 'replace')!r}")
 
 
 def ends_with_newline(path: Path) -> bool:
@@ -121,10 +152,10 @@ class StabilityTracker:
 
 @dataclass
 class ScanResult:
-    ready: list[Path] = field(default_factory=list)       # complete JSONL files at the inbox root
+    ready: list[Path] = field(default_factory=list)       # complete data files at the inbox root
     pending: list[Path] = field(default_factory=list)     # still changing (or not yet watched long enough)
     incomplete: list[Path] = field(default_factory=list)  # stable, but the last line has no newline
-    ignored: list[Path] = field(default_factory=list)     # symlinks, non-JSONL, temporary names
+    ignored: list[Path] = field(default_factory=list)     # symlinks, other files, .json that is no array
 
 
 class Inbox:
@@ -171,8 +202,8 @@ class Inbox:
                     self._report_once(p, "symlink (never followed out of the inbox)")
                     res.ignored.append(p)
                     continue
-                if not fn.endswith(".jsonl"):
-                    self._report_once(p, "not a .jsonl file")
+                if not is_data_file(fn):
+                    self._report_once(p, "not a .jsonl or .json file")
                     res.ignored.append(p)
                     continue
                 alive.add((st.st_dev, st.st_ino))
@@ -180,13 +211,16 @@ class Inbox:
                     res.pending.append(p)
                     continue
                 try:
-                    complete = ends_with_newline(p)
+                    if fn.endswith(".json"):
+                        problem = json_file_problem(p)
+                    else:
+                        problem = None if ends_with_newline(p) else "last line has no newline (still being written?)"
                 except OSError as e:
                     self._report_once(p, f"unreadable ({e.strerror})")
                     continue
-                if not complete:
-                    self._report_once(p, "last line has no newline (still being written?)")
-                    res.incomplete.append(p)
+                if problem is not None:
+                    self._report_once(p, problem)
+                    (res.incomplete if "still being written" in problem else res.ignored).append(p)
                     continue
                 if d != self.root:
                     dst = self.root / unique_name(fn, lambda n: (self.root / n).exists() or (self.root / n).is_symlink())
@@ -244,7 +278,7 @@ class Spool:
 
     def names_in(self, state: str) -> list[str]:
         d = self.dir / state
-        return sorted(p.name for p in d.iterdir() if p.name.endswith(".jsonl") and not is_temporary(p.name) and p.is_file())
+        return sorted(p.name for p in d.iterdir() if is_data_file(p.name) and not is_temporary(p.name) and p.is_file())
 
     def _taken(self, name: str) -> bool:
         return name in self.journal.state.files or self.where(name) is not None

@@ -2,7 +2,8 @@
 
 ``prepare()`` reads each JSONL file as bytes, line by line (so a line that is not UTF-8 is one bad
 line, not a crashed run; a line longer than ``data.max_line_bytes`` is skipped without being held in
-memory), parses it (``formats.parse_line``), puts it aside for evaluation or for training, and
+memory), or each JSON array file item by item (``jsonarray``: a file whose first byte is ``[``),
+parses each record (``formats``), puts it aside for evaluation or for training, and
 tokenizes ``data.tokenize_chunk_size`` records at a time (``encoding.encode_batch``). Each chunk is
 appended to a ``TokenStore`` on disk and dropped, so memory does not grow with the file.
 
@@ -32,13 +33,15 @@ from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.data.encoding import encode_batch
-from ultimate_trainer.data.formats import FORMATS, BadLine, Example, parse_line
+from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
+from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
 
 log = logging.getLogger(__name__)
 
 MAX_BAD_IN_REPORT = 1000
 MAX_BAD_LOGGED = 10
+MAX_WARNINGS = 20
 _READ_BLOCK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 
@@ -104,7 +107,8 @@ def is_heldout(raw: bytes, fraction: float) -> bool:
 def content_key(example: Example) -> bytes:
     """Identity of an example's content (whatever its format or JSON spacing), to keep copies of a
     held-out example out of training."""
-    return hashlib.sha1(json.dumps(example.messages, sort_keys=True, ensure_ascii=False).encode()).digest()
+    content: Any = example.messages if not example.tools else [example.messages, example.tools]
+    return hashlib.sha1(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).digest()
 
 
 def _new_report(path: Path) -> dict[str, Any]:
@@ -113,13 +117,16 @@ def _new_report(path: Path) -> dict[str, Any]:
         "file": str(path),
         "sha256": None,
         "size_bytes": 0,
+        "unit": "line",
         "lines": 0,
         "examples": 0,
         "train_examples": 0,
         "heldout_examples": 0,
+        "heldout_duplicates": 0,
         "formats": {f: 0 for f in FORMATS},
         "bad_lines": 0,
         "bad": [],
+        "warnings": [],
         "usable": False,
         "error": None,
         "created_at": None,
@@ -137,14 +144,30 @@ class _FileReader:
         self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
         self.heldout_chosen = 0
         self.duplicates = 0
+        self.warned: dict[str, list[int]] = {}  # warning kind -> [examples, first line]
+
+    def where(self, n: int) -> str:
+        """``file:3`` for a line, ``file:item 3`` for an array item."""
+        return f"{self.path.name}:{n}" if self.report["unit"] == "line" else f"{self.path.name}:item {n}"
 
     def bad(self, line: int, reason: str) -> None:
         r = self.report
         r["bad_lines"] += 1
         if len(r["bad"]) < MAX_BAD_IN_REPORT:
-            r["bad"].append({"line": line, "reason": reason})
+            r["bad"].append({r["unit"]: line, "reason": reason})
         if r["bad_lines"] <= MAX_BAD_LOGGED:
-            log.warning("%s:%d: %s", self.path.name, line, reason)
+            log.warning("%s: %s", self.where(line), reason)
+
+    def warn(self, ex: Example) -> None:
+        """Collect per-example warnings (template placeholders) into a few per-file lines."""
+        for kind in ex.warnings:  # e.g. "template placeholder {{name}}"
+            self.warned.setdefault(kind, [0, ex.line])[0] += 1
+
+    def _warnings(self) -> list[str]:
+        unit = self.report["unit"]
+        return [f"{kind}: {n} example{'s' if n != 1 else ''} (first at {unit} {first}), trained verbatim: fill "
+                f"it in before training if it is not meant literally" for kind, (n, first) in
+                list(self.warned.items())[:MAX_WARNINGS]]
 
     def flush(self, chunk: list[Example]) -> None:
         if not chunk:
@@ -158,6 +181,7 @@ class _FileReader:
                 continue
             self.report["examples"] += 1
             self.report["formats"][ex.fmt] += 1
+            self.warn(ex)
             if ex.extra.get("duplicate_of_heldout"):
                 self.duplicates += 1  # held out already: neither trained nor asked twice
             elif ex.heldout:
@@ -167,25 +191,40 @@ class _FileReader:
         self.writer.append(train)
         self.report["train_examples"] += len(train)
 
+    def _records(self, f: BinaryIO, digest: Any) -> Iterator[tuple[int, bytes, Any]]:
+        """``(line or item number, bytes that identify it, JSON value or BadLine)``; blank lines skipped."""
+        if is_array(f):
+            self.report["unit"] = "item"
+            yield from iter_items(f, digest)
+            return
+        max_bytes = self.cfg.data.max_line_bytes
+        for lineno, raw, size in iter_lines(f, max_bytes, digest):
+            self.report["lines"] = lineno
+            if raw is None:
+                yield lineno, b"", BadLine(f"line longer than {max_bytes} bytes ({size} bytes)")
+            elif raw.strip():  # blank lines are allowed (counted in `lines`, not as bad)
+                try:
+                    yield lineno, raw, decode_line(raw, max_bytes)
+                except BadLine as e:
+                    yield lineno, raw, e
+
     def run(self) -> dict[str, Any]:
         d = self.cfg.data
         digest = hashlib.sha256()
         chunk: list[Example] = []
         try:
             with open(self.path, "rb") as f:
-                for lineno, raw, size in iter_lines(f, d.max_line_bytes, digest):
-                    self.report["lines"] = lineno
-                    if raw is None:
-                        self.bad(lineno, f"line longer than {d.max_line_bytes} bytes ({size} bytes)")
-                        continue
-                    if not raw.strip():
-                        continue  # blank lines are allowed (counted in `lines`, not as bad)
+                for n, raw, value in self._records(f, digest):
+                    if self.report["unit"] == "item":
+                        self.report["lines"] = n  # items read, for an array
                     try:
-                        ex = parse_line(raw, d.system_prompt, d.max_line_bytes)
+                        if isinstance(value, BadLine):
+                            raise value
+                        ex = parse_record(value, d.system_prompt)
                     except BadLine as e:
-                        self.bad(lineno, str(e))
+                        self.bad(n, str(e))
                         continue
-                    ex.source, ex.line = f"{self.path.name}:{lineno}", lineno
+                    ex.source, ex.line = self.where(n), n
                     key = content_key(ex)
                     if key in self.seen_heldout:
                         # The same example is already held out (eval file, another file, a duplicate
@@ -207,6 +246,7 @@ class _FileReader:
         except OSError as e:
             self.report["error"] = f"cannot read: {e.strerror or e}"
         self.report["sha256"] = digest.hexdigest()
+        self.report["warnings"] = self._warnings()
         self._settle_heldout()
         self._finish()
         return self.report
@@ -221,18 +261,26 @@ class _FileReader:
             self.heldout_here = []
         for ex, enc in self.heldout_here:
             self.out.heldout_encoded.append(enc)
-            if not ex.is_text:
+            if ex.evaluable:  # text, tool use and untrained final turns have no answer to compare
                 self.out.heldout.append(ex)
         self.report["heldout_examples"] = len(self.heldout_here) + self.duplicates
+        self.report["heldout_duplicates"] = self.duplicates
 
     def _finish(self) -> None:
         r = self.report
+        r["bad"].sort(key=lambda b: b[r["unit"]])  # reasons found at tokenization come in line order too
         r["usable"] = r["error"] is None and r["examples"] > 0
         if r["error"] is None and not r["usable"]:
-            if r["bad_lines"]:
-                first = r["bad"][0]
-                r["error"] = (f"no usable example ({r['bad_lines']} bad lines; first: "
-                              f"line {first['line']}: {first['reason']})")
+            first = r["bad"][0] if r["bad"] else {}
+            if self.path.suffix == ".json" and r["unit"] == "line" and first.get("line") == 1 \
+                    and first["reason"].startswith("invalid JSON"):
+                # A pretty-printed object, most likely: say what a .json file has to hold.
+                r["error"] = ("not a JSON array of records ([{...}, ...]) nor JSON Lines (one object per line): "
+                              f"line 1: {first['reason']}")
+            elif r["bad_lines"]:
+                unit = r["unit"]
+                r["error"] = (f"no usable example ({r['bad_lines']} bad {unit}s; first: "
+                              f"{unit} {first[unit]}: {first['reason']})")
             else:
                 r["error"] = "no usable example (the file is empty)"
         r["created_at"] = now_iso()
@@ -276,7 +324,12 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
 
 
 def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
-    """Counts and token-length statistics for ``train.py --dry-run``."""
+    """Counts and token-length statistics for ``train.py --dry-run``.
+
+    The counts add up: ``examples = train_examples + heldout_examples + heldout_duplicates`` (a copy
+    of a held-out example is neither trained nor asked twice), and every record read is an example or
+    a bad line.
+    """
     lengths = prepared.train.lengths
     formats = {f: sum(r["formats"][f] for r in prepared.reports.values()) for f in FORMATS}
 
@@ -289,9 +342,11 @@ def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
         "examples": sum(r["examples"] for r in prepared.reports.values()),
         "train_examples": len(prepared.train),
         "heldout_examples": len(prepared.heldout_encoded),
+        "heldout_duplicates": sum(r["heldout_duplicates"] for r in prepared.reports.values()),
         "eval_prompts": len(prepared.heldout),
         "formats": formats,
         "bad_lines": prepared.bad_lines,
+        "warnings": [f"{Path(p).name}: {w}" for p, r in prepared.reports.items() for w in r["warnings"]],
         "train_tokens": int(lengths.sum()) if len(lengths) else 0,
         "length_p50": pct(50),
         "length_p95": pct(95),

@@ -16,7 +16,8 @@ from ultimate_trainer.core.logs import setup_logging
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Fine-tune (QLoRA) on JSONL files, continuing from the last checkpoint.")
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl", help="training data, one example a line")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                        help="training data: JSONL (one example a line) or a JSON array of examples (.json)")
     config.add_arguments(parser)
     parser.add_argument("--max-steps", type=int, metavar="N", help="cap the optimizer steps of this run")
     parser.add_argument("--dry-run", action="store_true",

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.model.loading import ModelError
@@ -279,7 +280,9 @@ def print_dry_run(run: RunState) -> int:
 
     for path, report in run.prepared.reports.items():
         for bad in report["bad"]:
-            print(f"{Path(path).name}:{bad['line']}: {bad['reason']}", file=sys.stderr)
+            print(st.bad_entry_text(Path(path).name, bad), file=sys.stderr)
+        for warning in report["warnings"]:
+            print(f"{Path(path).name}: warning: {warning}", file=sys.stderr)
     print(json.dumps(prepare.summarize(run.prepared, run.cfg.training.max_seq_length), indent=2))
     return Exit.DATA if run.prepared.unusable else Exit.OK
 

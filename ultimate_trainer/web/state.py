@@ -33,7 +33,7 @@ def _age(doc: dict[str, Any] | None, now: float) -> float | None:
 
 
 def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
-    """Newest reports of files that had bad lines or nothing usable, each cut to a few bad lines."""
+    """Newest reports of files that had bad lines, warnings or nothing usable, each cut to a few lines."""
     try:
         entries = [e for e in os.scandir(status_dir / status.REPORTS_DIR) if e.name.endswith(".report.json")]
     except OSError:
@@ -48,13 +48,15 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
     out = []
     for e in entries[: MAX_REPORTS * 5]:
         rep = status.read_json(e.path)
-        if not rep or (rep.get("usable", True) and not rep.get("bad_lines")):
+        if not rep or (rep.get("usable", True) and not rep.get("bad_lines") and not rep.get("warnings")):
             continue
         name = Path(str(rep.get("file") or e.name)).name
         bad = [b for b in rep.get("bad") or [] if isinstance(b, dict)][:MAX_BAD_LINES]
+        warnings = [w for w in rep.get("warnings") or [] if isinstance(w, str)][:MAX_BAD_LINES]
         out.append({"file": name, "usable": rep.get("usable"), "error": rep.get("error"),
                     "bad_lines": rep.get("bad_lines"), "examples": rep.get("examples"),
-                    "bad": [f"{name}:{b.get('line')}: {b.get('reason')}" for b in bad]})
+                    "bad": [status.bad_entry_text(name, b) for b in bad],
+                    "warnings": [f"{name}: {w}" for w in warnings]})
         if len(out) >= MAX_REPORTS:
             break
     return out

@@ -221,7 +221,9 @@ function renderQueue(st) {
       const li = el("li"); li.append(el("b", f.name), el("span", " · " + f.reason)); return li;
     }, "none");
   }
-  const bad = (st.reports || []).flatMap(r => r.bad.length ? r.bad : [`${r.file}: ${r.error || "bad lines"}`]);
+  const bad = (st.reports || []).flatMap(r => [
+    ...(r.bad.length ? r.bad : r.error || r.bad_lines ? [`${r.file}: ${r.error || "bad lines"}`] : []),
+    ...(r.warnings || []).map(w => "⚠️ " + w)]);
   fillList("bad-list", bad, b => el("li", b), "none");
 }
 
