@@ -1,0 +1,175 @@
+"""Rows of training examples: packed (several examples a row, isolated) or length-grouped.
+
+A run's plan is an order of examples. Two ways to lay that order out in batches:
+
+- **packed** (``pack_rows``): the order is cut into windows; in each window a best-fit-decreasing
+  bin packer puts examples into rows of at most ``capacity`` tokens; the window's rows are then
+  shuffled with a seeded generator. Everything depends only on the order, the lengths and the
+  seed, so the same run always gets the same rows and a resumed run can skip whole rows exactly.
+  ``PackedCollator`` lays each row out with position ids restarting at every example and a
+  segment id per token, from which ``block_causal_mask`` builds the attention mask: causal inside
+  an example, nothing across examples (position ids alone do not isolate examples under SDPA).
+- **grouped** (``group_by_length``): the same examples, one a row, reordered inside windows so
+  that each batch holds examples of similar lengths; dynamic padding then pads little.
+
+Labels: the first token of every example is never a target in a packed row (unpacked, nothing
+predicts it either), so the last token of one example never learns to predict the next one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ultimate_trainer.data.encoding import IGNORE_INDEX
+
+WINDOW_EXAMPLES = 2048  # examples packed together; wider packs tighter, narrower keeps the plan's order
+GROUP_BATCHES = 64  # batches per length-grouping window
+
+
+def should_pack(mode: str, lengths: np.ndarray, capacity: int) -> bool:
+    """``training.packing`` resolved: auto packs when an average row would hold two examples or more."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return len(lengths) > 1 and float(np.mean(lengths)) <= capacity / 2
+
+
+def _best_fit_decreasing(items: list[tuple[int, int]], capacity: int) -> list[list[int]]:
+    """``items`` = (length, example index); rows of example indices, longest examples placed first."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row number), sorted: the tightest fit is found by bisection
+    for length, index in sorted(items, key=lambda t: -t[0]):  # stable: equal lengths keep the plan's order
+        k = bisect.bisect_left(free, (length, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(index)
+        if room - length > 0:
+            bisect.insort(free, (room - length, r))
+    return rows
+
+
+def pack_rows(order: Sequence[int], lengths: np.ndarray, capacity: int, seed: int) -> list[list[int]]:
+    """The planned ``order`` (indices into ``lengths``) packed into rows of at most ``capacity`` tokens.
+
+    Deterministic. Every position of ``order`` lands in exactly one row (an example planned twice,
+    e.g. over two epochs, is packed twice); an example longer than ``capacity`` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    for w, start in enumerate(range(0, len(order), WINDOW_EXAMPLES)):
+        window = [int(i) for i in order[start:start + WINDOW_EXAMPLES]]
+        packed = _best_fit_decreasing([(int(lengths[i]), i) for i in window], capacity)
+        rng = np.random.default_rng([seed, w])
+        rows.extend(packed[j] for j in rng.permutation(len(packed)))
+    return rows
+
+
+def group_by_length(order: Sequence[int], lengths: np.ndarray, batch_size: int, seed: int) -> list[int]:
+    """The planned ``order`` rearranged so that each run of ``batch_size`` has similar lengths.
+
+    Only examples within the same window of ``GROUP_BATCHES`` batches trade places, so the plan
+    keeps its overall order (and its epochs); the batches of a window are shuffled.
+    """
+    out: list[int] = []
+    size = batch_size * GROUP_BATCHES
+    for w, start in enumerate(range(0, len(order), size)):
+        window = [int(i) for i in order[start:start + size]]
+        window.sort(key=lambda i: -int(lengths[i]))
+        batches = [window[k:k + batch_size] for k in range(0, len(window), batch_size)]
+        rng = np.random.default_rng([seed, w])
+        for j in rng.permutation(len(batches)):
+            out.extend(batches[j])
+    return out
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """``rows[r]`` of a TokenStore as one item: the examples' tokens back to back, with their lengths."""
+
+    def __init__(self, store: Any, rows: Sequence[Sequence[int]]):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> dict[str, list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        seq_lens: list[int] = []
+        for i in self.rows[r]:
+            ex = self.store[int(i)]
+            ids.extend(ex["input_ids"])
+            labels.append(IGNORE_INDEX)  # nothing before it predicts an example's first token
+            labels.extend(ex["labels"][1:])
+            seq_lens.append(len(ex["input_ids"]))
+        return {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
+
+
+class PackedCollator:
+    """Pads packed rows to the longest; adds ``position_ids`` (restarting per example) and
+    ``segment_ids`` (1, 2, ... per example, 0 on padding). ``attention_mask`` stays 2D (1 = a real
+    token) so token counts are right; ``packed_inputs`` turns it into the block-diagonal mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        segments = torch.zeros((n, width), dtype=torch.long)
+        for b, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[b, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[b, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention[b, :k] = 1
+            start = 0
+            for s, length in enumerate(f["seq_lens"], start=1):
+                positions[b, start:start + length] = torch.arange(length)
+                segments[b, start:start + length] = s
+                start += length
+            positions[b, k:] = torch.arange(width - k)  # padding: its own harmless positions
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention, "position_ids": positions,
+                "segment_ids": segments}
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, length, length]`` boolean mask (True = may attend): causal within a segment.
+
+    Padding (segment 0) attends causally to padding only, so no row of the mask is empty (an empty
+    row gives NaN in SDPA, which would reach the gradients through 0 * NaN).
+    """
+    n = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal)[:, None, :, :]
+
+
+def packed_inputs(inputs: dict[str, Any], attn_implementation: str | None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Model inputs for a packed batch (unchanged for an unpacked one), for the model's attention kind.
+
+    - FlashAttention: no mask at all; transformers finds the examples from the restarting
+      ``position_ids`` and runs the varlen kernel.
+    - SDPA / flex / others: the 4D boolean block-diagonal mask.
+    - eager: the same mask as an additive float mask (eager adds the mask to the scores).
+    """
+    if "segment_ids" not in inputs:
+        return inputs
+    inputs = dict(inputs)
+    segments = inputs.pop("segment_ids")
+    if attn_implementation and "flash" in attn_implementation:
+        inputs.pop("attention_mask", None)
+        return inputs
+    mask = block_causal_mask(segments)
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    inputs["attention_mask"] = mask
+    return inputs
