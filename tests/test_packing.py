@@ -194,3 +194,44 @@ def test_chunked_loss_and_gradients_equal_the_models_own(tiny_model_dir: Path):
         assert torch.allclose(chunked, plain, atol=1e-5), (float(chunked), float(plain))
         for n, p in model.named_parameters():
             assert torch.allclose(p.grad, plain_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+# ----------------------------------------------------------------------------------- through train.py
+
+def _adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(tiny_model_dir, make_project, tmp_path, packing):
+    """Two steps, a stop, the rest == the whole run at once: same rows, same order, same weights."""
+    from tests.conftest import run_train, write_jsonl
+    from ultimate_trainer.core import checkpoints as ck
+
+    rng = np.random.default_rng(5)
+    words = "alpha beta gamma delta river stone cloud paper".split()
+    recs = [chat(" ".join(rng.choice(words, rng.integers(2, 40))), " ".join(rng.choice(words, rng.integers(1, 30))))
+            for _ in range(60)]
+    data = write_jsonl(tmp_path / "mixed.jsonl", recs)
+    finals = []
+    for name, stops in (("whole", []), ("resumed", [["--max-steps", "2"]])):
+        cfg = make_project(tiny_model_dir, root=tmp_path / name, eval_steps=0, training__packing=packing,
+                           data__heldout_fraction=0.0)
+        for extra in stops:
+            r = run_train(cfg, data, extra=extra)
+            assert r.returncode == 0, r.stderr
+            assert not ck.newest_complete(cfg.parent / "checkpoints").meta["run_complete"]
+        r = run_train(cfg, data)
+        assert r.returncode == 0, r.stderr
+        assert ("packed in" in r.stderr) == (packing == "on")
+        finals.append(ck.newest_complete(cfg.parent / "checkpoints"))
+    whole, resumed = finals
+    assert resumed.global_step == whole.global_step == whole.meta["run_total_steps"]
+    if packing == "on":
+        assert whole.meta["run_total_steps"] < 60 / 2  # rows, fewer than one example a row
+    a, b = _adapter(whole.path), _adapter(resumed.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

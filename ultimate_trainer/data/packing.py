@@ -87,6 +87,14 @@ def group_by_length(order: Sequence[int], lengths: np.ndarray, batch_size: int, 
     return out
 
 
+def lay_out(order: Sequence[int], lengths: np.ndarray, batch_size: int, capacity: int, seed: int,
+            packed: bool) -> tuple[list[int], list[list[int]] | None]:
+    """A run's batches: ``(order, rows)`` packed, ``(length-grouped order, None)`` otherwise."""
+    if packed:
+        return [int(i) for i in order], pack_rows(order, lengths, capacity, seed)
+    return group_by_length(order, lengths, batch_size, seed), None
+
+
 class PackedRows(torch.utils.data.Dataset):
     """``rows[r]`` of a TokenStore as one item: the examples' tokens back to back, with their lengths."""
 

@@ -21,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback, TrainerControl, Train
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.trainer import speed
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,17 @@ log = logging.getLogger(__name__)
 class ContinuousTrainer(Trainer):
     """A Trainer whose checkpoints are complete-or-absent and self-describing."""
 
-    def __init__(self, *args: Any, reporter: StatusReporter, checkpoint_meta: Any, **kwargs: Any):
+    def __init__(self, *args: Any, reporter: StatusReporter, checkpoint_meta: Any, cfg: Config, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reporter = reporter
         self.checkpoint_meta = checkpoint_meta  # callable(global_step) -> dict for the marker
+        self.cfg = cfg
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        # Packed rows and the chunked loss (trainer/speed.py); anything else is the Trainer's own loss.
+        return speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
+            ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         previous = self.reporter.data["state"]
@@ -279,13 +287,14 @@ def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer:
     args = training_arguments(cfg, cfg.path("checkpoints"), start.global_step + steps_now, device, dtype)
     if start.kind != "checkpoint" and start.global_step > 0:
         resume_dir = _write_bootstrap(model, cfg.path("work") / "bootstrap", start.global_step, args)
+    train_dataset, train_collator = speed.training_data(prepared.train, plan, tokenizer)
     trainer = ContinuousTrainer(
-        model=model, args=args, train_dataset=prepared.train.select(plan.remaining_order),
-        data_collator=collator, processing_class=tokenizer, callbacks=[eval_cb, run_cb],
-        reporter=reporter, checkpoint_meta=checkpoint_meta,
+        model=model, args=args, train_dataset=train_dataset, data_collator=train_collator,
+        processing_class=tokenizer, callbacks=[eval_cb, run_cb, speed.ThreadGovernor()],
+        reporter=reporter, checkpoint_meta=checkpoint_meta, cfg=cfg,
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
-    log.info("run %s: %d examples, steps %d..%d of the run (global %d -> %d), base %s",
-             plan.run_id, len(prepared.train), plan.done_steps, plan.done_steps + steps_now,
-             start.global_step, start.global_step + steps_now, base_path)
+    log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
+             plan.run_id, len(prepared.train), f" packed in {len(plan.rows)} rows" if plan.rows is not None else "",
+             plan.done_steps, plan.done_steps + steps_now, start.global_step, start.global_step + steps_now, base_path)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)

@@ -75,24 +75,35 @@ class StopFlag:
 class RunPlan:
     run_id: str
     order: list[int]  # indices into the token store, every epoch of this run concatenated
-    examples_per_step: int
+    examples_per_step: int  # examples per optimizer step; packed rows per step when packed
     total_steps: int
     done_steps: int  # steps already trained by an interrupted attempt of this same run
     steps_per_epoch: int
+    rows: list[list[int]] | None = None  # packed: ``order`` cut into rows of store indices (data/packing.py)
 
     @property
     def remaining_order(self) -> list[int]:
         return self.order[self.done_steps * self.examples_per_step:]
 
+    @property
+    def remaining_rows(self) -> list[list[int]]:
+        return (self.rows or [])[self.done_steps * self.examples_per_step:]
 
-def run_id_for(file_hashes: list[str], cfg: Config) -> str:
+
+def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False) -> str:
     """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
     key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
+    if packed:
+        key["packed"] = True  # rows, not examples, make a step: another plan
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None) -> RunPlan:
+def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
+             lengths: Any = None, packed: bool = False) -> RunPlan:
+    """The run's order; with ``lengths`` also its batches (packed rows, or length-grouped examples)."""
     import numpy as np
+
+    from ultimate_trainer.data.packing import lay_out
 
     per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
     total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
@@ -101,11 +112,17 @@ def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInf
     while len(order) < total_examples:
         order.extend(rng.permutation(n_examples).tolist())
     order = order[:total_examples]
-    total_steps = math.ceil(total_examples / per_step)
+    rows = None
+    if lengths is not None:
+        order, rows = lay_out(order, lengths, cfg.training.batch_size, cfg.training.max_seq_length,
+                              cfg.training.seed, packed)
+    units = len(rows) if rows is not None else total_examples
+    total_steps = math.ceil(units / per_step)
+    per_epoch = units * n_examples / total_examples if total_examples else 0
     done = 0
     if resume is not None and resume.meta.get("run_id") == run_id and not resume.meta.get("run_complete", True):
         done = min(int(resume.meta.get("run_step", 0)), total_steps)
-    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(n_examples / per_step)))
+    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(per_epoch / per_step)), rows)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -176,6 +193,7 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
 def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFlag, *,
          max_steps: int | None, dry_run: bool) -> int:
     from ultimate_trainer.data import prepare as data
+    from ultimate_trainer.data.packing import should_pack
     from ultimate_trainer.model.loading import load_tokenizer
 
     # Start point first: it decides which base (and so which tokenizer) this run uses.
@@ -214,8 +232,10 @@ def _run(cfg: Config, files: list[Path], reporter: StatusReporter, stop: StopFla
 
     # Plan: which examples, in which order, how many steps; continue an interrupted attempt.
     hashes = [prepared.reports[str(f)]["sha256"] for f in files]
-    run_id = run_id_for(hashes, cfg)
-    plan = plan_run(len(prepared.train), run_id, cfg, start.checkpoint)
+    lengths = prepared.train.lengths
+    packed = should_pack(cfg.training.packing, lengths, cfg.training.max_seq_length)
+    run_id = run_id_for(hashes, cfg, packed)
+    plan = plan_run(len(prepared.train), run_id, cfg, start.checkpoint, lengths, packed)
     steps_now = plan.total_steps - plan.done_steps
     if max_steps is not None:
         steps_now = min(steps_now, max_steps)
