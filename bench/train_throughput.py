@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training tokens/s of the built-in model on this machine: LoRA and QLoRA, baseline beside project.
 
-    python bench/train_throughput.py [--steps 24] [--batch 8] [--modes lora,qlora]
+    python bench/train_throughput.py [--steps 24] [--batch 8] [--modes lora,qlora] [--packing on,off]
 
 For each mode (LoRA on the fp32 base, QLoRA on the 4-bit NF4 base), in separate processes:
 
@@ -9,7 +9,7 @@ For each mode (LoRA on the fp32 base, QLoRA on the 4-bit NF4 base), in separate 
   no status files, no checkpoints: the floor of what this CPU can do;
 - project: the real ``train.py`` CLI on the same examples (Trainer, status heartbeat, history,
   no evaluation), its tokens/s read from ``status/training_status.json`` (trained, non-padding
-  tokens over the last logged steps; model loading excluded).
+  tokens over the last logged steps; model loading excluded), once per ``training.packing`` value.
 
 Both skip the first two steps (warm-up of the kernels) and count non-padding tokens.
 """
@@ -82,10 +82,10 @@ def baseline(data: Path, batch: int, steps: int, four_bit: bool) -> float:
         return tokens / (time.perf_counter() - t0)
 
 
-def project(data: Path, batch: int, steps: int, four_bit: bool) -> float:
+def project(data: Path, batch: int, steps: int, four_bit: bool, packing: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(REPO / "train.py"), str(data), "--config", str(REPO / "config.json"),
-               "--max-steps", str(steps)]
+               "--max-steps", str(steps), "--set", f"training.packing={packing}"]
         for s in common_sets(batch, four_bit, Path(tmp)):
             cmd += ["--set", s]
         subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
@@ -99,6 +99,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--modes", default="lora,qlora")
+    ap.add_argument("--packing", default="on,off", help="training.packing values to run train.py with")
     ap.add_argument("--worker", choices=["baseline"], help=argparse.SUPPRESS)
     ap.add_argument("--four-bit", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -118,12 +119,13 @@ def main() -> int:
                    "--steps", str(args.steps)] + (["--four-bit"] if four_bit else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             base = json.loads(out)["tokens_per_second"]
-            proj = project(data, args.batch, args.steps, four_bit)
-            rows.append((mode, base, proj))
+            for packing in args.packing.split(","):
+                rows.append((mode, packing, base, project(data, args.batch, args.steps, four_bit, packing)))
         print(f"built-in model (SmolLM2-135M-Instruct), batch {args.batch}, {args.steps} steps, {os.cpu_count()} cores")
-        print(f"{'mode':8} {'baseline tok/s (bare PEFT loop)':>32} {'project tok/s (train.py)':>26} {'ratio':>7}")
-        for mode, base, proj in rows:
-            print(f"{mode:8} {base:32.1f} {proj:26.1f} {proj / base:7.2f}")
+        print(f"{'mode':8} {'packing':8} {'baseline tok/s (bare PEFT loop)':>32} {'project tok/s (train.py)':>26} "
+              f"{'ratio':>7}")
+        for mode, packing, base, proj in rows:
+            print(f"{mode:8} {packing:8} {base:32.1f} {proj:26.1f} {proj / base:7.2f}")
     return 0
 
 

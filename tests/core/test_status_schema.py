@@ -27,7 +27,7 @@ def check_type(value, spec: str) -> bool:
 
 def test_real_run_status_file_matches_documented_schema(tiny_model_dir, make_project, tmp_path):
     cfg = make_project(tiny_model_dir, eval_steps=2)
-    data = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(30)])
+    data = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(150)])  # packed: ~8 a row
     r = run_train(cfg, data, extra=["--max-steps", "4"])
     assert r.returncode == 0, r.stderr
     status = json.loads((cfg.parent / "status" / "training_status.json").read_text())

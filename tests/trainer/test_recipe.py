@@ -41,7 +41,7 @@ def test_second_run_continues_global_step_and_restores_optimizer(tiny_model_dir,
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tiny_model_dir, make_project, tmp_path):
     cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=4)
-    data = write_jsonl(tmp_path / "big.jsonl", records(160, "gamma"))
+    data = write_jsonl(tmp_path / "big.jsonl", records(640, "gamma"))  # packed: ~8 short examples a row
     root = cfg.parent
     sigkill_when(spawn_train(cfg, data),
                  lambda: (ck.newest_complete(root / "checkpoints") or ck.CheckpointInfo(root, 0, {})).global_step >= 8)
@@ -87,7 +87,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_model_dir, make_pro
 
 def test_max_steps_caps_the_run_and_the_next_start_finishes_it(tiny_model_dir, make_project, tmp_path):
     cfg = make_project(tiny_model_dir, eval_steps=0)
-    data = write_jsonl(tmp_path / "e.jsonl", records(30, "eps"))
+    data = write_jsonl(tmp_path / "e.jsonl", records(150, "eps"))  # packed: ~8 short examples a row
     r = run_train(cfg, data, extra=["--max-steps", "2"])
     assert r.returncode == 0, r.stderr
     first = ck.newest_complete(cfg.parent / "checkpoints")

@@ -34,7 +34,7 @@ def adapter(root: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkilled_and_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, make_project, tmp_path):
     data = write_jsonl(tmp_path / "data.jsonl", [chat(f"question {i} about {i % 7}?", f"answer {i * 3}")
-                                                 for i in range(120)])
+                                                 for i in range(400)])  # packed by default: ~8 a row
     straight = make_project(tiny_model_dir, root=tmp_path / "straight", **SETTINGS)
     resumed = make_project(tiny_model_dir, root=tmp_path / "resumed", **SETTINGS)
 

@@ -1,8 +1,14 @@
-"""Batches of token-store examples as tensors: the only module of ``data/`` that needs torch."""
+"""Batches of token-store examples as tensors: the only module of ``data/`` that needs torch.
+
+- ``Collator``: examples padded to the longest in the batch;
+- ``PackedRows`` + ``PackedCollator``: packed rows (data/packing.py plans them), with position ids
+  restarting per example and segment ids from which ``packed_inputs`` builds the block-diagonal
+  attention mask the model's attention kind needs.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,3 +38,91 @@ class Collator:
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+class PackedRows:
+    """``rows[r]`` of a TokenStore as one item: the examples' tokens back to back, with their lengths."""
+
+    def __init__(self, store: Any, rows: Sequence[Sequence[int]]):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> dict[str, list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        seq_lens: list[int] = []
+        for i in self.rows[r]:
+            ex = self.store[int(i)]
+            ids.extend(ex["input_ids"])
+            labels.append(IGNORE_INDEX)  # nothing before it predicts an example's first token
+            labels.extend(ex["labels"][1:])
+            seq_lens.append(len(ex["input_ids"]))
+        return {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
+
+
+class PackedCollator:
+    """Pads packed rows to the longest; adds ``position_ids`` (restarting per example) and
+    ``segment_ids`` (1, 2, ... per example, 0 on padding). ``attention_mask`` stays 2D (1 = a real
+    token) so token counts are right; ``packed_inputs`` turns it into the block-diagonal mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        segments = torch.zeros((n, width), dtype=torch.long)
+        for b, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[b, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[b, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention[b, :k] = 1
+            start = 0
+            for s, length in enumerate(f["seq_lens"], start=1):
+                positions[b, start:start + length] = torch.arange(length)
+                segments[b, start:start + length] = s
+                start += length
+            positions[b, k:] = torch.arange(width - k)  # padding: its own harmless positions
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention, "position_ids": positions,
+                "segment_ids": segments}
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, length, length]`` boolean mask (True = may attend): causal within a segment.
+
+    Padding (segment 0) attends causally to padding only, so no row of the mask is empty (an empty
+    row gives NaN in SDPA, which would reach the gradients through 0 * NaN).
+    """
+    n = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal)[:, None, :, :]
+
+
+def packed_inputs(inputs: dict[str, Any], attn_implementation: str | None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Model inputs for a packed batch (unchanged for an unpacked one), for the model's attention kind.
+
+    - FlashAttention: no mask at all; transformers finds the examples from the restarting
+      ``position_ids`` and runs the varlen kernel.
+    - SDPA / flex / others: the 4D boolean block-diagonal mask.
+    - eager: the same mask as an additive float mask (eager adds the mask to the scores).
+    """
+    if "segment_ids" not in inputs:
+        return inputs
+    inputs = dict(inputs)
+    segments = inputs.pop("segment_ids")
+    if attn_implementation and "flash" in attn_implementation:
+        inputs.pop("attention_mask", None)
+        return inputs
+    mask = block_causal_mask(segments)
+    if attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    inputs["attention_mask"] = mask
+    return inputs

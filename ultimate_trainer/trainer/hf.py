@@ -5,8 +5,8 @@
 - ``EvalCallback`` answers the held-out prompts every ``eval_steps`` and records the scores.
 - ``SealCallback`` seals every checkpoint right after the Trainer wrote it (``on_save``): fsync,
   then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
-
-No Trainer subclass is needed: the recipe (``recipe.train``) hands these to a plain ``Trainer``.
+- ``ContinuousTrainer`` differs from ``Trainer`` only in its loss: packed rows and the chunked
+  loss (``speed.py``), which a callback cannot provide.
 """
 
 from __future__ import annotations
@@ -17,15 +17,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.model import scoring as evaluation
+from ultimate_trainer.trainer import speed
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
+
+
+class ContinuousTrainer(Trainer):
+    """A Trainer whose loss understands packed rows and never materialises the full logits."""
+
+    def __init__(self, *args: Any, cfg: Config, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cfg = cfg
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        # Packed rows and the chunked loss (speed.py); anything else is the Trainer's own loss.
+        return speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
+            ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs)
 
 
 class SealCallback(TrainerCallback):

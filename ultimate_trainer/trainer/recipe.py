@@ -77,14 +77,19 @@ class StopFlag:
 class RunPlan:
     run_id: str
     order: list[int]  # indices into the token store, every epoch of this run concatenated
-    examples_per_step: int
+    examples_per_step: int  # examples per optimizer step; packed rows per step when packed
     total_steps: int
     done_steps: int  # steps already trained by an interrupted attempt of this same run
     steps_per_epoch: int
+    rows: list[list[int]] | None = None  # packed: ``order`` cut into rows of store indices (data/packing.py)
 
     @property
     def remaining_order(self) -> list[int]:
         return self.order[self.done_steps * self.examples_per_step:]
+
+    @property
+    def remaining_rows(self) -> list[list[int]]:
+        return (self.rows or [])[self.done_steps * self.examples_per_step:]
 
 
 @dataclass
@@ -119,14 +124,20 @@ class RunState:
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha})
 
 
-def run_id_for(file_hashes: list[str], cfg: Config) -> str:
+def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False) -> str:
     """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
     key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
+    if packed:
+        key["packed"] = True  # rows, not examples, make a step: another plan
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None) -> RunPlan:
+def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
+             lengths: Any = None, packed: bool = False) -> RunPlan:
+    """The run's order; with ``lengths`` also its batches (packed rows, or length-grouped examples)."""
     import numpy as np
+
+    from ultimate_trainer.data.packing import lay_out
 
     per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
     total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
@@ -135,9 +146,15 @@ def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInf
     while len(order) < total_examples:
         order.extend(rng.permutation(n_examples).tolist())
     order = order[:total_examples]
-    total_steps = math.ceil(total_examples / per_step)
+    rows = None
+    if lengths is not None:
+        order, rows = lay_out(order, lengths, cfg.training.batch_size, cfg.training.max_seq_length,
+                              cfg.training.seed, packed)
+    units = len(rows) if rows is not None else total_examples
+    total_steps = math.ceil(units / per_step)
+    per_epoch = units * n_examples / total_examples if total_examples else 0
     done = min(ck.steps_done(resume.meta, run_id), total_steps) if resume is not None else 0
-    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(n_examples / per_step)))
+    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(per_epoch / per_step)), rows)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -289,8 +306,12 @@ def print_dry_run(run: RunState) -> int:
 
 def plan(run: RunState) -> bool:
     """Fill ``run.plan`` and ``run.steps_now``; False when the run has nothing left to train."""
-    run_id = run_id_for(run.hashes, run.cfg)
-    p = run.plan = plan_run(len(run.prepared.train), run_id, run.cfg, run.start.checkpoint)
+    from ultimate_trainer.data.packing import should_pack
+
+    cfg, lengths = run.cfg, run.prepared.train.lengths
+    packed = should_pack(cfg.training.packing, lengths, cfg.training.max_seq_length)
+    run_id = run_id_for(run.hashes, cfg, packed)
+    p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, packed)
     run.steps_now = p.total_steps - p.done_steps
     if run.max_steps is not None:
         run.steps_now = min(run.steps_now, run.max_steps)
@@ -320,13 +341,12 @@ def load_model(run: RunState) -> None:
 
 def train(run: RunState) -> None:
     """Hand the planned order to the Hugging Face Trainer and train ``run.steps_now`` steps."""
-    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from ultimate_trainer.data.collate import Collator
     from ultimate_trainer.model.loading import compute_dtype
     from ultimate_trainer.model.scoring import AccuracyTracker
-    from ultimate_trainer.trainer import hf
+    from ultimate_trainer.trainer import hf, speed
 
     cfg, start, p, reporter = run.cfg, run.start, run.plan, run.reporter
     collator = Collator(run.tokenizer)
@@ -344,14 +364,18 @@ def train(run: RunState) -> None:
                         tracker, p.run_id, run.stop, run_cb.throughput),
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
+        speed.ThreadGovernor(),
     ]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     if start.kind != "checkpoint" and start.global_step > 0:
         resume_dir = str(hf.write_bootstrap(run.model, cfg.path("work") / "bootstrap", start.global_step, args))
-    trainer = Trainer(model=run.model, args=args, train_dataset=run.prepared.train.select(p.remaining_order),
-                      data_collator=collator, processing_class=run.tokenizer, callbacks=callbacks)
+    train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer)
+    trainer = hf.ContinuousTrainer(model=run.model, args=args, train_dataset=train_dataset,
+                                   data_collator=train_collator, processing_class=run.tokenizer,
+                                   callbacks=callbacks, cfg=cfg)
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
-    log.info("run %s: %d examples, steps %d..%d of the run (global %d -> %d), base %s",
-             p.run_id, len(run.prepared.train), p.done_steps, p.done_steps + run.steps_now,
-             start.global_step, start.global_step + run.steps_now, run.base_path)
+    log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
+             p.run_id, len(run.prepared.train), f" packed in {len(p.rows)} rows" if p.rows is not None else "",
+             p.done_steps, p.done_steps + run.steps_now, start.global_step, start.global_step + run.steps_now,
+             run.base_path)
     trainer.train(resume_from_checkpoint=resume_dir)

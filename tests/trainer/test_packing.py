@@ -1,0 +1,236 @@
+"""Packing and length grouping (ultimate_trainer.data.packing), and the chunked loss (model.loss).
+
+Isolation is checked against the model itself: each example's logits and loss inside a packed row
+must equal those of the example run alone (fp32, within 1e-4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import chat
+from ultimate_trainer.data.encoding import IGNORE_INDEX
+from ultimate_trainer.data.collate import Collator, PackedCollator, PackedRows, block_causal_mask, packed_inputs
+from ultimate_trainer.data.packing import group_by_length, pack_rows, should_pack
+
+TOL = 1e-4
+
+
+def _encode(tokenizer, n: int, seed: int = 0) -> list[dict]:
+    """``n`` chat examples of varied lengths through the project's own encoding (assistant-only labels)."""
+    from ultimate_trainer.data.encoding import encode_batch
+    from ultimate_trainer.data.formats import parse_line
+    import json
+
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta river stone cloud paper light orbit maple copper".split()
+    examples = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, rng.integers(3, 30)))
+        a = " ".join(rng.choice(words, rng.integers(2, 40)))
+        ex = parse_line(json.dumps(chat(q, a)).encode(), "You are a helpful assistant.", 10**6)
+        examples.append(ex)
+    out = []
+    for ids, labels in encode_batch(tokenizer, examples, 1024, "skip"):
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+class _ListStore:
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at each position predicting the next token (0 where the next label is -100)."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX,
+                                             reduction="none")
+
+
+def _check_isolation(model, tokenizer, examples: list[dict]) -> None:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = pack_rows(list(range(len(examples))), np.array([len(e["input_ids"]) for e in examples]), 256, seed=0)
+    assert any(len(r) > 1 for r in rows), "the test data must actually pack"
+    assert sorted(i for r in rows for i in r) == list(range(len(examples)))
+    batch = PackedCollator(pad)([PackedRows(_ListStore(examples), rows)[r] for r in range(len(rows))])
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        packed = model(**packed_inputs(batch, impl)).logits
+        for b, row in enumerate(rows):
+            start = 0
+            for i in row:
+                ex = examples[i]
+                k = len(ex["input_ids"])
+                alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+                inside = packed[b, start:start + k]
+                assert torch.allclose(inside, alone, atol=TOL, rtol=0), \
+                    f"example {i}: logits differ by {(inside - alone).abs().max():.2e}"
+                labels = torch.tensor(ex["labels"])
+                packed_labels = batch["labels"][b, start:start + k]
+                # the loss mask is the example's own (assistant tokens only) apart from its first token
+                assert torch.equal(packed_labels[1:], labels[1:]) and packed_labels[0] == IGNORE_INDEX
+                lone_loss = _per_token_losses(alone, labels)
+                packed_loss = _per_token_losses(inside, packed_labels)
+                assert torch.allclose(lone_loss, packed_loss, atol=TOL, rtol=0)
+                start += k
+
+
+# ----------------------------------------------------------------------------------- pure functions
+
+def test_pack_rows_fills_rows_within_capacity_and_is_deterministic():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 200, size=500)
+    order = rng.permutation(500).tolist() + rng.permutation(500).tolist()  # two epochs
+    rows = pack_rows(order, lengths, 256, seed=7)
+    assert rows == pack_rows(order, lengths, 256, seed=7)
+    assert sorted(i for r in rows for i in r) == sorted(order)  # every planned position exactly once
+    assert all(sum(int(lengths[i]) for i in r) <= 256 for r in rows)
+    used = sum(int(lengths[i]) for i in order)
+    assert used / (len(rows) * 256) > 0.9  # best fit leaves little room
+
+
+def test_pack_rows_gives_an_overlong_example_its_own_row():
+    rows = pack_rows([0, 1, 2], np.array([300, 10, 10]), 256, seed=0)
+    assert [0] in rows and sorted(i for r in rows for i in r) == [0, 1, 2]
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_the_examples():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(5, 1000, size=4096)
+    order = rng.permutation(4096).tolist()
+    grouped = group_by_length(order, lengths, 8, seed=0)
+    assert sorted(grouped) == sorted(order)
+    assert grouped == group_by_length(order, lengths, 8, seed=0)
+
+    def padding(o: list[int]) -> int:
+        return sum(8 * max(lengths[o[k:k + 8]]) - sum(lengths[o[k:k + 8]]) for k in range(0, len(o), 8))
+
+    assert padding(grouped) < padding(order) / 5
+    # windows keep the plan's coarse order: the first window holds only the plan's first examples
+    window = 8 * 64
+    assert set(grouped[:window]) == set(order[:window])
+
+
+def test_should_pack_auto_packs_short_examples_only():
+    assert should_pack("auto", np.array([100, 200, 300]), 2048)
+    assert not should_pack("auto", np.array([1500, 1900]), 2048)
+    assert should_pack("on", np.array([1500]), 2048) and not should_pack("off", np.array([10]), 2048)
+
+
+def test_block_causal_mask_is_causal_within_segments_only():
+    seg = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    m = block_causal_mask(seg)[0, 0]
+    assert m[1, 0] and not m[0, 1]  # causal inside example 1
+    assert not m[2, 1] and m[4, 2]  # example 2 never sees example 1
+    assert not m[5, 4] and m[5, 5]  # padding sees only padding (never an empty row)
+
+
+def test_packed_collator_restarts_positions_and_counts_real_tokens():
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, -100, 9], "seq_lens": [2, 3]},
+            {"input_ids": [1, 2], "labels": [-100, 2], "seq_lens": [2]}]
+    b = PackedCollator(0)(rows)
+    assert b["position_ids"][0].tolist() == [0, 1, 0, 1, 2]
+    assert b["segment_ids"].tolist() == [[1, 1, 2, 2, 2], [1, 1, 0, 0, 0]]
+    assert int(b["attention_mask"].sum()) == 7 and b["labels"][1, 2:].eq(-100).all()
+
+
+# ----------------------------------------------------------------------------------- on a model
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_examples_are_isolated_on_a_tiny_model(tiny, impl: str):
+    model, tok = tiny
+    model.set_attn_implementation(impl)
+    try:
+        _check_isolation(model, tok, _encode(tok, 12))
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.e2e
+def test_packed_examples_are_isolated_on_the_builtin_model(builtin_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32).eval()
+    _check_isolation(model, tok, _encode(tok, 8, seed=3))
+
+
+def test_chunked_loss_and_gradients_equal_the_models_own(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert supports_chunked_loss(model)
+    batch = Collator(tok)(_encode(tok, 6, seed=4))
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    for n_items in (None, targets + 5):  # the Trainer's num_items_in_batch (accumulation) and the plain mean
+        model.zero_grad()
+        plain = model(**batch, num_items_in_batch=n_items).loss
+        plain.backward()
+        plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        chunked = chunked_causal_lm_loss(model, batch, num_items_in_batch=n_items, chunk_tokens=7)
+        chunked.backward()
+        assert torch.allclose(chunked, plain, atol=1e-5), (float(chunked), float(plain))
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, plain_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+# ----------------------------------------------------------------------------------- through train.py
+
+def _adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("packing", ["on", "off"])
+def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(tiny_model_dir, make_project, tmp_path, packing):
+    """Two steps, a stop, the rest == the whole run at once: same rows, same order, same weights."""
+    from tests.conftest import run_train, write_jsonl
+    from ultimate_trainer.core import checkpoints as ck
+
+    rng = np.random.default_rng(5)
+    words = "alpha beta gamma delta river stone cloud paper".split()
+    recs = [chat(" ".join(rng.choice(words, rng.integers(2, 40))), " ".join(rng.choice(words, rng.integers(1, 30))))
+            for _ in range(60)]
+    data = write_jsonl(tmp_path / "mixed.jsonl", recs)
+    finals = []
+    for name, stops in (("whole", []), ("resumed", [["--max-steps", "2"]])):
+        cfg = make_project(tiny_model_dir, root=tmp_path / name, eval_steps=0, training__packing=packing,
+                           data__heldout_fraction=0.0)
+        for extra in stops:
+            r = run_train(cfg, data, extra=extra)
+            assert r.returncode == 0, r.stderr
+            assert not ck.newest_complete(cfg.parent / "checkpoints").meta["run_complete"]
+        r = run_train(cfg, data)
+        assert r.returncode == 0, r.stderr
+        assert ("packed in" in r.stderr) == (packing == "on")
+        finals.append(ck.newest_complete(cfg.parent / "checkpoints"))
+    whole, resumed = finals
+    assert resumed.global_step == whole.global_step == whole.meta["run_total_steps"]
+    if packing == "on":
+        assert whole.meta["run_total_steps"] < 60 / 2  # rows, fewer than one example a row
+    a, b = _adapter(whole.path), _adapter(resumed.path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

@@ -1,0 +1,83 @@
+"""What makes a training step fast, as the Trainer sees it (see docs/TRAINING.md, "Batches and speed"):
+
+- ``training_data``: the run plan's batches, packed rows (``PackedRows`` + ``PackedCollator``)
+  or length-grouped examples (the TokenStore view + the padding ``Collator``);
+- ``compute_loss``: a packed batch gets its block-diagonal mask for the model's attention kind,
+  and the loss is the chunked one (model/loss.py) whenever the model supports it;
+- ``ThreadGovernor``: keeps the intra-op thread count at the cores other processes leave free
+  (core/threads.py says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+from ultimate_trainer.core import threads
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.data.collate import PackedCollator, PackedRows, packed_inputs
+from ultimate_trainer.data.collate import Collator
+from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
+
+log = logging.getLogger(__name__)
+
+
+def training_data(store: Any, plan: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """``(dataset, collator)`` for what is left of ``plan``."""
+    pad = Collator(tokenizer).pad_token_id
+    if plan.rows is not None:
+        return PackedRows(store, plan.remaining_rows), PackedCollator(pad)
+    return store.select(plan.remaining_order), Collator(pad_token_id=pad)
+
+
+def compute_loss(cfg: Config, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
+                 default: Callable[[dict[str, Any]], Any], return_outputs: bool) -> Any:
+    """The step's loss: packed inputs made model-ready, then the chunked loss or ``default(inputs)``."""
+    config = getattr(model, "config", None)
+    inputs = packed_inputs(inputs, getattr(config, "_attn_implementation", None),
+                           getattr(model, "dtype", torch.float32))
+    if cfg.training.chunked_loss and model.training and not return_outputs and supports_chunked_loss(model):
+        return chunked_causal_lm_loss(model, inputs, num_items_in_batch)
+    return default(inputs)
+
+
+class ThreadGovernor(TrainerCallback):
+    """Every ``interval`` seconds, sets torch's intra-op threads to the cores others leave free."""
+
+    def __init__(self, interval: float = 5.0):
+        self.interval = interval
+        self.enabled = not threads.user_fixed_threads()
+        self.cpus = sorted(psutil.Process().cpu_affinity() or range(psutil.cpu_count() or 1))
+        self.proc = psutil.Process()
+        self.last: tuple[float, float, float] | None = None
+
+    def _sample(self) -> tuple[float, float, float]:
+        per_cpu = psutil.cpu_times(percpu=True)
+        busy = sum(per_cpu[c].user + per_cpu[c].system + per_cpu[c].nice for c in self.cpus if c < len(per_cpu))
+        own = self.proc.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.enabled = self.enabled and (args.use_cpu or not torch.cuda.is_available())  # CPU training only
+        if self.enabled:
+            self.last = self._sample()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.enabled or self.last is None:
+            return
+        now = self._sample()
+        dt = now[0] - self.last[0]
+        if dt < self.interval:
+            return
+        elsewhere = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / dt
+        self.last = now
+        want = threads.free_cpus(elsewhere, len(self.cpus))
+        if want != torch.get_num_threads():
+            log.info("CPU: other processes use %.1f of %d cores: %d -> %d training threads", elsewhere,
+                     len(self.cpus), torch.get_num_threads(), want)
+            torch.set_num_threads(want)
