@@ -60,6 +60,12 @@ class Example:
     line: int = 0
     heldout: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    skill: str | None = None  # metadata.skill: accuracy is also broken down by it
+
+    def __post_init__(self) -> None:
+        if self.skill is None and self.metadata:
+            skill = self.metadata.get("skill")
+            self.skill = (skill.strip() or None) if isinstance(skill, str) else None
 
     @property
     def is_text(self) -> bool:

@@ -19,6 +19,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, TrainerControl, TrainerState
 
 from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core import lineage
+from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
@@ -159,7 +161,8 @@ class EvalCallback(TrainerCallback):
         for ex, generated in zip(self.heldout, answers):
             correct = evaluation.score(ev.matcher, generated, ex.expected)
             examples.append({"global_step": global_step, "prompt": ex.prompt_text, "expected": ex.expected,
-                             "generated": generated, "correct": correct, "matcher": ev.matcher, "source": ex.source})
+                             "generated": generated, "correct": correct, "matcher": ev.matcher, "source": ex.source,
+                             "skill": getattr(ex, "skill", None)})
         val_loss = None
         if ev.val_loss and self.heldout_encoded:
             val_loss = evaluation.validation_loss(self.model, self.heldout_encoded, ev.batch_size, self.collator)
@@ -262,13 +265,16 @@ def build_and_train(cfg: Config, *, files: list[Path], prepared: Any, tokenizer:
         margin_last_20=cfg.eval.margin_last_20, margin_last_50=cfg.eval.margin_last_50,
         margin_trend=cfg.eval.margin_trend)
     reporter.update(accuracy=tracker.snapshot())
-    file_entries = [{"name": f.name, "sha256": h} for f, h in zip(files, hashes)]
+    file_entries = lineage.run_files(files, prepared.reports, now_iso())  # what train.py --lineage reads
+    parent = {"kind": start.kind, "name": (start.consolidation.path.name if start.consolidation else
+                                           start.checkpoint.name if start.checkpoint else None)}
 
     def checkpoint_meta(global_step: int) -> dict[str, Any]:
         run_step = plan.done_steps + global_step - start.global_step
         return {"global_step": global_step, "run_id": plan.run_id, "run_step": run_step,
                 "run_total_steps": plan.total_steps, "run_complete": run_step >= plan.total_steps,
-                "files": file_entries, "base_model": str(base_path), "base_model_name": cfg.base_model,
+                "files": file_entries, "run_started_at": file_entries[0]["trained_at"] if file_entries else None,
+                "parent": parent, "base_model": str(base_path), "base_model_name": cfg.base_model,
                 "load_in_4bit": cfg.load_in_4bit, "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha}}
 
     names = [f.name for f in files]
