@@ -4,6 +4,7 @@ lineage; the Host guard; and that starting it imports no torch."""
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -16,9 +17,9 @@ from ultimate_trainer.core.config import load as load_config
 
 
 def text(message: dict) -> str:
-    """A chat message's text: Gradio returns the content as text parts."""
+    """A chat message's text: Gradio returns the content as text parts, HTML-escaped by the workbench."""
     c = message["content"]
-    return c if isinstance(c, str) else "".join(p["text"] for p in c)
+    return html.unescape(c if isinstance(c, str) else "".join(p["text"] for p in c))
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,10 @@ def test_chat_base_and_a_checkpoint_answer_differently(client):
                            api_name="/chat")
     assert [m["role"] for m in again[0]] == ["user", "assistant", "user", "assistant"]
     assert text(again[0][1]) == answer_ckpt and text(again[0][2]) == "And then?"
+    # Shown as text: the chat boxes get HTML-escaped content (Gradio would render markup).
+    marked = client.predict("<b>bold?</b>", [], [], "base", "base", False, "", 2, 0.0, 1.0, api_name="/chat")
+    raw = marked[0][0]["content"]
+    assert "&lt;b&gt;bold?&lt;/b&gt;" in (raw if isinstance(raw, str) else raw[0]["text"])
 
 
 def test_compare_mode_answers_one_conversation_with_two_models(client):

@@ -20,6 +20,7 @@ the network. Texts from data and models are shown as text (no Markdown or HTML r
 from __future__ import annotations
 
 import errno
+import html
 import logging
 import os
 import socket
@@ -68,8 +69,15 @@ def _text(content: Any) -> str:
 
 
 def _turns(history: list[Any] | None) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": _text(m.get("content"))} for m in history or []
+    """The conversation as the model sees it: the chat boxes hold HTML-escaped text (see ``_shown``)."""
+    return [{"role": m["role"], "content": html.unescape(_text(m.get("content")))} for m in history or []
             if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+
+
+def _shown(conv: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A conversation for a chat box. Gradio's chat box renders HTML even with Markdown off, so texts
+    from users and models are escaped: ``<b>`` shows as ``<b>``, never as bold, never as markup."""
+    return [{"role": m["role"], "content": html.escape(m["content"], quote=False)} for m in conv]
 
 
 class Workbench:
@@ -88,7 +96,7 @@ class Workbench:
              ) -> Iterator[tuple[list[dict[str, str]], list[dict[str, str]], str, str]]:
         a, b = _turns(hist_a), _turns(hist_b)
         if not (message or "").strip():
-            yield a, b, "", "type a message first"
+            yield _shown(a), _shown(b), "", "type a message first"
             return
         head = [{"role": "system", "content": system}] if (system or "").strip() else []
         a.append({"role": "user", "content": message})
@@ -103,13 +111,13 @@ class Workbench:
                 for loaded, text in self.pool.stream(key, asked, int(max_new_tokens), float(temperature),
                                                      float(top_p)):
                     conv[-1]["content"] = text
-                    yield a, b, "", "; ".join(notes + [f"{loaded.spec.label}: answering on {loaded.where}"])
+                    yield _shown(a), _shown(b), "", "; ".join(notes + [f"{loaded.spec.label}: answering on {loaded.where}"])
                 notes.append(f"{loaded.spec.label} on {loaded.where}")
             except Exception as e:  # a load or generation that fails is reported; the app keeps running
                 log.warning("chat with %s failed: %s", key, e)
                 conv.pop()
                 notes.append(f"{key}: cannot answer: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            yield a, b, "", "; ".join(notes)
+            yield _shown(a), _shown(b), "", "; ".join(notes)
 
     # ----------------------------------------------------------------- evaluate
     def evaluate(self, keys: list[str], set_kind: str, upload: str | None) -> tuple[Any, Any, Any, str]:
@@ -159,7 +167,7 @@ class Workbench:
     def answers(self, verdict: str, file: str, skill: str, step_min: float | None, step_max: float | None) -> Any:
         rows = hist.answers(self.status_dir, verdict or "all", file or "", skill or "",
                             None if step_min in (None, "") else int(step_min),
-                            None if step_max in (None, "") else int(step_max))
+                            None if step_max in (None, "") or int(step_max) <= 0 else int(step_max))
         return _df(rows, ["step", "correct", "file", "skill", "prompt", "expected", "generated", "source"])
 
     # ----------------------------------------------------------------- lineage
@@ -262,8 +270,8 @@ def build_ui(wb: Workbench) -> Any:
                     verdict = gr.Radio(["all", "right", "wrong"], value="all", label="Answers")
                     file_f = gr.Dropdown([""], value="", label="File", allow_custom_value=True)
                     skill_f = gr.Dropdown([""], value="", label="Skill", allow_custom_value=True)
-                    step_min = gr.Number(label="From step", precision=0)
-                    step_max = gr.Number(label="To step", precision=0)
+                    step_min = gr.Number(None, label="From step", precision=0)
+                    step_max = gr.Number(None, label="To step (0: no limit)", precision=0)
                 browse = gr.Button("Show")
                 table = gr.Dataframe(label="Scored answers (newest first, at most 500)", interactive=False, wrap=True)
                 refresh.click(wb.history, None, [acc_skill, acc_file, loss, grad, file_f, skill_f], api_name="history")
