@@ -2,6 +2,7 @@
 """Fine-tune the model on JSONL files, continuing from the last checkpoint.
 
     python train.py FILE.jsonl [FILE ...] [--config PATH] [--set KEY=VALUE ...] [--max-steps N] [--dry-run]
+    python train.py --lineage [CHECKPOINT | CONSOLIDATION | FILE | all]
 
 Exit codes: 0 trained (or stopped cleanly), 1 failure, 2 configuration, 3 data, 4 model (docs/STATUS.md).
 """

@@ -19,6 +19,10 @@ from typing import Any, Callable
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"  # screenshots of the browser tests
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright drives it (it cannot download its own here)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 if str(REPO) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repository root there
     sys.path.insert(0, str(REPO))
 

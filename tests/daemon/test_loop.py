@@ -323,34 +323,77 @@ def test_disk_going_critical_mid_run_pauses_then_resumes(proj: Path, monkeypatch
     assert_each_file_once(proj, {"a.jsonl": 30}, set())
 
 
-def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _free_ports(n: int) -> list[int]:
     import socket
 
-    from ultimate_trainer.core.config import REPO_DIR as CODE_DIR
-    from ultimate_trainer.daemon.children import ChildSet
-
     ports = []
-    for _ in range(2):
+    for _ in range(n):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
+    return ports
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as c:
+        return c.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ultimate_trainer.core.config import REPO_DIR as CODE_DIR
+    from ultimate_trainer.daemon.children import ChildSet
+
+    ports = _free_ports(3)
     monkeypatch.chdir(proj)
-    sets = [f"monitor.port={ports[0]}", f"monitor.stats_port={ports[1]}"]
+    sets = [f"monitor.port={ports[0]}", f"monitor.stats_port={ports[1]}", f"monitor.workbench_port={ports[2]}"]
     cfg = config_mod.load(proj / "config.json", sets)
     kids = ChildSet()
     kids.start_monitors(cfg, ["--config", str(proj / "config.json"), *[a for s in sets for a in ("--set", s)]], CODE_DIR)
     try:
         st = kids.status(cfg)
-        assert st["monitor"]["running"] and st["stats_api"]["running"]
-        assert (st["monitor"]["port"], st["stats_api"]["port"]) == tuple(ports)
-
-        def listening(port: int) -> bool:
-            with socket.socket() as c:
-                return c.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(lambda: listening(ports[0]) and listening(ports[1]), timeout=120)
+        assert st["monitor"]["running"] and st["stats_api"]["running"] and st["workbench"]["running"]
+        assert (st["monitor"]["port"], st["stats_api"]["port"], st["workbench"]["port"]) == tuple(ports)
+        wait_for(lambda: all(_listening(p) for p in ports), timeout=120)
         procs = list(kids.procs.values())
     finally:
         kids.stop_all()
     assert all(p.poll() is not None for p in procs)
-    assert not kids.status(cfg)["monitor"]["running"]
+    assert not kids.status(cfg)["monitor"]["running"] and not kids.status(cfg)["workbench"]["running"]
+
+
+def test_daemon_starts_and_stops_the_workbench_and_a_second_daemon_starts_none(proj: Path) -> None:
+    import urllib.request
+
+    import psutil
+
+    ports = _free_ports(3)
+    sets = [s for s in FAST if not s.startswith("daemon.start_monitors")] + [
+        f"monitor.port={ports[0]}", f"monitor.stats_port={ports[1]}", f"monitor.workbench_port={ports[2]}"]
+
+    def workbenches() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any(c.endswith("workbench.py") for c in cmd) and f"monitor.workbench_port={ports[2]}" in cmd:
+                out.append(p)
+        return out
+
+    first = start(proj, sets=sets)
+    try:
+        wait_for(lambda: _listening(ports[2]), timeout=120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/health", timeout=120) as resp:
+            assert json.loads(resp.read())["ok"] is True  # the workbench itself answers there
+        assert len(workbenches()) == 1
+        second = start(proj, sets=sets)
+        code, out = finish(second)
+        assert code == 1 and "another daemon is running" in out, out
+        assert len(workbenches()) == 1 and _listening(ports[2])
+        first.send_signal(signal.SIGTERM)
+        code, out = finish(first)
+        assert code == 0, out
+    finally:
+        if first.poll() is None:
+            first.kill()
+    wait_for(lambda: not workbenches() and not _listening(ports[2]), timeout=30)

@@ -9,6 +9,7 @@ import signal
 
 from conftest import chat, optimizer_step, run_train, sigkill_when, spawn_train, wait_for, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core.lineage import Lineage
 
 
 def records(n: int, tag: str) -> list[dict]:
@@ -37,6 +38,12 @@ def test_second_run_continues_global_step_and_restores_optimizer(tiny_model_dir,
     assert status["current_files"] == ["b.jsonl"]
     steps = [json.loads(line)["global_step"] for line in (root / "status/history/steps.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == last.global_step
+    # Lineage: the second run's checkpoint contains both runs' files, as recorded by the trainer.
+    files = Lineage(root / "checkpoints", root / "models").of(last)["files"]
+    assert [(f["name"], f["size"], f["run_id"]) for f in files] == [
+        ("a.jsonl", a.stat().st_size, first.meta["run_id"]), ("b.jsonl", b.stat().st_size, last.meta["run_id"])]
+    assert all(f["examples"] > 0 and f["trained_at"] and f["sha256"] and not f["partial"] for f in files)
+    assert last.meta["parent"] == {"kind": "checkpoint", "name": first.name}
 
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tiny_model_dir, make_project, tmp_path):

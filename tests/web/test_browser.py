@@ -10,18 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 
 import pytest
 
 from _web_helpers import ServerThread, live_status_dir
-from conftest import REPO
+from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS as ARGS
 from ultimate_trainer.web.monitor import create_app
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = REPO / "artifacts"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -42,7 +36,7 @@ def browser():
 @pytest.fixture()
 def server(tmp_path):
     sd = live_status_dir(tmp_path / "status")
-    with ServerThread(create_app(sd, refresh_seconds=0.5)) as srv:
+    with ServerThread(create_app(sd, refresh_seconds=0.5, workbench_port=8082)) as srv:
         yield srv
 
 
@@ -90,6 +84,8 @@ def test_page_shows_the_figures_and_runs_no_injected_script(browser, server):
         assert "broken<img src=x onerror=alert(1)>.jsonl:2:" in page.text_content("#bad-list")
         assert page.locator("main script, main img, #alerts img").count() == 0
         assert page.evaluate("typeof window.__xss") == "undefined"
+        assert "geo.jsonl" in page.text_content("#skills-body") and "0/1" in page.text_content("#skills-body")
+        assert page.get_attribute("#workbench-link", "href").endswith(":8082/")
         assert not [p for p in problems if "dialog" in p or "Content Security Policy" in p or "page error" in p], problems
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "monitor-desktop-dark.png"), full_page=True)

@@ -180,3 +180,23 @@ def test_wildcard_bind_accepts_this_machines_names_only(live):
     assert c.get("/api/state", headers={"Host": f"{socket.gethostname()}:8080"}).status_code == 200
     assert c.get("/api/state", headers={"Host": "evil.example:8080"}).status_code == 403
 
+
+
+def test_state_has_accuracy_per_skill_with_a_trend_and_the_workbench_port(live):
+    r = create_app(live, workbench_port=8082).test_client().get("/api/state")
+    st = r.get_json()
+    assert st["workbench_port"] == 8082
+    # The fixture's answers carry no skill: each file is its own skill. The last evaluation is step 1120.
+    assert st["skills"]["step"] == 1120
+    assert [(s["skill"], s["correct"], s["total"]) for s in st["skills"]["skills"]] == [
+        ("geo.jsonl", 0, 1), ("日本語.jsonl", 1, 1)]
+    # New evaluations with metadata.skill recorded: the breakdown follows, with a trend per skill.
+    for step, ok in ((1130, [True, False]), (1140, [True, True])):
+        for i, correct in enumerate(ok):
+            status.append_jsonl(live / status.EXAMPLES_HISTORY, {
+                "global_step": step, "correct": correct, "source": f"math.jsonl:{i}", "skill": "arithmetic"})
+    st = create_app(live).test_client().get("/api/state").get_json()
+    assert st["workbench_port"] is None
+    (arith,) = st["skills"]["skills"]
+    assert arith == {"skill": "arithmetic", "correct": 2, "total": 2, "accuracy": 100.0,
+                     "trend": [[1130, 50.0], [1140, 100.0]]}

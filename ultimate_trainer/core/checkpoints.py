@@ -57,15 +57,19 @@ def _fsync_tree(path: Path) -> None:
 
 def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps: int,
                 files: list[dict[str, Any]], base_model: str, base_model_name: str | None = None,
-                load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None) -> dict[str, Any]:
+                load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None,
+                run_started_at: str | None = None, parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """The marker's fields (docs/STATUS.md, "Checkpoints"): the one place they are spelled.
 
-    ``files`` lists the run's input files, each ``{"name", "sha256", ...}``; ``run_complete`` says
-    whether this checkpoint ends its run (a checkpoint saved part-way lets the run be continued).
+    ``files`` lists the run's input files, each ``{"name", "sha256", "size", "examples",
+    "trained_at"}`` (``core/lineage.run_files``); ``run_complete`` says whether this checkpoint ends
+    its run (a checkpoint saved part-way lets the run be continued); ``parent`` is where the run
+    started (``{"kind": "fresh" | "checkpoint" | "consolidation", "name"}``), for the lineage.
     """
     return {"global_step": global_step, "run_id": run_id, "run_step": run_step, "run_total_steps": run_total_steps,
-            "run_complete": run_step >= run_total_steps, "files": files, "base_model": base_model,
-            "base_model_name": base_model_name, "load_in_4bit": load_in_4bit, "lora": lora}
+            "run_complete": run_step >= run_total_steps, "files": files, "run_started_at": run_started_at,
+            "parent": parent, "base_model": base_model, "base_model_name": base_model_name,
+            "load_in_4bit": load_in_4bit, "lora": lora}
 
 
 def run_complete(meta: dict[str, Any]) -> bool:

@@ -136,6 +136,7 @@ class DaemonConfig:
     poll_interval: float = _f(10.0, "Seconds between scans of the inbox.", min=0.1)
     file_stable_seconds: float = _f(5.0, "A file is taken once its size and mtime are unchanged this long.", min=0.0)
     start_monitors: bool = _f(True, "Start monitor_server.py and memory_stats_api.py as children.")
+    start_workbench: bool = _f(True, "Also start workbench.py (the model workbench, monitor.workbench_port) as a child.")
     skip_duplicates: bool = _f(True, "Do not retrain a file byte-identical to one already trained.")
     batch_max_files: int = _f(64, "Most files handed to one training run.", min=1)
     batch_max_mb: float = _f(1024.0, "Most megabytes handed to one training run.", min=0.001)
@@ -150,9 +151,18 @@ class DaemonConfig:
 
 @dataclass
 class MonitorConfig:
-    host: str = _f("127.0.0.1", "Address both servers bind.")
+    host: str = _f("127.0.0.1", "Address the web servers bind.")
     port: int = _f(8080, "Port of the live monitor page.", min=1, max=65535)
     stats_port: int = _f(8081, "Port of the memory/GPU stats API.", min=1, max=65535)
+    workbench_port: int = _f(8082, "Port of the model workbench (chat, compare, evaluate, history, lineage).",
+                             min=1, max=65535)
+    workbench_models: int = _f(2, "Models the workbench keeps loaded at once; the least recently used is evicted.",
+                               min=1, max=4)
+    workbench_threads: int = _f(2, "CPU threads the workbench generates with (at low priority, beside training).",
+                                min=1)
+    workbench_gpu_margin_gb: float = _f(
+        2.0, "GPU memory that must stay free beyond a model's size for the workbench to load it there (else CPU).",
+        min=0.0)
     refresh_seconds: float = _f(2.0, "How often the page refreshes.", min=0.2)
     sample_interval: float = _f(1.0, "Seconds between RAM/GPU samples.", min=0.1)
     oom_medium_percent: float = _f(70.0, "System RAM use at which OOM risk is MEDIUM.", min=1.0, max=100.0)
@@ -283,6 +293,8 @@ def _contradictions(cfg: Config) -> list[str]:
         p.append("monitor.oom_medium_percent: must be below monitor.oom_high_percent")
     if cfg.monitor.port == cfg.monitor.stats_port:
         p.append("monitor.stats_port: must differ from monitor.port")
+    if cfg.monitor.workbench_port in (cfg.monitor.port, cfg.monitor.stats_port):
+        p.append("monitor.workbench_port: must differ from monitor.port and monitor.stats_port")
     if cfg.daemon.retry_initial_seconds > cfg.daemon.retry_max_seconds:
         p.append("daemon.retry_initial_seconds: must not exceed daemon.retry_max_seconds")
     if cfg.eval.max_new_tokens >= cfg.training.max_seq_length:

@@ -1,4 +1,5 @@
-"""The monitor servers the daemon brings up as children (``monitor_server.py``, ``memory_stats_api.py``).
+"""The servers the daemon brings up as children (``monitor_server.py``, ``memory_stats_api.py`` and,
+with ``daemon.start_workbench``, ``workbench.py``).
 
 Started once each, in their own session (a terminal Ctrl-C reaches the daemon, which stops them in
 order); a server script that is missing from the install is skipped with a note.
@@ -17,7 +18,7 @@ from ultimate_trainer.core.config import Config
 
 log = logging.getLogger(__name__)
 
-MONITORS = {"monitor": "monitor_server.py", "stats_api": "memory_stats_api.py"}
+MONITORS = {"monitor": "monitor_server.py", "stats_api": "memory_stats_api.py", "workbench": "workbench.py"}
 STOP_TIMEOUT = 10.0
 
 
@@ -27,6 +28,8 @@ class ChildSet:
 
     def start_monitors(self, cfg: Config, cfg_args: list[str], code_dir: Path) -> None:
         for key, script in MONITORS.items():
+            if key == "workbench" and not cfg.daemon.start_workbench:
+                continue
             path = code_dir / script
             if not path.exists():
                 log.info("%s is not there; the daemon runs without it", script)
@@ -38,7 +41,8 @@ class ChildSet:
                 log.error("cannot start %s: %s", script, e)
 
     def status(self, cfg: Config) -> dict[str, Any]:
-        ports = {"monitor": cfg.monitor.port, "stats_api": cfg.monitor.stats_port}
+        ports = {"monitor": cfg.monitor.port, "stats_api": cfg.monitor.stats_port,
+                 "workbench": cfg.monitor.workbench_port}
         out = {}
         for key in MONITORS:
             p = self.procs.get(key)

@@ -252,3 +252,48 @@ def attach_lora(cfg: Config, model: Any, adapter_dir: str | None = None) -> Any:
                     "the resumed adapter keeps its shape until the next consolidation",
                     cfg.lora.r, cfg.lora.alpha, saved.get("r"), saved.get("lora_alpha"))
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+
+
+# --------------------------------------------------------------------------- inference (the workbench)
+
+GiB = 1024**3
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of the weight files in a model folder: the estimate of what loading it takes."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.glob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+
+
+def inference_device(cfg: Config, base_path: str, margin_gb: float) -> tuple[str, str]:
+    """``(device, why)`` for a model to answer with, beside a training run that may share the GPU.
+
+    The GPU only when its free memory holds the weights (as stored, an over-estimate for bf16 or
+    4-bit) plus ``margin_gb``; otherwise the CPU, and ``why`` says so.
+    """
+    import torch
+
+    if cfg.training.device == "cpu" or not torch.cuda.is_available():
+        return "cpu", "CPU (no GPU in use)"
+    need = weights_bytes(base_path) + margin_gb * GiB
+    free, _total = torch.cuda.mem_get_info(0)
+    if free >= need:
+        return "cuda", f"GPU ({free / GiB:.1f} GiB free, needs {need / GiB:.1f} GiB with the margin)"
+    return "cpu", f"CPU: the GPU has {free / GiB:.1f} GiB free, {need / GiB:.1f} GiB needed with the margin"
+
+
+def load_inference_model(cfg: Config, base_path: str, adapter_dir: str | None, device: str,
+                         quantize: bool = False) -> Any:
+    """A model to answer with: the base (4-bit only when asked and on a GPU), plus a checkpoint's
+    adapter when ``adapter_dir`` is given, in eval mode with the KV cache on."""
+    from peft import PeftModel
+
+    model = load_base_model(cfg, base_path, quantize=quantize and device == "cuda", device=device)
+    if adapter_dir is not None:
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = True
+    model.eval()
+    return model

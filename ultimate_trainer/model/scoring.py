@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ultimate_trainer.core import status
 
@@ -259,3 +259,52 @@ def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batc
     finally:
         model.train(was_training)
     return total / count if count else None
+
+
+def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str]:
+    """The model's answer to a chat, yielded as it grows (the whole text so far each time).
+
+    Greedy at ``temperature`` 0, else sampled. Generation runs in a helper thread that a streamer
+    feeds; it is joined before returning, also when the caller stops iterating early.
+    """
+    import threading
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id or tokenizer.eos_token_id)
+    if temperature > 0:
+        gc.do_sample, gc.temperature, gc.top_p = True, temperature, top_p
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    enc = {k: v.to(_device(model)) for k, v in enc.items()}
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    def work() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(**enc, generation_config=gc, streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([_Stop()]))
+        except BaseException as e:  # reported to the caller below
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True, name="generate")
+    thread.start()
+    out = ""
+    try:
+        for piece in streamer:
+            out += piece
+            yield out
+    finally:
+        stop.set()  # a caller that stopped listening (a closed page) stops the generation too
+        thread.join()
+    if failure:
+        raise failure[0]

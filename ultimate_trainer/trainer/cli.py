@@ -16,18 +16,26 @@ from ultimate_trainer.core.logs import setup_logging
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py", description="Fine-tune (QLoRA) on JSONL files, continuing from the last checkpoint.")
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
                         help="training data: JSONL (one example a line) or a JSON array of examples (.json)")
     config.add_arguments(parser)
     parser.add_argument("--max-steps", type=int, metavar="N", help="cap the optimizer steps of this run")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate config and data, print counts and token lengths; train nothing")
+    parser.add_argument("--lineage", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="print the input files a checkpoint or consolidation contains (default: the newest "
+                             "checkpoint; 'all' for every one), or given a file name or sha256, the models "
+                             "containing it; train nothing")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     cfg = config_or_none(args)
     if cfg is None:
         return 2
+    if args.lineage is not None:
+        return print_lineage(cfg, args.lineage)
+    if not args.files:
+        parser.error("the following arguments are required: FILE.jsonl")
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
@@ -43,3 +51,28 @@ def train_main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     return run(cfg, [f.resolve() for f in args.files], max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)
+
+
+def print_lineage(cfg: config.Config, what: str) -> int:
+    """``--lineage``: the files behind a model, or the models behind a file (core/lineage.py)."""
+    from ultimate_trainer.core.lineage import Lineage, format_file, format_model
+
+    lin = Lineage(cfg.path("checkpoints"), cfg.path("models"))
+    if what == "all":
+        records = lin.all()
+        print("\n\n".join(format_model(r) for r in records) if records else "no complete checkpoints yet")
+        return 0
+    model = lin.find(what)
+    if model is not None:
+        print(format_model(lin.of(model)))
+        return 0
+    found = lin.containing(what)
+    if found:
+        print("\n\n".join(format_file(r) for r in found))
+        return 0
+    if what == "latest":
+        print(f"no complete checkpoints in {cfg.path('checkpoints')} yet")
+        return 0
+    print(f"error: {what!r} is neither a checkpoint, a consolidation nor a trained file (name or sha256)",
+          file=sys.stderr)
+    return 2

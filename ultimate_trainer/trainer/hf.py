@@ -179,7 +179,8 @@ class EvalCallback(TrainerCallback):
         for ex, generated in zip(self.heldout, answers):
             correct = evaluation.score(ev.matcher, generated, ex.expected)
             examples.append({"global_step": global_step, "prompt": ex.prompt_text, "expected": ex.expected,
-                             "generated": generated, "correct": correct, "matcher": ev.matcher, "source": ex.source})
+                             "generated": generated, "correct": correct, "matcher": ev.matcher, "source": ex.source,
+                             "skill": getattr(ex, "skill", None)})
         val_loss = None
         if ev.val_loss and self.heldout_encoded:
             val_loss = evaluation.validation_loss(self.model, self.heldout_encoded, ev.batch_size, self.collator)

@@ -38,7 +38,9 @@ from typing import Any
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core import lineage
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.reporter import StatusReporter
 
@@ -110,16 +112,20 @@ class RunState:
     steps_now: int = 0
     device: str = "cpu"
     model: Any = None
+    started_at: str = field(default_factory=now_iso)
 
     def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
         """The marker of a checkpoint saved at ``global_step`` of this run."""
         assert self.plan is not None and self.start is not None
-        cfg = self.cfg
+        cfg, start = self.cfg, self.start
+        parent = start.consolidation.path.name if start.consolidation else start.checkpoint.name if start.checkpoint \
+            else None
         return ck.marker_meta(
             global_step=global_step, run_id=self.plan.run_id,
-            run_step=self.plan.done_steps + global_step - self.start.global_step,
+            run_step=self.plan.done_steps + global_step - start.global_step,
             run_total_steps=self.plan.total_steps,
-            files=[{"name": f.name, "sha256": h} for f, h in zip(self.files, self.hashes)],
+            files=lineage.run_files(self.files, self.prepared.reports, self.started_at),
+            run_started_at=self.started_at, parent={"kind": start.kind, "name": parent},
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha})
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,34 +19,12 @@ from werkzeug.exceptions import HTTPException
 
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.config import config_or_none
+from ultimate_trainer.core.hosts import allowed_hosts, strip_port
 
 log = logging.getLogger(__name__)
 
-LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-WILDCARD = frozenset({"0.0.0.0", "::", ""})
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-
-def _strip_port(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):  # [::1]:8080
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def allowed_hosts(bind_host: str, extra: list[str] | None = None) -> frozenset[str]:
-    """Host names a request may carry: localhost, the bound address, and when bound to every
-    interface, this machine's names and addresses."""
-    names = set(LOCAL_NAMES) | {h.lower() for h in extra or []}
-    names.add(_strip_port(bind_host) if bind_host not in WILDCARD else "")
-    if bind_host in WILDCARD:
-        import psutil
-        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
-        for addrs in psutil.net_if_addrs().values():
-            names |= {a.address.split("%", 1)[0].lower() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
-    names.discard("")
-    return frozenset(names)
 
 
 def secure(app: Flask, bind_host: str, extra_hosts: list[str] | None = None) -> Flask:
@@ -57,7 +34,7 @@ def secure(app: Flask, bind_host: str, extra_hosts: list[str] | None = None) -> 
 
     @app.before_request
     def _check_host() -> Any:
-        host = _strip_port(request.headers.get("Host", ""))
+        host = strip_port(request.headers.get("Host", ""))
         if host not in app.config["ALLOWED_HOSTS"]:
             return json_error(403, f"Host {host!r} is not served here")
         if request.method not in ("GET", "HEAD", "OPTIONS"):

@@ -17,6 +17,7 @@ from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.web.history import History
+from ultimate_trainer.web.skills import SkillTracker
 from ultimate_trainer.core.times import epoch_seconds
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def build_state(status_dir: str | Path, history: History, refresh_seconds: float) -> dict[str, Any]:
+def build_state(status_dir: str | Path, history: History, refresh_seconds: float,
+                skills: SkillTracker | None = None, workbench_port: int | None = None) -> dict[str, Any]:
     sd = Path(status_dir)
     now = time.time()
     training = status.read_json(sd / status.TRAINING_STATUS)
@@ -101,4 +103,6 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
         "last_val_loss": hist["last_val_loss"],
         "history_counts": {"steps": hist["steps"], "evals": hist["evals"]},
         "reports": _problem_reports(sd),
+        "skills": skills.snapshot() if skills is not None else None,  # web/skills.py
+        "workbench_port": workbench_port,
     }

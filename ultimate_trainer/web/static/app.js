@@ -122,6 +122,31 @@ function renderAccuracy(st) {
   setText("acc-trend", a.trend ? TREND_ICON[a.trend] : "not enough answers", "tag " + (TREND_CLASS[a.trend] || "neutral"));
 }
 
+function renderSkills(st) {
+  const sk = st.skills || {};
+  const rows = sk.skills || [];
+  setText("skills-step", isNum(sk.step) ? `(step ${sk.step.toLocaleString()})` : "");
+  const body = $("skills-body");
+  if (!rows.length) { body.replaceChildren(emptyRow("no evaluation yet")); return; }
+  body.replaceChildren(...rows.map(r => {
+    const tr = el("tr");
+    const vals = r.trend.map(p => p[1]);
+    const delta = vals.length > 1 ? vals[vals.length - 1] - vals[0] : 0;
+    const trend = el("td", vals.map(v => v.toFixed(0)).join(" → ") + "%",
+                     "small " + (delta > 0 ? "good" : delta < 0 ? "bad" : "neutral"));
+    tr.append(el("td", r.skill, "txt"), el("td", `${r.correct}/${r.total} · ${pct(r.accuracy)}`), trend);
+    return tr;
+  }));
+}
+
+function renderWorkbenchLink(st) {
+  const a = $("workbench-link");
+  if (!isNum(st.workbench_port)) { a.hidden = true; return; }
+  const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
+  a.href = `${location.protocol}//${host}:${st.workbench_port}/`;
+  a.hidden = false;
+}
+
 function renderExamples(st) {
   const ex = ((st.training || {}).recent_examples || []).slice().reverse();
   const body = $("examples-body");
@@ -262,8 +287,8 @@ let lastHistory = null;
 async function tick() {
   try {
     const [st, h] = await Promise.all([getJSON("/api/state"), getJSON("/api/history")]);
-    for (const f of [renderBar, renderAlerts, renderTraining, renderLossFigures, renderAccuracy, renderExamples,
-                     renderRam, renderGpu, renderQueue, renderCheckpoints]) {
+    for (const f of [renderBar, renderAlerts, renderTraining, renderLossFigures, renderAccuracy, renderSkills,
+                     renderWorkbenchLink, renderExamples, renderRam, renderGpu, renderQueue, renderCheckpoints]) {
       try { f(st); } catch (e) { console.error(f.name, e); }  // one odd field must not blank the page
     }
     lastHistory = h;
