@@ -9,6 +9,7 @@ One sub-package per process, over a shared ground floor (docs/ARCHITECTURE.md)::
     trainer/   the train.py process: one run as a recipe, its Trainer callbacks, the daily merge
     daemon/    the daemon.py process: inbox, spool, journal, the trainer child, consolidation timing
     web/       monitor_server.py (:8080) and memory_stats_api.py (:8081)
+    workbench/ workbench.py (:8082): chat with, compare and evaluate checkpoints; lineage
     demo.py    make demo
 
 Imports run downward only (pyproject.toml, tests/test_architecture.py). Importing the package

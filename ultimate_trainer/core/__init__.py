@@ -6,4 +6,7 @@
 - ``times``       the ``*_at`` time format and its parser
 - ``exitcodes``   what a trainer's exit code means to the daemon
 - ``checkpoints`` complete-or-absent checkpoints, their marker keys, "is this run complete", the start point
+- ``lineage``     which input files went into which checkpoint or consolidation
+- ``hosts``       the loopback Host-header rule every server applies
+- ``threads``     the CPU thread policy of a trainer sharing its cores
 """
