@@ -62,35 +62,27 @@ class PackedRows:
         return {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
 
 
-class PackedCollator:
+class PackedCollator(Collator):
     """Pads packed rows to the longest; adds ``position_ids`` (restarting per example) and
     ``segment_ids`` (1, 2, ... per example, 0 on padding). ``attention_mask`` stays 2D (1 = a real
     token) so token counts are right; ``packed_inputs`` turns it into the block-diagonal mask."""
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = int(pad_token_id)
+        super().__init__(pad_token_id=pad_token_id)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        n = len(features)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
+        batch = super().__call__(features)
+        n, width = batch["input_ids"].shape
         positions = torch.zeros((n, width), dtype=torch.long)
         segments = torch.zeros((n, width), dtype=torch.long)
         for b, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[b, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[b, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention[b, :k] = 1
             start = 0
             for s, length in enumerate(f["seq_lens"], start=1):
                 positions[b, start:start + length] = torch.arange(length)
                 segments[b, start:start + length] = s
                 start += length
-            positions[b, k:] = torch.arange(width - k)  # padding: its own harmless positions
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention, "position_ids": positions,
-                "segment_ids": segments}
+            positions[b, start:] = torch.arange(width - start)  # padding: its own harmless positions
+        return {**batch, "position_ids": positions, "segment_ids": segments}
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
