@@ -7,6 +7,8 @@ workbench, driving) a server on this machine.
 
 from __future__ import annotations
 
+import errno
+
 import socket
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -32,3 +34,10 @@ def allowed_hosts(bind_host: str, extra: list[str] | None = None) -> frozenset[s
             names |= {a.address.split("%", 1)[0].lower() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
     names.discard("")
     return frozenset(names)
+
+
+def bind_error(name: str, host: str, port: int, e: OSError) -> str:
+    """The one line a server prints when it cannot listen; "in use" names the ``--port`` remedy."""
+    if e.errno == errno.EADDRINUSE:
+        return f"{name}: {host}:{port} is already in use; choose another with --port"
+    return f"{name}: cannot listen on {host}:{port}: {e.strerror or e}"

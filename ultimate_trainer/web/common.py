@@ -8,7 +8,6 @@ page on another site cannot read the figures).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.config import config_or_none
-from ultimate_trainer.core.hosts import allowed_hosts, strip_port
+from ultimate_trainer.core.hosts import allowed_hosts, bind_error, strip_port
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +100,7 @@ def bind(app: Flask, host: str, port: int, name: str, threads: int = 8) -> Any |
         return create_server(app, host=host, port=port, threads=threads, ident=name,
                              clear_untrusted_proxy_headers=True)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            print(f"{name}: {host}:{port} is already in use; choose another with --port", file=sys.stderr)
-        else:
-            print(f"{name}: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        print(bind_error(name, host, port, e), file=sys.stderr)
         return None
 
 

@@ -19,7 +19,6 @@ the network. Texts from data and models are shown as text (no Markdown or HTML r
 
 from __future__ import annotations
 
-import errno
 import html
 import logging
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.core.hosts import allowed_hosts, strip_port
+from ultimate_trainer.core.hosts import allowed_hosts, bind_error, strip_port
 from ultimate_trainer.core.lineage import Lineage
 from ultimate_trainer.workbench import evaluate as ev
 from ultimate_trainer.workbench import history as hist
@@ -354,10 +353,7 @@ def bind(host: str, port: int) -> socket.socket | None:
         sock.listen(128)
         return sock
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            print(f"workbench: {host}:{port} is already in use; choose another with --port", file=sys.stderr)
-        else:
-            print(f"workbench: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        print(bind_error("workbench", host, port, e), file=sys.stderr)
         return None
 
 
