@@ -354,3 +354,14 @@ def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeyp
         kids.stop_all()
     assert all(p.poll() is not None for p in procs)
     assert not kids.status(cfg)["monitor"]["running"]
+
+
+def test_diverged_run_fails_the_blamed_file_without_retrying_and_trains_the_rest(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(2, "a"))
+    (proj / "inbox" / "poison.jsonl").write_text(lines(3, "p"))
+    code, out = finish(start(proj, "--once", env={"FAKE_DIVERGE": "poison.jsonl"}))
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 2}, {"poison.jsonl"})
+    assert journal_events(proj, "crash") == []  # not a crash: no back-off, no retry of the same data
+    why = (proj / "queue" / "failed" / "poison.jsonl.error.txt").read_text()
+    assert "diverged" in why and "non-finite loss" in why

@@ -118,6 +118,16 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = _f(True, "Check every optimizer step before its update; skip the update of an anomalous one.")
+    spike_k: float = _f(10.0, "A loss above median + k * max(1.4826 * MAD, 0.05 * median) of the window is a spike.", min=0.0)
+    window: int = _f(50, "Accepted step losses the spike rule and the stability score look at.", min=2)
+    min_history: int = _f(20, "Losses needed before spikes are judged (non-finite values are always caught).", min=1)
+    max_anomalies: int = _f(3, "Anomalies in one run after which it stops and its files are failed (not retried).", min=1)
+    slope_steps: int = _f(20, "Steps over which the loss slope is fitted.", min=2)
+
+
+@dataclass
 class StatusConfig:
     interval_seconds: float = _f(2.0, "How often training_status.json is rewritten while training.", min=0.1, max=60.0)
 
@@ -165,6 +175,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": "Optimizer and batches."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Reading and tokenizing JSONL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Held-out evaluation while training."})
+    guard: GuardConfig = field(default_factory=GuardConfig, metadata={"doc": "The divergence guard (docs/TRAINING.md)."})
     status: StatusConfig = field(default_factory=StatusConfig, metadata={"doc": "The status files."})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "The inbox daemon."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"doc": "The web monitor and stats API."})

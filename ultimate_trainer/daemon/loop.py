@@ -36,7 +36,8 @@ from ultimate_trainer.daemon.children import ChildSet
 from ultimate_trainer.daemon.consolidation import ConsolidateCmd, Consolidations
 from ultimate_trainer.daemon.intake import Intake
 from ultimate_trainer.daemon.journal import BatchRecord
-from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, outcome, runs_files, terminate_pid
+from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, diverged_files, outcome, runs_files, \
+    terminate_pid
 from ultimate_trainer.daemon.snapshot import Snapshot, build_status
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,8 @@ class Daemon:
             log.info("run %s paused for disk space; it resumes when there is room", batch.batch)
         elif result is Outcome.UNUSABLE and self._fail_unusable(batch, names):
             self.failures = 0
+        elif result is Outcome.DIVERGED:
+            self._fail_diverged(batch, names, code, proc.pid)
         elif result is Outcome.SETUP_ERROR:
             raise SetupError(f"train.py {describe_exit(code)}: {self._trainer_error(proc.pid) or 'see its log'}")
         else:
@@ -338,6 +341,16 @@ class Daemon:
             self.spool.fail(n, f"train.py: {why}")
         self.spool.requeue(batch.batch, [n for n in names if n not in bad])
         return True
+
+    def _fail_diverged(self, batch: BatchRecord, names: list[str], code: int, pid: int) -> None:
+        """The guard stopped the run: retrying the same data would diverge again. Its files fail."""
+        blamed, reason = diverged_files(read_json(self.status_dir / TRAINING_STATUS), pid, names)
+        reason = f"train.py {reason or describe_exit(code)}"
+        self.snap.last_error = reason
+        for n in blamed:
+            self.spool.fail(n, reason)
+        self.spool.requeue(batch.batch, [n for n in names if n not in blamed])
+        log.error("run %s: %s; failed: %s", batch.batch, reason, ", ".join(blamed))
 
     def _trainer_error(self, pid: int) -> str | None:
         ts = read_json(self.status_dir / TRAINING_STATUS) or {}

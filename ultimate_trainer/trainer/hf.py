@@ -96,9 +96,11 @@ class RunCallback(TrainerCallback):
         log.info("step %d (run %d/%d) loss %.4f lr %.3g grad_norm %s tok/s %s", state.global_step,
                  self.run_step(state), self.total_steps, fields["loss"], fields["learning_rate"] or 0.0,
                  None if fields["grad_norm"] is None else round(fields["grad_norm"], 3), fields["tokens_per_second"])
+        stability = self.reporter.get("stability") or {}  # kept current by the guard (trainer/guard.py)
         self.reporter.log_step({"global_step": state.global_step, "run_id": self.run_id,
                                 "epoch": round(self.run_step(state) / self.steps_per_epoch, 4),
-                                "files": self.files, **fields})
+                                "files": self.files, **fields, "loss_slope": stability.get("loss_slope"),
+                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
 
 
 VAL_LOSS_PER_PROMPT = 4

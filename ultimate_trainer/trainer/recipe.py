@@ -40,6 +40,7 @@ from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.reporter import StatusReporter
+from ultimate_trainer.trainer.stability import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         return Exit.OK
     except ModelError as e:
         return _fail(reporter, Exit.MODEL, str(e))
+    except Diverged as e:  # the guard stopped the run; the updates it caught were never applied
+        return _fail(reporter, Exit.DIVERGED, e.reason)
     except MemoryError:
         return _fail(reporter, Exit.CRASH, "out of memory (lower training.batch_size or training.max_seq_length)")
     except Exception as e:
@@ -324,6 +327,7 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.loading import compute_dtype
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import hf
+    from ultimate_trainer.trainer.guard import GuardCallback, step_describer
 
     cfg, start, p, reporter = run.cfg, run.start, run.plan, run.reporter
     collator = Collator(run.tokenizer)
@@ -341,6 +345,7 @@ def train(run: RunState) -> None:
                         tracker, p.run_id, run.stop, run_cb.throughput),
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
+        GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id),  # last: it may stop the run
     ]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     if start.kind != "checkpoint" and start.global_step > 0:
