@@ -149,6 +149,18 @@ class DaemonConfig:
     throughput_window_hours: float = _f(6.0, "Window of finished runs behind the queue estimate.", min=0.01)
 
 
+NOTIFY_EVENTS = ("run_done", "file_failed", "anomaly", "accuracy_regressing", "retention_falling", "oom_high",
+                 "disk_critical", "consolidation_adopted", "consolidation_refused", "trainer_error", "daemon_error")
+
+
+@dataclass
+class NotifyConfig:
+    urls: list[str] = _f([], "apprise notification URLs (e.g. ntfy://topic, json://host/path, mailto://...); empty = off.")
+    events: list[str] = _f(list(NOTIFY_EVENTS), "Events that are sent (docs/DAEMON.md, Notifications).")
+    min_interval_seconds: float = _f(900.0, "Each event kind is sent at most once per this many seconds.", min=0.0)
+    timeout_seconds: float = _f(10.0, "Connect/read timeout of one delivery.", min=0.1, max=300.0)
+
+
 @dataclass
 class MonitorConfig:
     host: str = _f("127.0.0.1", "Address both servers bind.")
@@ -179,6 +191,7 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig, metadata={"doc": "The status files."})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "The inbox daemon."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"doc": "The web monitor and stats API."})
+    notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"doc": "Notifications sent by the daemon."})
 
     # ----------------------------------------------------------------- paths
     def path(self, name: str) -> Path:
@@ -289,6 +302,8 @@ def _contradictions(cfg: Config) -> list[str]:
         p.append("daemon.retry_initial_seconds: must not exceed daemon.retry_max_seconds")
     if cfg.eval.max_new_tokens >= cfg.training.max_seq_length:
         p.append("eval.max_new_tokens: must be below training.max_seq_length")
+    p += [f"notify.events: unknown event {e!r} (known: {', '.join(NOTIFY_EVENTS)})" for e in cfg.notify.events
+          if e not in NOTIFY_EVENTS]
     if not cfg.lora.target_modules:
         p.append("lora.target_modules: name at least one module")
     return p
