@@ -8,7 +8,8 @@ and a run resumed on the same files continues from its newest checkpoint. It ref
 checkpoint that exists (that would be training something twice) by appending to
 ``status/fake_violations.txt`` and exiting 1, so tests can assert nothing was trained twice.
 
-Environment knobs: FAKE_STEP_SECONDS (sleep per step), FAKE_EXIT (exit with this code at start).
+Environment knobs: FAKE_STEP_SECONDS (sleep per step), FAKE_EXIT (exit with this code at start),
+FAKE_DIVERGE=NAME (when NAME is among the files: the divergence guard's exit 5, blaming NAME).
 
 ``python tests/_daemon_helpers.py daemon [daemon.py args]`` runs the real daemon with this trainer.
 """
@@ -67,6 +68,13 @@ def fake_trainer(argv: list[str]) -> int:
         files.append({"name": f.name, "sha256": digest, "examples": examples})
     if unusable:
         return Exit.DATA
+    blamed = os.environ.get("FAKE_DIVERGE")
+    if blamed and blamed in [Path(f).name for f in args.files]:
+        reason = f"diverged: 2 anomalies in this run (last: non-finite loss at step 1); files: {blamed}"
+        atomic_write_json(status / TRAINING_STATUS, {
+            "schema_version": 1, "state": "error", "pid": os.getpid(), "error": reason,
+            "diverged": {"reason": reason, "files": [blamed], "run_id": "fake"}})
+        return Exit.DIVERGED
     run_id = hashlib.sha256("".join(sorted(x["sha256"] for x in files)).encode()).hexdigest()[:16]
     total = sum(x["examples"] for x in files)
     newest = ck.newest_complete(ckdir)

@@ -397,3 +397,14 @@ def test_daemon_starts_and_stops_the_workbench_and_a_second_daemon_starts_none(p
         if first.poll() is None:
             first.kill()
     wait_for(lambda: not workbenches() and not _listening(ports[2]), timeout=30)
+
+
+def test_diverged_run_fails_the_blamed_file_without_retrying_and_trains_the_rest(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(2, "a"))
+    (proj / "inbox" / "poison.jsonl").write_text(lines(3, "p"))
+    code, out = finish(start(proj, "--once", env={"FAKE_DIVERGE": "poison.jsonl"}))
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 2}, {"poison.jsonl"})
+    assert journal_events(proj, "crash") == []  # not a crash: no back-off, no retry of the same data
+    why = (proj / "queue" / "failed" / "poison.jsonl.error.txt").read_text()
+    assert "diverged" in why and "non-finite loss" in why

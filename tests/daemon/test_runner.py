@@ -20,6 +20,7 @@ from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, 
     (-signal.SIGTERM, False, "stop", Outcome.STOPPED),
     (-signal.SIGTERM, False, "disk", Outcome.PAUSED_DISK),
     (Exit.DATA, False, None, Outcome.UNUSABLE),
+    (Exit.DIVERGED, False, None, Outcome.DIVERGED),
     (Exit.CONFIG, False, None, Outcome.SETUP_ERROR),
     (Exit.MODEL, False, None, Outcome.SETUP_ERROR),
     (Exit.OK, False, None, Outcome.CRASHED),             # exit 0 without finishing: not a success
@@ -68,3 +69,12 @@ def test_a_reason_from_watch_stops_the_child_once():
     runner.launch([sys.executable, "-c", CHILD])
     assert runner.wait() == 11
     assert runner.stopped_for == "disk"
+
+
+def test_diverged_files_are_the_ones_the_guard_blamed():
+    from ultimate_trainer.daemon.runner import diverged_files
+
+    status = {"pid": 7, "diverged": {"reason": "diverged: 3 anomalies", "files": ["b.jsonl"]}}
+    assert diverged_files(status, 7, ["a.jsonl", "b.jsonl"]) == (["b.jsonl"], "diverged: 3 anomalies")
+    assert diverged_files(status, 8, ["a.jsonl", "b.jsonl"]) == (["a.jsonl", "b.jsonl"], None)  # another trainer
+    assert diverged_files({"pid": 7, "diverged": {"files": ["zzz"]}}, 7, ["a.jsonl"])[0] == ["a.jsonl"]

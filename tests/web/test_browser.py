@@ -73,6 +73,10 @@ def test_page_shows_the_figures_and_runs_no_injected_script(browser, server):
         assert "checkpoint-1100" in page.text_content("#ck-list")
         assert page.locator("#loss-chart path.line").count() >= 1
         assert page.locator("#acc-chart circle").count() == 10
+        assert page.locator("#gn-chart path.line").count() == 1
+        assert page.text_content("#stab-score") == "91.5" and "good" in page.get_attribute("#stab-score", "class")
+        assert page.text_content("#stab-anomalies") == "1"
+        assert page.text_content("#stab-last") == "step 1050: loss spike · spiky<img src=x onerror=alert(1)>.jsonl"
         examples = page.text_content("#examples-body")
         assert "猫 (neko) 🐱" in examples
         # The XSS fixture is on the page as literal text, and created no element and ran nothing.

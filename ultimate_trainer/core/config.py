@@ -127,6 +127,16 @@ class EvalConfig:
 
 
 @dataclass
+class GuardConfig:
+    enabled: bool = _f(True, "Check every optimizer step before its update; skip the update of an anomalous one.")
+    spike_k: float = _f(10.0, "A loss above median + k * max(1.4826 * MAD, 0.05 * median) of the window is a spike.", min=0.0)
+    window: int = _f(50, "Accepted step losses the spike rule and the stability score look at.", min=2)
+    min_history: int = _f(20, "Losses needed before spikes are judged (non-finite values are always caught).", min=1)
+    max_anomalies: int = _f(3, "Anomalies in one run after which it stops and its files are failed (not retried).", min=1)
+    slope_steps: int = _f(20, "Steps over which the loss slope is fitted.", min=2)
+
+
+@dataclass
 class StatusConfig:
     interval_seconds: float = _f(2.0, "How often training_status.json is rewritten while training.", min=0.1, max=60.0)
 
@@ -147,6 +157,18 @@ class DaemonConfig:
     disk_warn_gb: float = _f(20.0, "Free disk below which status warns.", min=0.0)
     disk_critical_gb: float = _f(5.0, "Free disk below which intake and training pause.", min=0.0)
     throughput_window_hours: float = _f(6.0, "Window of finished runs behind the queue estimate.", min=0.01)
+
+
+NOTIFY_EVENTS = ("run_done", "file_failed", "anomaly", "accuracy_regressing", "retention_falling", "oom_high",
+                 "disk_critical", "consolidation_adopted", "consolidation_refused", "trainer_error", "daemon_error")
+
+
+@dataclass
+class NotifyConfig:
+    urls: list[str] = _f([], "apprise notification URLs (e.g. ntfy://topic, json://host/path, mailto://...); empty = off.")
+    events: list[str] = _f(list(NOTIFY_EVENTS), "Events that are sent (docs/DAEMON.md, Notifications).")
+    min_interval_seconds: float = _f(900.0, "Each event kind is sent at most once per this many seconds.", min=0.0)
+    timeout_seconds: float = _f(10.0, "Connect/read timeout of one delivery.", min=0.1, max=300.0)
 
 
 @dataclass
@@ -184,9 +206,11 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": "Optimizer and batches."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Reading and tokenizing JSONL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Held-out evaluation while training."})
+    guard: GuardConfig = field(default_factory=GuardConfig, metadata={"doc": "The divergence guard (docs/TRAINING.md)."})
     status: StatusConfig = field(default_factory=StatusConfig, metadata={"doc": "The status files."})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "The inbox daemon."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"doc": "The web monitor and stats API."})
+    notify: NotifyConfig = field(default_factory=NotifyConfig, metadata={"doc": "Notifications sent by the daemon."})
 
     # ----------------------------------------------------------------- paths
     def path(self, name: str) -> Path:
@@ -299,6 +323,8 @@ def _contradictions(cfg: Config) -> list[str]:
         p.append("daemon.retry_initial_seconds: must not exceed daemon.retry_max_seconds")
     if cfg.eval.max_new_tokens >= cfg.training.max_seq_length:
         p.append("eval.max_new_tokens: must be below training.max_seq_length")
+    p += [f"notify.events: unknown event {e!r} (known: {', '.join(NOTIFY_EVENTS)})" for e in cfg.notify.events
+          if e not in NOTIFY_EVENTS]
     if not cfg.lora.target_modules:
         p.append("lora.target_modules: name at least one module")
     return p

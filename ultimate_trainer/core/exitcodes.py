@@ -15,6 +15,7 @@ class Exit(enum.IntEnum):
     CONFIG = 2    # the configuration is wrong: no file is to blame, the daemon waits for a fix
     DATA = 3      # a file has no usable example: that file goes to queue/failed/
     MODEL = 4     # the base model cannot be found or loaded: no file is to blame
+    DIVERGED = 5  # the divergence guard stopped the run: the files it names go to queue/failed/
 
     @property
     def meaning(self) -> str:
@@ -27,6 +28,7 @@ _MEANING = {
     Exit.CONFIG: "configuration error",
     Exit.DATA: "no usable data",
     Exit.MODEL: "model cannot be loaded",
+    Exit.DIVERGED: "training diverged",
 }
 
 SETUP_ERRORS = frozenset({Exit.CONFIG, Exit.MODEL})  # not the files' fault: retrying other files cannot help

@@ -11,6 +11,7 @@ memory_status.json          memory_stats_api    latest RAM/GPU sample and OOM ri
 history/steps.jsonl         train.py            one line per logged optimizer step (append)
 history/evals.jsonl         train.py            one line per evaluation (append)
 history/examples.jsonl      train.py            one line per scored held-out answer (append)
+history/anomalies.jsonl     train.py            one line per step the divergence guard skipped (append)
 history/memory.jsonl        memory_stats_api    one RAM/GPU sample every 30 s (append)
 reports/<file>.report.json  train.py            per input file: counts and bad lines
 ==========================  ==================  ===========================================
@@ -39,6 +40,7 @@ MEMORY_STATUS = "memory_status.json"
 STEPS_HISTORY = "history/steps.jsonl"
 EVALS_HISTORY = "history/evals.jsonl"
 EXAMPLES_HISTORY = "history/examples.jsonl"
+ANOMALIES_HISTORY = "history/anomalies.jsonl"
 REPORTS_DIR = "reports"
 
 TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")
@@ -131,6 +133,11 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 def tail_jsonl(path: str | Path, n: int) -> list[dict[str, Any]]:
     """The last ``n`` records of ``path`` (reads the whole file; history files are small per line)."""
     return list(deque(iter_jsonl(path), maxlen=n)) if n > 0 else []
+
+
+def count_lines(path: str | Path) -> int:
+    """How many records ``path`` holds (0 when it does not exist)."""
+    return sum(1 for _ in iter_jsonl(path))
 
 
 def report_path(status_dir: str | Path, input_file: str | Path) -> Path:

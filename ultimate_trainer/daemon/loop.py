@@ -28,15 +28,17 @@ from typing import Callable
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import REPO_DIR, Config
-from ultimate_trainer.core.status import DAEMON_STATUS, TRAINING_STATUS, atomic_write_json, pid_alive, read_json, \
-    report_path, run_finished
+from ultimate_trainer.core.status import DAEMON_STATUS, MEMORY_STATUS, TRAINING_STATUS, atomic_write_json, \
+    pid_alive, read_json, report_path, run_finished
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.daemon.children import ChildSet
 from ultimate_trainer.daemon.consolidation import ConsolidateCmd, Consolidations
 from ultimate_trainer.daemon.intake import Intake
 from ultimate_trainer.daemon.journal import BatchRecord
-from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, outcome, runs_files, terminate_pid
+from ultimate_trainer.daemon.notify import Notifier
+from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, diverged_files, outcome, runs_files, \
+    terminate_pid
 from ultimate_trainer.daemon.snapshot import Snapshot, build_status
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,8 @@ class Daemon:
                                              now_requested=consolidate_now, clock=clock,
                                              consolidate_cmd=consolidate_cmd)
         self.monitors = ChildSet()
+        n = cfg.notify
+        self.notifier = Notifier(n.urls, n.min_interval_seconds, n.events, n.timeout_seconds)
         self.snap = Snapshot(started_ts=clock(), started_at=now_iso())
         self.failures = 0  # consecutive failed launches: drives the back-off
         self.exit_code = 0  # what --once returns when the queue is empty (1 after a failed consolidation)
@@ -174,6 +178,7 @@ class Daemon:
             if self.snap.state != "error":
                 self.snap.state = "stopped" if code == 0 else "error"
             self._write_status(force=True)
+            self.notifier.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -298,6 +303,8 @@ class Daemon:
             log.info("run %s paused for disk space; it resumes when there is room", batch.batch)
         elif result is Outcome.UNUSABLE and self._fail_unusable(batch, names):
             self.failures = 0
+        elif result is Outcome.DIVERGED:
+            self._fail_diverged(batch, names, code, proc.pid)
         elif result is Outcome.SETUP_ERROR:
             raise SetupError(f"train.py {describe_exit(code)}: {self._trainer_error(proc.pid) or 'see its log'}")
         else:
@@ -338,6 +345,16 @@ class Daemon:
             self.spool.fail(n, f"train.py: {why}")
         self.spool.requeue(batch.batch, [n for n in names if n not in bad])
         return True
+
+    def _fail_diverged(self, batch: BatchRecord, names: list[str], code: int, pid: int) -> None:
+        """The guard stopped the run: retrying the same data would diverge again. Its files fail."""
+        blamed, reason = diverged_files(read_json(self.status_dir / TRAINING_STATUS), pid, names)
+        reason = f"train.py {reason or describe_exit(code)}"
+        self.snap.last_error = reason
+        for n in blamed:
+            self.spool.fail(n, reason)
+        self.spool.requeue(batch.batch, [n for n in names if n not in blamed])
+        log.error("run %s: %s; failed: %s", batch.batch, reason, ", ".join(blamed))
 
     def _trainer_error(self, pid: int) -> str | None:
         ts = read_json(self.status_dir / TRAINING_STATUS) or {}
@@ -389,7 +406,11 @@ class Daemon:
         self._last_status = now
         self.snap.consolidation_running = self.consolidations.running
         self.snap.monitors = self.monitors.status(self.cfg)
+        status = build_status(self.snap, self.spool, self.cfg, now)
         try:
-            atomic_write_json(self.status_dir / DAEMON_STATUS, build_status(self.snap, self.spool, self.cfg, now))
+            atomic_write_json(self.status_dir / DAEMON_STATUS, status)
         except OSError as e:  # a full disk must not stop the loop; the next write may succeed
             log.error("%s: cannot write (%s)", self.status_dir / DAEMON_STATUS, e)
+        if self.notifier.enabled:  # news from every status file, sent in the background (daemon/notify.py)
+            self.notifier.observe(status, read_json(self.status_dir / TRAINING_STATUS),
+                                  read_json(self.status_dir / MEMORY_STATUS))

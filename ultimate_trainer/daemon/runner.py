@@ -37,6 +37,7 @@ class Outcome(enum.Enum):
     PAUSED_DISK = "paused_disk"  # asked to stop for disk space: resumes when there is room
     UNUSABLE = "unusable"        # a file has no usable example (exit 3): that file fails
     SETUP_ERROR = "setup_error"  # configuration or model (exit 2, 4): no file is to blame
+    DIVERGED = "diverged"        # the divergence guard stopped the run (exit 5): its files fail, no retry
     CRASHED = "crashed"          # anything else: retry with a back-off, then isolate the file
 
 
@@ -49,16 +50,28 @@ def outcome(code: int, run_complete: bool, stopped_for: str | None) -> Outcome:
         return Outcome.PAUSED_DISK
     if code == Exit.DATA:
         return Outcome.UNUSABLE
+    if code == Exit.DIVERGED:
+        return Outcome.DIVERGED
     if code in SETUP_ERRORS:
         return Outcome.SETUP_ERROR
     return Outcome.CRASHED
+
+
+def diverged_files(training: dict | None, pid: int, names: list[str]) -> tuple[list[str], str | None]:
+    """After exit 5: the run's files the guard blamed (all of them when it named none) and its reason."""
+    div = (training or {}).get("diverged") if (training or {}).get("pid") == pid else None
+    if not isinstance(div, dict):
+        return list(names), None
+    blamed = [n for n in names if n in (div.get("files") or [])]
+    return blamed or list(names), div.get("reason")
 
 
 def describe_exit(code: int) -> str:
     """``exited 2 (configuration error)``, ``exited 1``, ``killed by signal 9``."""
     if code < 0:
         return f"killed by signal {-code}"
-    return f"exited {code} ({Exit(code).meaning})" if code in SETUP_ERRORS else f"exited {code}"
+    known = SETUP_ERRORS | {Exit.DIVERGED}
+    return f"exited {code} ({Exit(code).meaning})" if code in known else f"exited {code}"
 
 
 def _pdeathsig() -> None:

@@ -107,6 +107,7 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
         "done_files": len(done),
         "recent_done": [{"name": r.name, "finished_at": r.finished_at, "examples": r.examples,
                          "global_step": r.global_step} for r in done[-RECENT_DONE:]],
+        "failed_files": len(failed),
         "failed": [{"name": r.name, "reason": r.reason, "failed_at": r.finished_at} for r in failed[-FAILED_SHOWN:]],
         "last_error": snap.last_error,
         "inbox_pending": snap.pending_inbox,

@@ -32,15 +32,22 @@ log = logging.getLogger(__name__)
 class ContinuousTrainer(Trainer):
     """A Trainer whose loss understands packed rows and never materialises the full logits."""
 
-    def __init__(self, *args: Any, cfg: Config, **kwargs: Any):
+    def __init__(self, *args: Any, cfg: Config, loss_observers: list[Callable[[Any], None]] | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
+        self.loss_observers = list(loss_observers or [])  # told each training micro-batch's loss (the guard)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         # Packed rows and the chunked loss (speed.py); anything else is the Trainer's own loss.
-        return speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
+        result = speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
             ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            for observe in self.loss_observers:
+                observe(loss.detach())
+        return result
 
 
 class SealCallback(TrainerCallback):
@@ -111,9 +118,11 @@ class RunCallback(TrainerCallback):
         log.info("step %d (run %d/%d) loss %.4f lr %.3g grad_norm %s tok/s %s", state.global_step,
                  self.run_step(state), self.total_steps, fields["loss"], fields["learning_rate"] or 0.0,
                  None if fields["grad_norm"] is None else round(fields["grad_norm"], 3), fields["tokens_per_second"])
+        stability = self.reporter.get("stability") or {}  # kept current by the guard (trainer/guard.py)
         self.reporter.log_step({"global_step": state.global_step, "run_id": self.run_id,
                                 "epoch": round(self.run_step(state) / self.steps_per_epoch, 4),
-                                "files": self.files, **fields})
+                                "files": self.files, **fields, "loss_slope": stability.get("loss_slope"),
+                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
 
 
 VAL_LOSS_PER_PROMPT = 4

@@ -43,6 +43,7 @@ from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.reporter import StatusReporter
+from ultimate_trainer.trainer.stability import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class RunPlan:
     @property
     def remaining_rows(self) -> list[list[int]]:
         return (self.rows or [])[self.done_steps * self.examples_per_step:]
+
+    def examples_of_step(self, run_step: int) -> list[int]:
+        """Store indices of the examples trained by the ``run_step``-th step of the run (0-based)."""
+        a, b = run_step * self.examples_per_step, (run_step + 1) * self.examples_per_step
+        return [i for row in self.rows[a:b] for i in row] if self.rows is not None else self.order[a:b]
 
 
 @dataclass
@@ -188,6 +194,8 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         return Exit.OK
     except ModelError as e:
         return _fail(reporter, Exit.MODEL, str(e))
+    except Diverged as e:  # the guard stopped the run; the updates it caught were never applied
+        return _fail(reporter, Exit.DIVERGED, e.reason)
     except MemoryError:
         return _fail(reporter, Exit.CRASH, "out of memory (lower training.batch_size or training.max_seq_length)")
     except Exception as e:
@@ -353,6 +361,7 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.loading import compute_dtype
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import hf, speed
+    from ultimate_trainer.trainer.guard import GuardCallback, step_describer
 
     cfg, start, p, reporter = run.cfg, run.start, run.plan, run.reporter
     collator = Collator(run.tokenizer)
@@ -371,6 +380,7 @@ def train(run: RunState) -> None:
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
         speed.ThreadGovernor(),
+        guard := GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id),  # last: it may stop the run
     ]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     if start.kind != "checkpoint" and start.global_step > 0:
@@ -378,7 +388,7 @@ def train(run: RunState) -> None:
     train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer)
     trainer = hf.ContinuousTrainer(model=run.model, args=args, train_dataset=train_dataset,
                                    data_collator=train_collator, processing_class=run.tokenizer,
-                                   callbacks=callbacks, cfg=cfg)
+                                   callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
     log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
              p.run_id, len(run.prepared.train), f" packed in {len(p.rows)} rows" if p.rows is not None else "",

@@ -57,6 +57,7 @@ class StatusReporter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.anomalies_before = st.count_lines(self.dir / st.ANOMALIES_HISTORY) if live else 0
         self._recent: list[dict[str, Any]] = [
             {"step": r.get("global_step"), **{k: r.get(k) for k in EXAMPLE_FIELDS}}
             for r in (st.tail_jsonl(self.dir / st.EXAMPLES_HISTORY, recent_limit) if live else [])
@@ -78,6 +79,9 @@ class StatusReporter:
             "accuracy": {"overall": None, "last_20": None, "last_50": None, "trend": None,
                          "evaluations": 0, "answers": 0, "signals": {"last_20": None, "last_50": None}},
             "val_loss": None,
+            "stability": {"loss_slope": None, "score": None, "anomalies": self.anomalies_before,
+                          "anomalies_this_run": 0, "last_anomaly": None},
+            "diverged": None,
             "recent_examples": list(self._recent),
             "pid": os.getpid(),
             "rss_bytes": _rss_bytes(),
@@ -153,6 +157,9 @@ class StatusReporter:
     # ------------------------------------------------------------------ history
     def log_step(self, record: dict[str, Any]) -> None:
         st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": now_iso(), **record})
+
+    def log_anomaly(self, event: dict[str, Any]) -> None:
+        st.append_jsonl(self.dir / st.ANOMALIES_HISTORY, {"time": now_iso(), **event})
 
     def log_evaluation(self, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
         now = now_iso()

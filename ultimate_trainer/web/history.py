@@ -26,7 +26,7 @@ RECENT_STEPS = 200          # newest raw steps kept for the loss trend
 TREND_WINDOW = 20           # steps per half of the loss-trend comparison
 TREND_FLAT_FRACTION = 0.02  # relative change of mean loss below which the trend is "flat"
 TREND_MIN_CHANGE = 0.01     # nats/token: a smaller change of mean loss is "flat" however large relatively
-STEP_FIELDS = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
+STEP_FIELDS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "stability_score")
 EVAL_FIELDS = ("accuracy", "overall", "last_20", "last_50", "val_loss")
 
 

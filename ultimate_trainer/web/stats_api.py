@@ -4,7 +4,8 @@ Routes:
 
 - ``GET /api/memory_stats``  RAM, swap, trainer and daemon RSS, OOM risk, GPUs (docs/MONITORING.md)
 - ``GET /api/health``        ``{"level": "ok|warning|critical", "reasons": [...]}``, RAM reasons first
-- ``GET /metrics``           the same figures in Prometheus text format
+- ``GET /metrics``           the same figures in Prometheus text format, plus the training metrics
+                             read from the status files (``web/training_metrics.py``)
 - anything else              JSON 404
 """
 
@@ -21,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.web import common
+from ultimate_trainer.web.training_metrics import TrainingCollector
 from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def create_app(sampler: stats.Sampler, bind_host: str = "127.0.0.1", extra_hosts
     common.secure(app, bind_host, extra_hosts)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SampleCollector(sampler))  # type: ignore[arg-type]
+    registry.register(TrainingCollector(sampler.status_dir))  # type: ignore[arg-type]
 
     @app.get("/api/memory_stats")
     def memory_stats() -> Response:

@@ -94,6 +94,15 @@ function renderTraining(st) {
   setText("t-age", isNum(t.age_seconds) ? dur(t.age_seconds) + " ago" + (t.stale ? " (trainer gone)" : "") : "–");
 }
 
+function renderStability(st) {
+  const s = (st.training || {}).stability || {};
+  setText("stab-score", num(s.score, 1), isNum(s.score) ? (s.score >= 80 ? "good" : s.score >= 50 ? "neutral" : "bad") : "");
+  setText("stab-slope", isNum(s.loss_slope) ? s.loss_slope.toExponential(2) : "–");
+  setText("stab-anomalies", isNum(s.anomalies) ? String(s.anomalies) : "–", s.anomalies ? "bad" : "");
+  const a = s.last_anomaly;
+  setText("stab-last", a ? `step ${a.global_step}: ${a.kind} · ${(a.files || []).join(", ") || "?"}` : "none");
+}
+
 const TREND_CLASS = {falling: "good", flat: "neutral", rising: "bad", improving: "good", stable: "neutral", regressing: "bad"};
 const TREND_ICON = {falling: "↘ falling", flat: "→ flat", rising: "↗ rising", improving: "↗ improving", stable: "→ stable", regressing: "↘ regressing"};
 
@@ -268,6 +277,9 @@ function renderCharts(h) {
     {points: steps.map(p => [p.global_step, p.loss]), cls: "s1"},
     {points: evals.map(p => [p.global_step, p.val_loss]), cls: "s2", dots: true},
   ], {empty: "no steps logged yet"});
+  UTCharts.drawChart($("gn-chart"), [
+    {points: steps.map(p => [p.global_step, p.grad_norm]), cls: "s1"},
+  ], {yMin: 0, empty: "no steps logged yet"});
   UTCharts.drawChart($("acc-chart"), [
     {points: evals.map(p => [p.global_step, p.accuracy]), cls: "s3", dotsOnly: true},
     {points: evals.map(p => [p.global_step, p.overall]), cls: "s1"},
@@ -287,8 +299,9 @@ let lastHistory = null;
 async function tick() {
   try {
     const [st, h] = await Promise.all([getJSON("/api/state"), getJSON("/api/history")]);
-    for (const f of [renderBar, renderAlerts, renderTraining, renderLossFigures, renderAccuracy, renderSkills,
-                     renderWorkbenchLink, renderExamples, renderRam, renderGpu, renderQueue, renderCheckpoints]) {
+    for (const f of [renderBar, renderAlerts, renderTraining, renderLossFigures, renderStability, renderAccuracy,
+                     renderSkills, renderWorkbenchLink, renderExamples, renderRam, renderGpu, renderQueue,
+                     renderCheckpoints]) {
       try { f(st); } catch (e) { console.error(f.name, e); }  // one odd field must not blank the page
     }
     lastHistory = h;
