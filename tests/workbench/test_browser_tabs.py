@@ -59,7 +59,7 @@ def test_each_tab_renders_and_shows_data_as_text(served):
         page.get_by_role("button", name="Show", exact=True).click()
         page.wait_for_timeout(1500)  # the plots draw after the data arrives
         page.screenshot(path=str(ARTIFACTS / "workbench-history.png"), full_page=True)
-        page.wait_for_function("document.body.innerText.includes('Capital of France?')", timeout=60000)
+        page.wait_for_function("document.body.innerText.includes('Capital of France?')", timeout=180000)
         assert "<script>x</script>" in page.inner_text("body")  # an expected answer shown as text
 
         page.get_by_role("tab", name="Lineage").click()
