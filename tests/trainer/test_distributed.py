@@ -179,3 +179,32 @@ def test_two_nodes_rendezvous_on_loopback(tiny_model_dir, make_project, tmp_path
     s = status(cfg.parent)
     assert s["world_size"] == 2 and len(s["ranks"]) == 2 and s["pid"] in [r["pid"] for r in s["ranks"]]
     assert s["ranks"][0]["pid"] == s["pid"]  # rank 0 writes the status
+
+
+def test_hung_rank_fails_the_run_at_the_collective_timeout(tiny_model_dir, make_project, tmp_path):
+    cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=100, training__num_processes=2,
+                       training__collective_timeout_seconds=10)
+    data = write_jsonl(tmp_path / "data.jsonl", records(400, "hang"))
+    root = cfg.parent
+    launcher = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(data), "--config", str(cfg)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        wait_for(lambda: (root / "status" / "training_status.json").exists()
+                 and status(root).get("global_step", 0) >= 2, timeout=400, proc=launcher)
+        victim = _rank_pid(launcher, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)  # alive but silent: only the collective timeout can tell
+        _, err = launcher.communicate(timeout=300)  # bounded: 10 s timeout + torchrun's 30 s teardown
+    finally:
+        if victim is not None:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1, err[-3000:]
+    s = status(root)
+    assert s["state"] == "error" and "another rank stopped answering" in s["error"], s["error"]
+    assert "collective_timeout_seconds = 10" in s["error"]

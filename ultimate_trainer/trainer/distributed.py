@@ -253,6 +253,18 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+COLLECTIVE_FAILURES = ("timeout", "timed out", "pair closure", "connection closed", "connection reset",
+                       "broken pipe", "nccl")
+
+
+def collective_failure(reason: str, cfg: Config, world: World) -> str | None:
+    """The one-line reason for a failed collective (a dead or hung rank), else None."""
+    if world.size <= 1 or not any(k in reason.lower() for k in COLLECTIVE_FAILURES):
+        return None
+    return (f"rank {world.rank}: another rank stopped answering, so the run of {world.size} processes fails "
+            f"(training.collective_timeout_seconds = {cfg.training.collective_timeout_seconds}): {reason}")
+
+
 def rank_report(world: World) -> dict[str, Any]:
     """This rank's figures for ``training_status.json``'s ``ranks``."""
     import psutil

@@ -40,7 +40,7 @@ from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.model.loading import ModelError
-from ultimate_trainer.trainer.distributed import World
+from ultimate_trainer.trainer.distributed import World, collective_failure
 from ultimate_trainer.trainer.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         if "No space left on device" in reason or getattr(e, "errno", None) == errno.ENOSPC:
             reason = (f"disk full while writing ({reason}): free space under {cfg.path('checkpoints')} "
                       f"(the unfinished checkpoint is set aside at the next start)")
+        reason = collective_failure(reason, cfg, world) or reason
         return _fail(reporter, Exit.CRASH, reason)
     finally:
         reporter.stop()
