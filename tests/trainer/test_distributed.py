@@ -208,3 +208,32 @@ def test_hung_rank_fails_the_run_at_the_collective_timeout(tiny_model_dir, make_
     s = status(root)
     assert s["state"] == "error" and "another rank stopped answering" in s["error"], s["error"]
     assert "collective_timeout_seconds = 10" in s["error"]
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_and_saves_once(tiny_model_dir, make_project, tmp_path):
+    cfg = make_project(tiny_model_dir, eval_steps=0, save_steps=1000, training__num_processes=2,
+                       training__gradient_accumulation_steps=2)  # divides by 2: a step means the same in both
+    data = write_jsonl(tmp_path / "data.jsonl", records(400, "stop"))
+    root = cfg.parent
+    launcher = subprocess.Popen([sys.executable, str(REPO / "train.py"), str(data), "--config", str(cfg)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (root / "status" / "training_status.json").exists()
+                 and status(root).get("global_step", 0) >= 2, timeout=400, proc=launcher)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    saved = ck.list_complete(root / "checkpoints")
+    assert len(saved) == 1 and not saved[0].meta["run_complete"]  # one save, part-way through the run
+    assert {p.name for p in saved[0].path.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert status(root)["state"] == "idle" and status(root)["global_step"] == saved[0].global_step
+
+    r = run_train(cfg, data, extra=ONE)  # the rest of the run, in one process
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "continuing interrupted run" in r.stderr
+    final = ck.newest_complete(root / "checkpoints")
+    assert final.meta["run_complete"] and final.global_step == final.meta["run_total_steps"]
+    assert optimizer_step(final.path) == final.global_step
