@@ -180,3 +180,16 @@ def test_wildcard_bind_accepts_this_machines_names_only(live):
     assert c.get("/api/state", headers={"Host": f"{socket.gethostname()}:8080"}).status_code == 200
     assert c.get("/api/state", headers={"Host": "evil.example:8080"}).status_code == 403
 
+
+
+def test_state_and_page_carry_the_world_size_and_each_ranks_memory(live):
+    doc = json.loads((live / status.TRAINING_STATUS).read_text())
+    ranks = [{"rank": r, "local_rank": r, "host": "node-a", "pid": 100 + r, "rss_bytes": 2 * 2**30, "device": f"cuda:{r}",
+              "device_memory_allocated_bytes": 3 * 2**30, "device_memory_reserved_bytes": 4 * 2**30,
+              "device_memory_peak_bytes": 5 * 2**30} for r in range(2)]
+    status.atomic_write_json(live / status.TRAINING_STATUS, {**doc, "world_size": 2, "ranks": ranks})
+    t = get(live, "/api/state").get_json()["training"]
+    assert t["world_size"] == 2 and t["ranks"] == ranks
+    page = get(live, "/").get_data(as_text=True)
+    script = (STATIC_DIR / "app.js").read_text()
+    assert 'id="ranks"' in page and 'setText("ranks", ranksText(t))' in script
