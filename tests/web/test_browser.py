@@ -63,6 +63,8 @@ def test_page_shows_the_figures_and_runs_no_injected_script(browser, server):
         assert page.text_content("#bar-ram") == "72.1%"
         assert page.text_content("#bar-gpu") == "none"
         assert "120 / 300 steps" in page.text_content("#run-label")
+        assert page.text_content("#ranks").startswith("2 · rank 0 cuda:0 5.00 GB / peak 7.00 GB, RAM 3.00 GB")
+        assert "rank 1 cuda:1" in page.text_content("#ranks")
         assert page.text_content("#acc-overall") == "77.5%"
         assert "good" in page.get_attribute("#acc-20", "class")  # 'above' the baseline: green
         assert page.text_content("#loss-trend").endswith("falling")

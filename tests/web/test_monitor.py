@@ -200,3 +200,16 @@ def test_state_has_accuracy_per_skill_with_a_trend_and_the_workbench_port(live):
     (arith,) = st["skills"]["skills"]
     assert arith == {"skill": "arithmetic", "correct": 2, "total": 2, "accuracy": 100.0,
                      "trend": [[1130, 50.0], [1140, 100.0]]}
+
+
+def test_state_and_page_carry_the_world_size_and_each_ranks_memory(live):
+    doc = json.loads((live / status.TRAINING_STATUS).read_text())
+    ranks = [{"rank": r, "local_rank": r, "host": "node-a", "pid": 100 + r, "rss_bytes": 2 * 2**30, "device": f"cuda:{r}",
+              "device_memory_allocated_bytes": 3 * 2**30, "device_memory_reserved_bytes": 4 * 2**30,
+              "device_memory_peak_bytes": 5 * 2**30} for r in range(2)]
+    status.atomic_write_json(live / status.TRAINING_STATUS, {**doc, "world_size": 2, "ranks": ranks})
+    t = get(live, "/api/state").get_json()["training"]
+    assert t["world_size"] == 2 and t["ranks"] == ranks
+    page = get(live, "/").get_data(as_text=True)
+    script = (STATIC_DIR / "app.js").read_text()
+    assert 'id="ranks"' in page and 'setText("ranks", ranksText(t))' in script

@@ -58,18 +58,22 @@ def _fsync_tree(path: Path) -> None:
 def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps: int,
                 files: list[dict[str, Any]], base_model: str, base_model_name: str | None = None,
                 load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None,
-                run_started_at: str | None = None, parent: dict[str, Any] | None = None) -> dict[str, Any]:
+                run_started_at: str | None = None, parent: dict[str, Any] | None = None, world_size: int = 1,
+                distributed: str | None = None, examples_per_step: int | None = None) -> dict[str, Any]:
     """The marker's fields (docs/STATUS.md, "Checkpoints"): the one place they are spelled.
 
     ``files`` lists the run's input files, each ``{"name", "sha256", "size", "examples",
     "trained_at"}`` (``core/lineage.run_files``); ``run_complete`` says whether this checkpoint ends
     its run (a checkpoint saved part-way lets the run be continued); ``parent`` is where the run
     started (``{"kind": "fresh" | "checkpoint" | "consolidation", "name"}``), for the lineage.
+    ``world_size`` and ``distributed`` (ddp, fsdp, deepspeed; None for one process) say how the
+    optimizer state was saved; ``examples_per_step`` what one of its steps trained.
     """
     return {"global_step": global_step, "run_id": run_id, "run_step": run_step, "run_total_steps": run_total_steps,
             "run_complete": run_step >= run_total_steps, "files": files, "run_started_at": run_started_at,
             "parent": parent, "base_model": base_model, "base_model_name": base_model_name,
-            "load_in_4bit": load_in_4bit, "lora": lora}
+            "load_in_4bit": load_in_4bit, "lora": lora, "world_size": world_size, "distributed": distributed,
+            "examples_per_step": examples_per_step}
 
 
 def run_complete(meta: dict[str, Any]) -> bool:

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 REPO_DIR = Path(__file__).resolve().parents[2]  # where train.py, daemon.py and the servers live
@@ -94,6 +94,25 @@ class TrainingConfig:
     )
     chunked_loss: bool = _f(
         True, "Compute the loss in chunks of tokens, never holding batch x length x vocabulary logits at once."
+    )
+    num_processes: Union[Literal["auto"], int] = _f(
+        "auto",
+        "Training processes on this machine (one per GPU). auto = the visible CUDA GPUs, 1 on the CPU. Above 1, "
+        "train.py relaunches itself through torchrun; a step still means batch_size x gradient_accumulation_steps "
+        "examples when gradient_accumulation_steps divides by the world size (docs/TRAINING.md, \"Several GPUs\").",
+        min=1, max=1024,
+    )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = _f(
+        "ddp",
+        "How several processes share the work: ddp = each loads its own (4-bit) copy and trains a shard of the "
+        "batch; fsdp = the base is sharded across GPUs (bases too large for one); deepspeed = ZeRO "
+        "(needs the deepspeed package). Ignored with one process.",
+    )
+    deepspeed_stage: Literal[2, 3] = _f(2, "ZeRO stage when distributed is deepspeed (3 also shards the weights).")
+    collective_timeout_seconds: int = _f(
+        1800, "How long a rank waits for the others in a collective before the whole run fails "
+              "(a dead or hung rank). Must exceed the longest evaluation, which rank 0 runs alone.",
+        min=10, max=86400,
     )
 
 
@@ -257,7 +276,17 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict, problems: list[str])
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(key, value, args[0], meta, problems)
+        if len(args) == 1:
+            return _check_value(key, value, args[0], meta, problems)
+        fits: list[str] = []  # the problem of an alternative of the right type (a range, say)
+        for alt in args:  # e.g. "auto" | integer: the first alternative the value fits
+            tried: list[str] = []
+            checked = _check_value(key, value, alt, meta, tried)
+            if not tried:
+                return checked
+            fits = fits or [t for t in tried if "expected" not in t and "is not one of" not in t]
+        problems.extend(fits or [f"{key}: expected {_type_name(tp)}, got {json.dumps(value)}"])
+        return value
     if origin is Literal:
         if value not in typing.get_args(tp):
             problems.append(f"{key}: {json.dumps(value)} is not one of {_type_name(tp)}")

@@ -6,8 +6,9 @@ import logging
 import warnings
 
 
-def setup_logging(level: int | str = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+def setup_logging(level: int | str = logging.INFO, prefix: str = "") -> None:
+    """``prefix`` tells processes apart that share one stderr (``[rank 1] ``)."""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)-7s {prefix}%(name)s: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
     # Library chatter that says nothing to a user watching a run: bitsandbytes' note that an optional
     # CPU kernel package is absent, transformers' tensor-parallel plan check on a single device.

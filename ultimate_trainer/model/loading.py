@@ -177,16 +177,18 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
     device = device or pick_device(cfg)
     dtype = compute_dtype(cfg, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    sharded = cfg.training.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", 1)) > 1
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=cfg.quantization.quant_type,
             bnb_4bit_use_double_quant=cfg.quantization.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            # FSDP-QLoRA: FSDP shards the packed 4-bit weights as tensors of one dtype with the rest.
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
+    if device == "cuda" and not sharded:  # each DDP rank its own copy on its own GPU (set per LOCAL_RANK)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*kernels.*")

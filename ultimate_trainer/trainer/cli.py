@@ -28,7 +28,11 @@ def train_main(argv: list[str] | None = None) -> int:
                              "containing it; train nothing")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+    if rank not in (None, "0"):  # rank 0 tells the run; the others speak up only for warnings and errors
+        level = logging.DEBUG if args.verbose else logging.WARNING
+    setup_logging(level, prefix=f"[rank {rank}] " if rank is not None else "")
     cfg = config_or_none(args)
     if cfg is None:
         return 2
@@ -46,11 +50,27 @@ def train_main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads.apply_env_policy()  # before torch loads: OpenMP reads it once (core/threads.py says why)
+    if not args.dry_run:
+        from ultimate_trainer.trainer import distributed
+
+        problem = distributed.setup_problem(cfg)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        if not distributed.under_launcher():
+            nproc = distributed.processes_wanted(cfg)
+            if nproc > 1:  # the same command, once per process, under torchrun
+                return distributed.relaunch(nproc, list(sys.argv[1:] if argv is None else argv), cfg.path("work"))
     from ultimate_trainer.trainer.recipe import StopFlag, run
 
     stop = StopFlag()
     stop.install()
-    return run(cfg, [f.resolve() for f in args.files], max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)
+    code = run(cfg, [f.resolve() for f in args.files], max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)
+    if not args.dry_run:
+        from ultimate_trainer.trainer import distributed
+
+        distributed.report_exit(code, distributed.World.from_env())
+    return code
 
 
 def print_lineage(cfg: config.Config, what: str) -> int:

@@ -7,6 +7,9 @@
   then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
 - ``ContinuousTrainer`` differs from ``Trainer`` only in its loss: packed rows and the chunked
   loss (``speed.py``), which a callback cannot provide.
+
+With several processes (``distributed.py``) every rank runs these callbacks; rank 0 alone writes
+status, history and markers and evaluates, and the stop decision is taken together.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.model import scoring as evaluation
-from ultimate_trainer.trainer import speed
+from ultimate_trainer.trainer import distributed, speed
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,11 @@ class ContinuousTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         # Packed rows and the chunked loss (speed.py); anything else is the Trainer's own loss.
+        # With several ranks ``model`` is the DDP/FSDP/DeepSpeed wrapper, whose own forward must run
+        # (it syncs the gradients): the chunked loss, which calls the model's parts, is left out.
         result = speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
-            ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs)
+            ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs,
+            chunked=self.accelerator.num_processes == 1)
         if model.training:
             loss = result[0] if return_outputs else result
             for observe in self.loss_observers:
@@ -61,6 +67,9 @@ class SealCallback(TrainerCallback):
             self.reporter.begin_phase("saving")
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        distributed.barrier()  # every rank has written its part (its RNG state) before rank 0 seals
+        if not state.is_world_process_zero:
+            return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ck.mark_complete(path, self.meta_for_step(state.global_step))
         self.reporter.refresh_checkpoints()
@@ -70,8 +79,9 @@ class SealCallback(TrainerCallback):
 
 class RunCallback(TrainerCallback):
     def __init__(self, reporter: StatusReporter, stop: Any, start_step: int, done_steps: int, total_steps: int,
-                 steps_per_epoch: int, files: list[str], run_id: str):
+                 steps_per_epoch: int, files: list[str], run_id: str, world: distributed.World | None = None):
         self.reporter, self.stop = reporter, stop
+        self.world = world or distributed.World()
         self.start_step, self.done_steps, self.total_steps = start_step, done_steps, total_steps
         self.steps_per_epoch, self.files, self.run_id = steps_per_epoch, files, run_id
         self.throughput = Throughput()
@@ -97,6 +107,12 @@ class RunCallback(TrainerCallback):
         )
         if state.global_step >= state.max_steps:
             control.should_save = True  # every run ends with a checkpoint
+        if self.world.size > 1:
+            # One collective a step: all ranks stop after the same step if any was asked to (and rank 0
+            # learns every rank's memory for the status file).
+            ranks = distributed.gather({**distributed.rank_report(self.world), "stop": self.stop.requested})
+            self.stop.requested = any(r.pop("stop") for r in ranks)
+            self.reporter.update(ranks=ranks)
         if self.stop.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -161,13 +177,15 @@ class EvalCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kw: Any):
         self.model = model
+        if not state.is_world_process_zero:  # rank 0 evaluates; the others wait at the next step's collective
+            return
         if self.cfg.eval.at_start and self.cfg.eval_steps and self.tracker.evaluations == 0 and self.heldout:
             self.evaluate(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: Any = None, **kw: Any):
         every = self.cfg.eval_steps
-        if every and state.global_step % every == 0 and not self.stop.requested:
+        if every and state.global_step % every == 0 and not self.stop.requested and state.is_world_process_zero:
             self.model = model or self.model
             self.evaluate(state.global_step)
 
@@ -205,15 +223,18 @@ class EvalCallback(TrainerCallback):
                  len(examples), snap["overall"], None if val_loss is None else round(val_loss, 4))
 
 
-def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: str, dtype: Any) -> TrainingArguments:
+def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: str, dtype: Any,
+                       world_size: int = 1, engine: dict[str, Any] | None = None) -> TrainingArguments:
+    """The Trainer's arguments; ``world_size`` ranks share each step's accumulation when it divides."""
     import torch
 
     t = cfg.training
+    per_rank_accumulation, _ = distributed.accumulation(t.gradient_accumulation_steps, world_size)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=per_rank_accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
@@ -238,6 +259,9 @@ def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: st
         fp16=device == "cuda" and dtype == torch.float16,
         disable_tqdm=not sys.stderr.isatty(),
         save_only_model=False,
+        ddp_timeout=t.collective_timeout_seconds,
+        ddp_backend=None if world_size <= 1 else ("nccl" if device == "cuda" else "gloo"),
+        **(engine or {}),
     )
 
 

@@ -42,6 +42,7 @@ from ultimate_trainer.core import lineage
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
+from ultimate_trainer.trainer.distributed import World, collective_failure
 from ultimate_trainer.trainer.reporter import StatusReporter
 from ultimate_trainer.trainer.stability import Diverged
 
@@ -119,6 +120,7 @@ class RunState:
     device: str = "cpu"
     model: Any = None
     started_at: str = field(default_factory=now_iso)
+    world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
 
     def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
         """The marker of a checkpoint saved at ``global_step`` of this run."""
@@ -133,25 +135,33 @@ class RunState:
             files=lineage.run_files(self.files, self.prepared.reports, self.started_at),
             run_started_at=self.started_at, parent={"kind": start.kind, "name": parent},
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
-            lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha})
+            lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
+            distributed=cfg.training.distributed if self.world.size > 1 else None,
+            examples_per_step=self.plan.examples_per_step)
 
 
-def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False) -> str:
+def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False, step_scale: int = 1) -> str:
     """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
     key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
     if packed:
         key["packed"] = True  # rows, not examples, make a step: another plan
+    if step_scale != 1:
+        key["step_scale"] = step_scale  # a step of world_size x the configured examples: another plan
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
-             lengths: Any = None, packed: bool = False) -> RunPlan:
-    """The run's order; with ``lengths`` also its batches (packed rows, or length-grouped examples)."""
+             lengths: Any = None, packed: bool = False, step_scale: int = 1) -> RunPlan:
+    """The run's order; with ``lengths`` also its batches (packed rows, or length-grouped examples).
+
+    ``step_scale`` > 1: the ranks' accumulation could not be split (``distributed.accumulation``),
+    so a step trains that many times the configured examples.
+    """
     import numpy as np
 
     from ultimate_trainer.data.packing import lay_out
 
-    per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+    per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps * step_scale
     total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
     rng = np.random.default_rng([cfg.training.seed, int(run_id, 16) % (2**32)])
     order: list[int] = []
@@ -180,12 +190,14 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         stop: StopFlag | None = None) -> int:
     """Train on ``files`` from wherever the last run ended. Returns the process exit code."""
     stop = stop or StopFlag()
+    world = World.from_env()
     reporter = StatusReporter(cfg.path("status"), cfg.path("checkpoints"), cfg.status.interval_seconds,
-                              cfg.eval.recent_examples, live=not dry_run)
+                              cfg.eval.recent_examples, live=not dry_run and world.is_main)
     reporter.update(current_files=[f.name for f in files], base_model=cfg.base_model, load_in_4bit=cfg.load_in_4bit)
     reporter.set_state("loading")
     reporter.start()
-    state = RunState(cfg, files, reporter, stop, max_steps=max_steps)
+    reporter.update(world_size=world.size)
+    state = RunState(cfg, files, reporter, stop, max_steps=max_steps, world=world)
     try:
         return _recipe(state, dry_run)
     except StopRequested:
@@ -204,14 +216,22 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         if "No space left on device" in reason or getattr(e, "errno", None) == errno.ENOSPC:
             reason = (f"disk full while writing ({reason}): free space under {cfg.path('checkpoints')} "
                       f"(the unfinished checkpoint is set aside at the next start)")
+        reason = collective_failure(reason, cfg, world) or reason
         return _fail(reporter, Exit.CRASH, reason)
     finally:
         reporter.stop()
-        shutil.rmtree(cfg.path("work") / "current", ignore_errors=True)
+        shutil.rmtree(world.rank_path(cfg.path("work") / "current"), ignore_errors=True)
 
 
 def _recipe(run: RunState, dry_run: bool) -> int:
     reporter = run.reporter
+
+    # 0. Ranks: with several processes, join the others first (rank 0 prepares what they wait for).
+    if run.world.size > 1 and not dry_run:
+        from ultimate_trainer.model.loading import pick_device
+        from ultimate_trainer.trainer import distributed
+
+        distributed.init_process_group(run.cfg, run.world, pick_device(run.cfg))
 
     # 1. Start point: it decides which base weights (and so which tokenizer) this run continues.
     problem = find_start(run, quarantine=not dry_run)
@@ -268,8 +288,12 @@ def find_start(run: RunState, quarantine: bool) -> str | None:
     """Fill ``run.start`` and ``run.base_path``; a one-line problem when the checkpoints belong to another model."""
     cfg = run.cfg
     ckpt_dir, models_dir = cfg.path("checkpoints"), cfg.path("models")
-    if quarantine:
+    if quarantine and run.world.is_main:
         ck.quarantine_incomplete(ckpt_dir)
+    if run.world.size > 1:
+        from ultimate_trainer.trainer import distributed
+
+        distributed.barrier()  # every rank sees the checkpoints after rank 0 set the incomplete ones aside
     start = run.start = ck.start_point(ckpt_dir, models_dir)
     trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
     if start.kind == "checkpoint" and trained_on not in (None, cfg.base_model):
@@ -299,10 +323,11 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
 def prepare_data(run: RunState, write_reports: bool) -> None:
     from ultimate_trainer.data import prepare
 
-    store_dir = run.cfg.path("work") / "current"
+    # Each rank tokenizes into its own store (the same tokens: tokenizing is deterministic); rank 0 reports.
+    store_dir = run.world.rank_path(run.cfg.path("work") / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
     run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
-                                   run.cfg.path("status") if write_reports else None)
+                                   run.cfg.path("status") if write_reports and run.world.is_main else None)
     run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
 
 
@@ -321,11 +346,19 @@ def print_dry_run(run: RunState) -> int:
 def plan(run: RunState) -> bool:
     """Fill ``run.plan`` and ``run.steps_now``; False when the run has nothing left to train."""
     from ultimate_trainer.data.packing import should_pack
+    from ultimate_trainer.trainer.distributed import accumulation
 
     cfg, lengths = run.cfg, run.prepared.train.lengths
     packed = should_pack(cfg.training.packing, lengths, cfg.training.max_seq_length)
-    run_id = run_id_for(run.hashes, cfg, packed)
-    p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, packed)
+    _, scale = accumulation(cfg.training.gradient_accumulation_steps, run.world.size)
+    if scale != 1:
+        log.warning("training.gradient_accumulation_steps (%d) does not divide by the %d processes: a step trains "
+                    "%d x %d x %d examples (or rows) instead of %d x %d; choose a multiple of %d to keep a step's size",
+                    cfg.training.gradient_accumulation_steps, run.world.size, cfg.training.batch_size,
+                    cfg.training.gradient_accumulation_steps, scale, cfg.training.batch_size,
+                    cfg.training.gradient_accumulation_steps, run.world.size)
+    run_id = run_id_for(run.hashes, cfg, packed, scale)
+    p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, packed, scale)
     run.steps_now = p.total_steps - p.done_steps
     if run.max_steps is not None:
         run.steps_now = min(run.steps_now, run.max_steps)
@@ -360,10 +393,10 @@ def train(run: RunState) -> None:
     from ultimate_trainer.data.collate import Collator
     from ultimate_trainer.model.loading import compute_dtype
     from ultimate_trainer.model.scoring import AccuracyTracker
-    from ultimate_trainer.trainer import hf, speed
+    from ultimate_trainer.trainer import distributed, hf, speed
     from ultimate_trainer.trainer.guard import GuardCallback, step_describer
 
-    cfg, start, p, reporter = run.cfg, run.start, run.plan, run.reporter
+    cfg, start, p, reporter, world = run.cfg, run.start, run.plan, run.reporter, run.world
     collator = Collator(run.tokenizer)
     tracker = AccuracyTracker.from_history(
         reporter.examples_history, reporter.evals_history, margin_last_20=cfg.eval.margin_last_20,
@@ -371,9 +404,10 @@ def train(run: RunState) -> None:
     reporter.update(accuracy=tracker.snapshot())
 
     args = hf.training_arguments(cfg, cfg.path("checkpoints"), start.global_step + run.steps_now, run.device,
-                                 compute_dtype(cfg, run.device))
+                                 compute_dtype(cfg, run.device), world.size,
+                                 distributed.engine_arguments(cfg, world, run.model))
     run_cb = hf.RunCallback(reporter, run.stop, start.global_step, p.done_steps, p.total_steps, p.steps_per_epoch,
-                            [f.name for f in run.files], p.run_id)
+                            [f.name for f in run.files], p.run_id, world)
     callbacks = [
         hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
                         tracker, p.run_id, run.stop, run_cb.throughput),
@@ -383,8 +417,13 @@ def train(run: RunState) -> None:
         guard := GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id),  # last: it may stop the run
     ]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
-    if start.kind != "checkpoint" and start.global_step > 0:
-        resume_dir = str(hf.write_bootstrap(run.model, cfg.path("work") / "bootstrap", start.global_step, args))
+    problem = distributed.optimizer_state_problem(start.checkpoint.meta, world.size, cfg.training.distributed) \
+        if start.kind == "checkpoint" else None
+    if problem:
+        log.warning("%s: %s", start.checkpoint.name, problem)
+    if (start.kind != "checkpoint" and start.global_step > 0) or problem:
+        resume_dir = str(hf.write_bootstrap(run.model, world.rank_path(cfg.path("work") / "bootstrap"),
+                                            start.global_step, args))
     train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer)
     trainer = hf.ContinuousTrainer(model=run.model, args=args, train_dataset=train_dataset,
                                    data_collator=train_collator, processing_class=run.tokenizer,

@@ -37,7 +37,7 @@ def _rss_bytes() -> int:
 
 
 class StatusReporter:
-    """Holds the live fields of ``training_status.json`` and writes them; ``live=False`` (a dry run) writes nothing.
+    """Holds the live fields of ``training_status.json`` and writes them; ``live=False`` (a dry run, a rank other than 0) writes nothing.
 
     Callers change fields with ``update``/``set_state``, read one with ``get``, and wrap a pause
     of training in ``with reporter.phase("evaluating"):`` (or ``begin_phase``/``end_phase`` when it
@@ -90,6 +90,8 @@ class StatusReporter:
             "base_model": None,
             "device": None,
             "load_in_4bit": None,
+            "world_size": 1,
+            "ranks": [],
             "error": None,
             "started_at": now_iso(),
             "updated_at": now_iso(),
@@ -156,12 +158,16 @@ class StatusReporter:
 
     # ------------------------------------------------------------------ history
     def log_step(self, record: dict[str, Any]) -> None:
+        if not self.live:  # a dry run, or a rank other than 0
+            return
         st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": now_iso(), **record})
 
     def log_anomaly(self, event: dict[str, Any]) -> None:
         st.append_jsonl(self.dir / st.ANOMALIES_HISTORY, {"time": now_iso(), **event})
 
     def log_evaluation(self, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+        if not self.live:
+            return
         now = now_iso()
         for ex in examples:
             st.append_jsonl(self.dir / st.EXAMPLES_HISTORY, {"time": now, **{k: _clip(v) for k, v in ex.items()}})

@@ -36,12 +36,17 @@ def training_data(store: Any, plan: Any, tokenizer: Any) -> tuple[Any, Any]:
 
 
 def compute_loss(cfg: Config, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
-                 default: Callable[[dict[str, Any]], Any], return_outputs: bool) -> Any:
-    """The step's loss: packed inputs made model-ready, then the chunked loss or ``default(inputs)``."""
-    config = getattr(model, "config", None)
+                 default: Callable[[dict[str, Any]], Any], return_outputs: bool, chunked: bool = True) -> Any:
+    """The step's loss: packed inputs made model-ready, then the chunked loss or ``default(inputs)``.
+
+    ``chunked=False``: the model's own loss whatever the config (a distributed wrapper's forward must run).
+    """
+    inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
+    config = getattr(inner, "config", None)
     inputs = packed_inputs(inputs, getattr(config, "_attn_implementation", None),
-                           getattr(model, "dtype", torch.float32))
-    if cfg.training.chunked_loss and model.training and not return_outputs and supports_chunked_loss(model):
+                           getattr(inner, "dtype", torch.float32))
+    if chunked and cfg.training.chunked_loss and model.training and not return_outputs \
+            and supports_chunked_loss(model):
         return chunked_causal_lm_loss(model, inputs, num_items_in_batch)
     return default(inputs)
 

@@ -91,7 +91,20 @@ function renderTraining(st) {
   setText("gn", num(t.grad_norm, 3));
   setText("epoch", num(t.epoch, 2));
   setText("model", t.base_model ? `${t.base_model} · ${t.device || "?"}${t.load_in_4bit ? " · 4-bit" : ""}` : "–");
+  setText("ranks", ranksText(t));
   setText("t-age", isNum(t.age_seconds) ? dur(t.age_seconds) + " ago" + (t.stale ? " (trainer gone)" : "") : "–");
+}
+
+// "1" or "2 · rank 0 cuda:0 3.10/3.40 GB, RAM 2.00 GB · rank 1 ...": world size, then every rank's memory.
+function ranksText(t) {
+  if (!isNum(t.world_size)) return "–";
+  const ranks = Array.isArray(t.ranks) ? t.ranks : [];
+  const one = r => {
+    const dev = isNum(r.device_memory_allocated_bytes)
+      ? ` ${gb(r.device_memory_allocated_bytes / 2 ** 30)} / peak ${gb(r.device_memory_peak_bytes / 2 ** 30)}` : "";
+    return `rank ${r.rank} ${r.device || "?"}${dev}, RAM ${gb(r.rss_bytes / 2 ** 30)}${r.host ? " on " + r.host : ""}`;
+  };
+  return [String(t.world_size), ...ranks.map(one)].join(" · ");
 }
 
 function renderStability(st) {
