@@ -53,7 +53,8 @@ def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, tiny_model_
 
     ck, reference = make_checkpoint(tmp_path, tiny_model_dir, four_bit=four_bit)
     cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu"])
-    out = consolidate(cfg, files_since_last=["a.jsonl"], device="cpu")
+    out, adopted = consolidate(cfg, files_since_last=["a.jsonl"], device="cpu")
+    assert adopted  # no held-out prompts, and a random model has no probe score to lose
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     got = logits(merged, ids)
