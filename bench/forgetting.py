@@ -1,6 +1,6 @@
 """Forgetting, measured: held-out accuracy with and without replay, and probe retention across a consolidation.
 
-    .venv/bin/python bench/forgetting.py [--replay 0.05] [--quick] [--device auto] [--out bench-forgetting.json]
+    .venv/bin/python bench/forgetting.py [--replay 0.05] [--quick] [--device auto] [--model-cache DIR] [--out F]
 
 Two tasks, trained one after the other the way the daemon would (each finished file moves to
 ``queue/done/``): first a task of our own design (``spell``: "Spell backwards: apple" -> "elppa",
@@ -57,14 +57,14 @@ def run(cmd: list[str], cwd: Path) -> None:
         raise SystemExit(f"{cmd} failed")
 
 
-def one_setting(replay: float, quick: bool, device: str, root: Path) -> dict:
+def one_setting(replay: float, quick: bool, device: str, root: Path, cache: str) -> dict:
     from ultimate_trainer.data.sample import write_demo_data
 
     root.mkdir(parents=True)
     demo = json.loads((REPO / "configs" / "demo.json").read_text())
     demo.setdefault("training", {})["replay_fraction"] = replay
     demo["training"]["device"] = device
-    demo["paths"] = {"root": str(root), "model_cache": str(REPO / "models" / "cache")}
+    demo["paths"] = {"root": str(root), "model_cache": cache}
     demo.setdefault("eval", {})["probe_every"] = 1
     (root / "config.json").write_text(json.dumps(demo, indent=2))
     done = root / "queue" / "done"
@@ -95,13 +95,14 @@ def main() -> int:
     ap.add_argument("--replay", type=float, default=0.05)
     ap.add_argument("--quick", action="store_true", help="150 examples per task instead of 300")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--model-cache", default=str(REPO / "models" / "cache"), help="paths.model_cache to use")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="ut-forgetting-") as tmp:
         for replay in (0.0, args.replay):
             print(f"replay_fraction={replay}", flush=True)
-            results.append(one_setting(replay, args.quick, args.device, Path(tmp) / f"replay-{replay}"))
+            results.append(one_setting(replay, args.quick, args.device, Path(tmp) / f"replay-{replay}", args.model_cache))
     print(json.dumps(results, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
