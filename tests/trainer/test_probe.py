@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
 
 from conftest import chat, run_train, write_jsonl
 from ultimate_trainer.core import config as config_mod
@@ -18,7 +17,7 @@ def test_builtin_probe_loads_and_a_bad_line_is_reported_not_fatal(tmp_path: Path
     probe = load_probe(config_mod.load(None, []))
     assert probe is not None and probe.path == BUILTIN_PATH and len(probe.items) == 24
     assert {q.matcher for q in probe.items} <= {"contains", "numeric"}
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "completion": "4", "metadata": {"matcher": "numeric"}},
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "completion": "4", "metadata": {"matcher": "numeric"}},
                                            "{not json", {"text": "no answer here"},
                                            {"prompt": "x", "completion": "y", "metadata": {"matcher": "fuzzy"}}])
     with caplog.at_level(logging.WARNING):
