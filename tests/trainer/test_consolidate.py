@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_jsonl
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.checkpoints import list_consolidations, mark_complete, marker_meta, newest_complete
 from ultimate_trainer.trainer.consolidate import consolidate
@@ -53,7 +53,8 @@ def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, tiny_model_
 
     ck, reference = make_checkpoint(tmp_path, tiny_model_dir, four_bit=four_bit)
     cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu"])
-    out = consolidate(cfg, files_since_last=["a.jsonl"], device="cpu")
+    out, adopted = consolidate(cfg, files_since_last=["a.jsonl"], device="cpu")
+    assert adopted  # no held-out prompts, and a random model has no probe score to lose
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     got = logits(merged, ids)
@@ -97,3 +98,63 @@ def test_daemon_consolidate_now_writes_consolidation_and_status(tmp_path: Path, 
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and len(list_consolidations(tmp_path / "models")) == 1
     assert newest_complete(tmp_path / "checkpoints").global_step == 5
+
+
+def _answers(model: object, tok: object, questions: list[str]) -> list[str]:
+    from ultimate_trainer.model.scoring import generate_answers
+
+    system = {"role": "system", "content": config_mod.Config().data.system_prompt}
+    return generate_answers(model, tok, [[system, {"role": "user", "content": q}] for q in questions], 6, 8)
+
+
+def test_gate_refuses_a_candidate_that_forgets_and_keeps_it_beside(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ultimate_trainer.core.checkpoints import list_refused, start_point
+    from ultimate_trainer.model.loading import load_tokenizer
+
+    _, candidate = make_checkpoint(tmp_path, tiny_model_dir, four_bit=False)
+    tok = load_tokenizer(str(tiny_model_dir))
+    questions = [f"Tell me fact number {i}." for i in range(16)]
+    base_says = _answers(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tok, questions)
+    cand_says = _answers(candidate, tok, questions)
+    differ = [i for i in range(len(questions)) if base_says[i] != cand_says[i]]
+    assert differ, "the random adapter should change some greedy answers"
+    # The probe expects what the base says ("." = says nothing, under contains): the base scores 100%.
+    write_jsonl(tmp_path / "probe.jsonl", [
+        {"prompt": q, "completion": a or ".", "metadata": {"matcher": "exact" if a else "contains"}}
+        for q, a in zip(questions, base_says)])
+    cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu", "eval.probe_file=probe.jsonl",
+                                 "eval.probe_max_new_tokens=6", "consolidation.max_retention_drop=0.0"])
+    out, adopted = consolidate(cfg, device="cpu")
+    assert not adopted and out.parent.name == ".refused"
+    man = json.loads((out / "manifest.json").read_text())
+    gate = man["gate"]
+    assert man["adopted"] is False and gate["base"]["retention"] == 1.0
+    assert gate["candidate"]["retention"] == round((16 - len(differ)) / 16, 4)
+    assert "retention fell" in gate["reason"]
+    assert list_consolidations(tmp_path / "models") == [] and [r.path for r in list_refused(tmp_path / "models")] == [out]
+    assert start_point(tmp_path / "checkpoints", tmp_path / "models").kind == "checkpoint"  # the base stays
+    # With a wider margin the same candidate is adopted.
+    cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu", "eval.probe_file=probe.jsonl",
+                                 "eval.probe_max_new_tokens=6", "consolidation.max_retention_drop=1.0"])
+    out, adopted = consolidate(cfg, device="cpu")
+    assert adopted and json.loads((out / "manifest.json").read_text())["gate"]["adopted"] is True
+
+
+def test_gate_decision_rules() -> None:
+    from ultimate_trainer.trainer.gate import GateInputs, decide
+
+    cfg = config_mod.load(None, ["consolidation.max_accuracy_drop=5", "consolidation.max_retention_drop=0.05"])
+    inputs = GateInputs(probe=None, examples=[1, 2], baseline=0.8)
+
+    def figures(acc: float | None, probe: float | None) -> dict:
+        return {"heldout": None if acc is None else {"accuracy": acc}, "probe": None if probe is None else {"score": probe}}
+
+    assert decide(cfg, inputs, figures(90, 0.8), figures(86, 0.78))["adopted"]  # within both margins
+    v = decide(cfg, inputs, figures(90, 0.8), figures(80, 0.8))
+    assert not v["adopted"] and "held-out accuracy fell from 90% to 80%" in v["reason"]
+    v = decide(cfg, inputs, figures(90, 0.8), figures(95, 0.72))  # better at the task, forgot the base: refused
+    assert not v["adopted"] and "retention fell from 1.00 to 0.90" in v["reason"]
+    assert decide(cfg, inputs, figures(None, None), figures(None, None))["adopted"]  # nothing to ask: no block

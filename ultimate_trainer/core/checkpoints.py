@@ -146,13 +146,14 @@ class ConsolidationInfo:
     manifest: dict[str, Any]
 
 
-def list_consolidations(models_dir: str | Path) -> list[ConsolidationInfo]:
-    """Complete consolidations (manifest present), oldest first."""
-    root = Path(models_dir) / "consolidated"
+def list_consolidations(models_dir: str | Path, root: bool = False) -> list[ConsolidationInfo]:
+    """Complete, adopted consolidations (manifest present), oldest first; ``root``: ``models_dir`` is the
+    folder that holds them (the refused ones' folder, say) rather than the models folder."""
+    root_dir = Path(models_dir) if root else Path(models_dir) / "consolidated"
     out = []
-    if not root.is_dir():
+    if not root_dir.is_dir():
         return out
-    for p in root.iterdir():
+    for p in root_dir.iterdir():
         if p.name.startswith(".") or not p.is_dir():
             continue
         manifest = read_json(p / MANIFEST)
@@ -167,6 +168,51 @@ def newest_consolidation(models_dir: str | Path) -> ConsolidationInfo | None:
     return found[-1] if found else None
 
 
+REFUSED_DIR = ".refused"  # models/consolidated/.refused/<name>/: candidates the gate did not adopt
+ROLLED_BACK_DIR = ".rolled-back"  # models/consolidated/.rolled-back/<name>/: adopted, then rolled back
+ROLLBACK_RECORD = "rollback.json"
+
+
+def list_refused(models_dir: str | Path) -> list[ConsolidationInfo]:
+    """Consolidations the gate refused (kept beside, never trained on), oldest first."""
+    return list_consolidations(Path(models_dir) / "consolidated" / REFUSED_DIR, root=True)
+
+
+def rolled_back_step(models_dir: str | Path) -> int:
+    """The highest global step reached before any rollback (0 when none): training resumes past it."""
+    root = Path(models_dir) / "consolidated" / ROLLED_BACK_DIR
+    steps = [0]
+    if root.is_dir():
+        for p in root.iterdir():
+            rec = read_json(p / ROLLBACK_RECORD) if p.is_dir() else None
+            if rec and isinstance(rec.get("global_step_at_rollback"), int):
+                steps.append(rec["global_step_at_rollback"])
+    return max(steps)
+
+
+def on_base(ckpt: CheckpointInfo, cons: ConsolidationInfo | None) -> bool:
+    """Whether ``ckpt``'s adapter was trained on the current base: the newest adopted consolidation, or the
+    configured base when there is none."""
+    base = ckpt.meta.get("base_model")
+    in_consolidated = bool(base) and Path(str(base)).parent.name in ("consolidated", REFUSED_DIR, ROLLED_BACK_DIR)
+    if cons is None:
+        return not in_consolidated
+    return in_consolidated and Path(str(base)).name == cons.path.name
+
+
+def current_checkpoints(checkpoints_dir: str | Path, models_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints that training may continue or consolidate, oldest first.
+
+    After a rollback, checkpoints trained on the rolled-back model, or on the current base before the
+    rollback, are history: they are left on disk and ignored.
+    """
+    floor = rolled_back_step(models_dir)
+    if floor == 0:  # no rollback: every checkpoint counts (one whose base went missing is an error, not skipped)
+        return list_complete(checkpoints_dir)
+    cons = newest_consolidation(models_dir)
+    return [c for c in list_complete(checkpoints_dir) if on_base(c, cons) and c.global_step > floor]
+
+
 @dataclass(frozen=True)
 class StartPoint:
     """Where the next run starts: which base weights, which adapter, which global step."""
@@ -179,13 +225,22 @@ class StartPoint:
 
 
 def start_point(checkpoints_dir: str | Path, models_dir: str | Path) -> StartPoint:
-    ckpt = newest_complete(checkpoints_dir)
+    """The newest checkpoint on the current base; else the current consolidation with a fresh adapter.
+
+    After ``daemon.py --rollback-consolidation`` the base is the previous one again, with a fresh
+    adapter, and the global step continues from the highest step reached before the rollback.
+    """
+    ckpts = current_checkpoints(checkpoints_dir, models_dir)
+    ckpt = ckpts[-1] if ckpts else None
     cons = newest_consolidation(models_dir)
+    floor = rolled_back_step(models_dir)
     if cons is not None and (ckpt is None or cons.global_step >= ckpt.global_step):
+        if cons.global_step <= floor:  # rolled back to this consolidation: it stays, the step goes on
+            return StartPoint("consolidation", floor, str(cons.path), consolidation=cons)
         # The source checkpoint still tells whether a run was cut short, so it can be finished, not redone.
         source = next((c for c in list_complete(checkpoints_dir)
                        if c.name == cons.manifest.get("source_checkpoint")), None)
         return StartPoint("consolidation", cons.global_step, str(cons.path), checkpoint=source, consolidation=cons)
     if ckpt is not None:
         return StartPoint("checkpoint", ckpt.global_step, ckpt.meta.get("base_model"), checkpoint=ckpt)
-    return StartPoint("fresh", 0, None)
+    return StartPoint("fresh", floor, None)

@@ -114,6 +114,9 @@ class TrainingConfig:
               "(a dead or hung rank). Must exceed the longest evaluation, which rank 0 runs alone.",
         min=10, max=86400,
     )
+    replay_fraction: float = _f(
+        0.05, "Share of each run's examples replayed from files trained before (queue/done/), chosen from the run "
+        "id; never held-out lines; 0 disables (docs/TRAINING.md, Replay).", min=0.0, max=0.5)
 
 
 @dataclass
@@ -143,6 +146,13 @@ class EvalConfig:
     margin_last_50: float = _f(3.0, "Points by which last-50 accuracy must differ from overall to be coloured.", min=0.0)
     margin_trend: float = _f(3.0, "Points last-50 must beat (or trail) overall for improving (regressing).", min=0.0)
     at_start: bool = _f(True, "Evaluate once before the first step of a run, so the starting accuracy is known.")
+    probe_file: Optional[str] = _f(
+        "builtin", "Base-knowledge probe: questions the base answers right, scored to measure forgetting. 'builtin' = "
+        "the shipped general-knowledge set, else a JSONL path (relative to paths.root); null disables.")
+    probe_every: int = _f(2, "Score the probe at every Nth evaluation (the first of each run included).", min=1)
+    probe_max_new_tokens: int = _f(24, "Bound on each probe answer.", min=1, max=512)
+    retention_warn: float = _f(0.95, "Retention (probe score / baseline) below which the page warns of forgetting.",
+                               min=0.0, max=1.0)
 
 
 @dataclass
@@ -153,6 +163,16 @@ class GuardConfig:
     min_history: int = _f(20, "Losses needed before spikes are judged (non-finite values are always caught).", min=1)
     max_anomalies: int = _f(3, "Anomalies in one run after which it stops and its files are failed (not retried).", min=1)
     slope_steps: int = _f(20, "Steps over which the loss slope is fitted.", min=2)
+
+
+@dataclass
+class ConsolidationConfig:
+    gate: bool = _f(True, "Score the merged candidate before adopting it; refuse it when it lost too much.")
+    max_accuracy_drop: float = _f(5.0, "Held-out accuracy points the candidate may lose against the current base.",
+                                  min=0.0, max=100.0)
+    max_retention_drop: float = _f(0.05, "Retention (probe score / baseline) the candidate may lose against the "
+                                   "current base.", min=0.0, max=1.0)
+    max_prompts: int = _f(40, "Held-out prompts (from queue/done/ and data.eval_file) the gate asks.", min=1)
 
 
 @dataclass
@@ -226,6 +246,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Reading and tokenizing JSONL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Held-out evaluation while training."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"doc": "The divergence guard (docs/TRAINING.md)."})
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig,
+                                               metadata={"doc": "The gate before a merge is adopted (docs/DAEMON.md)."})
     status: StatusConfig = field(default_factory=StatusConfig, metadata={"doc": "The status files."})
     daemon: DaemonConfig = field(default_factory=DaemonConfig, metadata={"doc": "The inbox daemon."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"doc": "The web monitor and stats API."})

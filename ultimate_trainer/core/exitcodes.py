@@ -16,6 +16,7 @@ class Exit(enum.IntEnum):
     DATA = 3      # a file has no usable example: that file goes to queue/failed/
     MODEL = 4     # the base model cannot be found or loaded: no file is to blame
     DIVERGED = 5  # the divergence guard stopped the run: the files it names go to queue/failed/
+    REFUSED = 6   # (the consolidation child) the gate refused the merged candidate: it is kept, not adopted
 
     @property
     def meaning(self) -> str:
@@ -29,6 +30,7 @@ _MEANING = {
     Exit.DATA: "no usable data",
     Exit.MODEL: "model cannot be loaded",
     Exit.DIVERGED: "training diverged",
+    Exit.REFUSED: "consolidation refused by the gate",
 }
 
 SETUP_ERRORS = frozenset({Exit.CONFIG, Exit.MODEL})  # not the files' fault: retrying other files cannot help

@@ -41,6 +41,8 @@ STEPS_HISTORY = "history/steps.jsonl"
 EVALS_HISTORY = "history/evals.jsonl"
 EXAMPLES_HISTORY = "history/examples.jsonl"
 ANOMALIES_HISTORY = "history/anomalies.jsonl"
+PROBE_HISTORY = "history/probe.jsonl"
+PROBE_BASELINE = "history/probe_baseline.json"
 REPORTS_DIR = "reports"
 
 TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")

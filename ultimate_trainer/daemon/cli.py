@@ -1,4 +1,5 @@
-"""``daemon.py``'s command line, and the commands that run outside the loop (``--stop``, ``--prune-checkpoints``)."""
+"""``daemon.py``'s command line, and the commands that run outside the loop (``--stop``, ``--prune-checkpoints``,
+``--rollback-consolidation``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core.config import Config, add_arguments
 from ultimate_trainer.daemon.loop import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
-from ultimate_trainer.core.checkpoints import list_complete
+from ultimate_trainer.core.checkpoints import ROLLBACK_RECORD, list_complete
+from ultimate_trainer.core.status import read_json
+from ultimate_trainer.daemon.consolidation import rollback
 from ultimate_trainer.daemon.snapshot import consolidation_history
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
@@ -21,23 +25,27 @@ from ultimate_trainer.core.logs import setup_logging
 log = logging.getLogger(__name__)
 
 
-def request_stop_file(cfg: Config) -> int:
-    """``daemon.py --stop``: ask a running daemon to stop gracefully (it polls for the file)."""
-    lock = cfg.path("queue") / LOCK_FILE
+def daemon_running(cfg: Config) -> bool:
+    """Whether a daemon holds the lock of this queue."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(cfg.path("queue") / LOCK_FILE, os.O_RDWR)
     except OSError:
-        print("no daemon is running here")
-        return 1
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
-        print("no daemon is running here")
-        return 1
+        return False
     except BlockingIOError:
-        pass
+        return True
     finally:
         os.close(fd)
+
+
+def request_stop_file(cfg: Config) -> int:
+    """``daemon.py --stop``: ask a running daemon to stop gracefully (it polls for the file)."""
+    if not daemon_running(cfg):
+        print("no daemon is running here")
+        return 1
     (cfg.path("root") / STOP_FILE).touch()
     print(f"asked the daemon to stop ({cfg.path('root') / STOP_FILE}); it saves a checkpoint first")
     return 0
@@ -62,6 +70,21 @@ def prune_checkpoints(cfg: Config, keep: int) -> list[Path]:
     return removed
 
 
+def rollback_consolidation(cfg: Config) -> int:
+    """``daemon.py --rollback-consolidation``: un-adopt the newest consolidation (never while a daemon runs)."""
+    if daemon_running(cfg):
+        print("a daemon is running here: stop it first (daemon.py --stop), then roll back", file=sys.stderr)
+        return 1
+    try:
+        dest = rollback(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"rolled back: {dest.name} moved to {dest}; training continues on the previous base, "
+          f"global step {read_json(dest / ROLLBACK_RECORD)['global_step_at_rollback']} onwards")
+    return 0
+
+
 def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train continuously on whatever lands in inbox/ (docs/DAEMON.md).")
     add_arguments(ap)
@@ -70,6 +93,9 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -
     ap.add_argument("--stop", action="store_true", help="ask the running daemon to stop gracefully, then exit")
     ap.add_argument("--prune-checkpoints", type=int, metavar="KEEP", default=None,
                     help="delete all but the newest KEEP checkpoints (never one a consolidation needs), then exit")
+    ap.add_argument("--rollback-consolidation", action="store_true",
+                    help="un-adopt the newest consolidated model (moved aside, not deleted): training continues "
+                         "on the previous base, the global step going on; then exit")
     args = ap.parse_args(argv)
     setup_logging()
     cfg = config_or_none(args)
@@ -77,6 +103,8 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -
         return 2
     if args.stop:
         return request_stop_file(cfg)
+    if args.rollback_consolidation:
+        return rollback_consolidation(cfg)
     if args.prune_checkpoints is not None:
         removed = prune_checkpoints(cfg, args.prune_checkpoints)
         print(f"deleted {len(removed)} checkpoint(s)")

@@ -81,7 +81,8 @@ def events_between(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
                                              f"(global step {new_hist[-1].get('global_step')})"))
     refused = _get(nd, "consolidation", "last_refused")
     if refused and refused != _get(od, "consolidation", "last_refused"):
-        out.append(("consolidation_refused", f"consolidation refused: {refused}"))
+        why = refused.get("reason") if isinstance(refused, dict) else refused
+        out.append(("consolidation_refused", f"consolidation refused, training goes on with the current base: {why}"))
 
     grown = int(_num(_get(nt, "stability", "anomalies")) - _num(_get(ot, "stability", "anomalies")))
     if nt and grown > 0:
@@ -92,7 +93,8 @@ def events_between(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
         out.append(("accuracy_regressing", f"held-out accuracy is regressing: last 50 {_get(nt, 'accuracy', 'last_50')}%"
                                            f" against {_get(nt, 'accuracy', 'overall')}% overall"))
     if _get(nt, "retention", "trend") == "falling" and _get(ot, "retention", "trend") != "falling":
-        out.append(("retention_falling", f"base-knowledge retention is falling: {_get(nt, 'retention', 'ratio')}"))
+        out.append(("retention_falling", f"base-knowledge retention is falling: {_get(nt, 'retention', 'ratio')} of the "
+                                         f"base's probe score at step {_get(nt, 'retention', 'global_step')}"))
     if nt.get("state") == "error" and (ot.get("state") != "error" or nt.get("error") != ot.get("error")):
         out.append(("trainer_error", f"the trainer stopped with an error: {nt.get('error')}"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.daemon import schedule
-from ultimate_trainer.core.checkpoints import list_consolidations
+from ultimate_trainer.core.checkpoints import list_consolidations, list_refused
 from ultimate_trainer.core.status import SCHEMA_VERSION, TRAINING_STATUS, read_json, report_path
 from ultimate_trainer.core.times import iso, now_iso, parse_iso
 from ultimate_trainer.core.config import Config
@@ -43,6 +43,16 @@ class Snapshot:
 def consolidation_history(consolidated_dir: Path) -> list[dict[str, Any]]:
     """Manifests of the complete consolidations, oldest first, each with its ``path``."""
     return [{**c.manifest, "path": str(c.path)} for c in list_consolidations(consolidated_dir.parent)]
+
+
+def last_refused(cfg: Config) -> dict[str, Any] | None:
+    """The newest candidate the consolidation gate refused: ``path``, ``global_step``, ``reason``, ``created_at``."""
+    refused = list_refused(cfg.path("models"))
+    if not refused:
+        return None
+    m = refused[-1].manifest
+    return {"path": str(refused[-1].path), "global_step": m.get("global_step"),
+            "reason": (m.get("gate") or {}).get("reason"), "created_at": m.get("created_at")}
 
 
 def _examples(status_dir: Path, name: str) -> int | None:
@@ -120,6 +130,7 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
             "running": snap.consolidation_running,
             "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
                         for h in hist[-RECENT_DONE:]],
+            "last_refused": last_refused(cfg),
         },
         "disk": snap.disk,
         "monitors": snap.monitors,

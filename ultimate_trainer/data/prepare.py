@@ -55,6 +55,7 @@ class Prepared:
     heldout_encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)  # for val loss
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
+    replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
 
     @property
     def bad_lines(self) -> int:
@@ -137,9 +138,9 @@ class _FileReader:
     """Reads one file into the shared writer / held-out lists; fills in its report."""
 
     def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
-                 seen_heldout: set[bytes], all_heldout: bool = False):
+                 seen_heldout: set[bytes], all_heldout: bool = False, never_heldout: bool = False):
         self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
-        self.seen_heldout, self.all_heldout = seen_heldout, all_heldout
+        self.seen_heldout, self.all_heldout, self.never_heldout = seen_heldout, all_heldout, never_heldout
         self.report = _new_report(path)
         self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
         self.heldout_chosen = 0
@@ -231,9 +232,9 @@ class _FileReader:
                         # line): training on this copy would leak it, whatever the cap says.
                         ex.heldout = True
                         ex.extra["duplicate_of_heldout"] = True
-                    elif self.all_heldout or (
+                    elif not self.never_heldout and (self.all_heldout or (
                         self.heldout_chosen < d.heldout_max_per_file and is_heldout(raw, d.heldout_fraction)
-                    ):
+                    )):
                         ex.heldout = True
                         self.heldout_chosen += 1
                         self.seen_heldout.add(key)
@@ -287,12 +288,15 @@ class _FileReader:
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
-            status_dir: Path | None = None) -> Prepared:
+            status_dir: Path | None = None, replay_file: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
     no usable example are listed in ``Prepared.unusable`` as (path, one-line reason without the file
     name); the caller decides what to do (train.py exits 3).
+
+    ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
+    they copy a held-out example of this run) and it gets no report.
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
@@ -316,6 +320,9 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
                          report["train_examples"], report["heldout_examples"], report["bad_lines"])
             if status_dir is not None:
                 status.atomic_write_json(status.report_path(status_dir, path), report)
+        if replay_file is not None:
+            rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, never_heldout=True).run()
+            out.replay_examples = rep["train_examples"]
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise

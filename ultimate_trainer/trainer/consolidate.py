@@ -23,9 +23,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ultimate_trainer.core.checkpoints import MANIFEST, CheckpointInfo, list_complete, newest_complete
+from ultimate_trainer.core.checkpoints import MANIFEST, REFUSED_DIR, CheckpointInfo, current_checkpoints, list_complete
+from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import Config, add_arguments
 from ultimate_trainer.core.status import atomic_write_json
 from ultimate_trainer.core.times import now_iso
@@ -45,8 +46,13 @@ def _merged_dtype(device: str) -> Any:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = None) -> tuple[Any, str]:
-    """Base as trained + the checkpoint's adapter, merged into full-precision weights. Returns (model, base path)."""
+def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = None,
+                     before_merge: Callable[[Any], None] | None = None) -> tuple[Any, str]:
+    """Base as trained + the checkpoint's adapter, merged into full-precision weights. Returns (model, base path).
+
+    ``before_merge`` is handed the base with the adapter attached, unmerged (the gate scores the base
+    with the adapter switched off there).
+    """
     from peft import PeftModel
 
     from ultimate_trainer.model.loading import load_base_model, pick_device, resolve_base
@@ -62,6 +68,8 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
             del base.config.quantization_config
     base = base.to(dtype)
     model = PeftModel.from_pretrained(base, str(ckpt.path), is_trainable=False)
+    if before_merge is not None:
+        before_merge(model)
     merged = model.merge_and_unload()
     merged.config.use_cache = True  # the loader switched it off for training
     return merged, str(base_path)
@@ -80,12 +88,25 @@ def _save_tokenizer(base_path: str, ckpt: CheckpointInfo, out: Path) -> None:
 
 
 def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_since_last: list[str] | None = None,
-                device: str | None = None) -> Path:
-    """Write one consolidation of ``checkpoint`` (default: the newest complete one); return its folder."""
-    ckpt = checkpoint or newest_complete(cfg.path("checkpoints"))
+                device: str | None = None) -> tuple[Path, bool]:
+    """Write one consolidation of ``checkpoint`` (default: the newest on the current base).
+
+    Returns its folder and whether it was adopted. With ``consolidation.gate`` the candidate is
+    scored against the current base first (trainer/gate.py); a refused one is written under
+    ``models/consolidated/.refused/`` with ``adopted: false`` and the reason in its manifest, where no
+    run starts from it.
+    """
+    current = current_checkpoints(cfg.path("checkpoints"), cfg.path("models"))
+    ckpt = checkpoint or (current[-1] if current else None)
     if ckpt is None:
         raise ConsolidationError(f"no complete checkpoint in {cfg.path('checkpoints')}: nothing to consolidate")
-    root = cfg.path("models") / "consolidated"
+    t0 = time.monotonic()
+    log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
+    gate = Gate(cfg, ckpt) if cfg.consolidation.gate else None
+    merged, base_path = merge_checkpoint(cfg, ckpt, device, before_merge=gate.score_base if gate else None)
+    verdict = gate.judge(merged) if gate else None
+    adopted = verdict is None or verdict["adopted"]
+    root = cfg.path("models") / "consolidated" / ("" if adopted else REFUSED_DIR)
     root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     final = root / stamp
@@ -93,9 +114,6 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     while final.exists():
         final, i = root / f"{stamp}-{i}", i + 1
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    t0 = time.monotonic()
-    log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
-    merged, base_path = merge_checkpoint(cfg, ckpt, device)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         _save_tokenizer(base_path, ckpt, tmp)
@@ -104,13 +122,38 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
             "schema_version": 1, "source_checkpoint": ckpt.path.name, "global_step": ckpt.global_step,
             "base_model": base_path, "base_model_name": ckpt.meta.get("base_model_name", cfg.base_model),
             "files_since_last": list(files_since_last or []), "dtype": dtype,
-            "seconds": round(time.monotonic() - t0, 1), "created_at": now_iso()})
+            "seconds": round(time.monotonic() - t0, 1), "adopted": adopted, "gate": verdict,
+            "created_at": now_iso()})
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written temp folder, never a complete one
         raise
-    log.info("consolidated into %s in %.1f s", final, time.monotonic() - t0)
-    return final
+    if adopted:
+        log.info("consolidated into %s in %.1f s", final, time.monotonic() - t0)
+    else:
+        log.warning("consolidation refused (kept in %s): %s", final, verdict["reason"])  # type: ignore[index]
+    return final, adopted
+
+
+class Gate:
+    """Scores the base (adapter off) before the merge and the merged candidate after it (trainer/gate.py)."""
+
+    def __init__(self, cfg: Config, ckpt: CheckpointInfo):
+        from ultimate_trainer.model.loading import load_tokenizer, resolve_base
+        from ultimate_trainer.trainer import gate
+
+        self.cfg, self.gate = cfg, gate
+        self.inputs = gate.gate_inputs(cfg)
+        self.tokenizer = load_tokenizer(str(ckpt.meta.get("base_model") or resolve_base(cfg)))
+        self.base: dict[str, Any] = {}
+
+    def score_base(self, model: Any) -> None:
+        with model.disable_adapter():
+            self.base = self.gate.score_model(model, self.tokenizer, self.cfg, self.inputs)
+
+    def judge(self, merged: Any) -> dict[str, Any]:
+        candidate = self.gate.score_model(merged, self.tokenizer, self.cfg, self.inputs)
+        return self.gate.decide(self.cfg, self.inputs, self.base, candidate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError) as e:
             log.warning("%s: unreadable (%s); manifest lists no files", args.files_json, e)
     try:
-        consolidate(cfg, ckpt, files)
+        _, adopted = consolidate(cfg, ckpt, files)
     except ConsolidationError as e:
         log.error("%s", e)
         return 1
-    return 0
+    return Exit.OK if adopted else Exit.REFUSED
 
 
 if __name__ == "__main__":

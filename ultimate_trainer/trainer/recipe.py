@@ -119,6 +119,7 @@ class RunState:
     steps_now: int = 0
     device: str = "cpu"
     model: Any = None
+    replay: Any = None  # data.replay.Replay: the earlier lines mixed into this run
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
 
@@ -137,7 +138,8 @@ class RunState:
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
             distributed=cfg.training.distributed if self.world.size > 1 else None,
-            examples_per_step=self.plan.examples_per_step)
+            examples_per_step=self.plan.examples_per_step) | (
+            {"replay": {"examples": self.prepared.replay_examples, "files": self.replay.sources}} if self.replay else {})
 
 
 def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False, step_scale: int = 1) -> str:
@@ -221,6 +223,7 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
     finally:
         reporter.stop()
         shutil.rmtree(world.rank_path(cfg.path("work") / "current"), ignore_errors=True)
+        world.rank_path(cfg.path("work") / "current-replay.jsonl").unlink(missing_ok=True)
 
 
 def _recipe(run: RunState, dry_run: bool) -> int:
@@ -326,9 +329,22 @@ def prepare_data(run: RunState, write_reports: bool) -> None:
     # Each rank tokenizes into its own store (the same tokens: tokenizing is deterministic); rank 0 reports.
     store_dir = run.world.rank_path(run.cfg.path("work") / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
+    run.replay = replay_for(run, run.world.rank_path(run.cfg.path("work") / "current-replay.jsonl"))
     run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
-                                   run.cfg.path("status") if write_reports and run.world.is_main else None)
+                                   run.cfg.path("status") if write_reports and run.world.is_main else None,
+                                   replay_file=run.replay.path if run.replay else None)
     run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
+    if run.replay:
+        run.reporter.update(replay={"examples": run.prepared.replay_examples, "files": run.replay.sources})
+
+
+def replay_for(run: RunState, out: Path) -> Any:
+    """This run's replay of earlier files (``data/replay.py``), drawn by the id of its files; None when off."""
+    from ultimate_trainer.data.replay import write_replay
+
+    cfg = run.cfg
+    return write_replay(run.files, cfg, cfg.path("queue") / "done", out, lambda hashes: run_id_for(hashes, cfg),
+                        cfg.path("status"))
 
 
 def print_dry_run(run: RunState) -> int:
@@ -395,6 +411,7 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import distributed, hf, speed
     from ultimate_trainer.trainer.guard import GuardCallback, step_describer
+    from ultimate_trainer.trainer.probe import probe_callback
 
     cfg, start, p, reporter, world = run.cfg, run.start, run.plan, run.reporter, run.world
     collator = Collator(run.tokenizer)
@@ -411,6 +428,8 @@ def train(run: RunState) -> None:
     callbacks = [
         hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
                         tracker, p.run_id, run.stop, run_cb.throughput),
+        *filter(None, [probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id,
+                                      run_cb.throughput)]),  # after EvalCallback: it counts its evaluations
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
         speed.ThreadGovernor(),

@@ -79,6 +79,8 @@ class StatusReporter:
             "accuracy": {"overall": None, "last_20": None, "last_50": None, "trend": None,
                          "evaluations": 0, "answers": 0, "signals": {"last_20": None, "last_50": None}},
             "val_loss": None,
+            "retention": None,  # trainer/probe.py
+            "replay": None,  # data/replay.py, set by the recipe
             "stability": {"loss_slope": None, "score": None, "anomalies": self.anomalies_before,
                           "anomalies_this_run": 0, "last_anomaly": None},
             "diverged": None,

@@ -28,6 +28,7 @@ TREND_FLAT_FRACTION = 0.02  # relative change of mean loss below which the trend
 TREND_MIN_CHANGE = 0.01     # nats/token: a smaller change of mean loss is "flat" however large relatively
 STEP_FIELDS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "stability_score")
 EVAL_FIELDS = ("accuracy", "overall", "last_20", "last_50", "val_loss")
+PROBE_FIELDS = ("retention", "score")  # history/probe.jsonl (trainer/probe.py)
 
 
 class JsonlFollower:
@@ -152,8 +153,10 @@ class History:
         self._lock = threading.Lock()
         self._steps_f = JsonlFollower(sd / status.STEPS_HISTORY)
         self._evals_f = JsonlFollower(sd / status.EVALS_HISTORY)
+        self._probe_f = JsonlFollower(sd / status.PROBE_HISTORY)
         self._reset_steps()
         self._reset_evals()
+        self.probes = Downsampler(PROBE_FIELDS, self.cap)
 
     def _reset_steps(self) -> None:
         self.steps = Downsampler(STEP_FIELDS, self.cap)
@@ -177,6 +180,11 @@ class History:
             for rec in new:
                 self.evals.add(rec)
                 self.last_eval = rec
+            reset, new = self._probe_f.poll()
+            if reset:
+                self.probes = Downsampler(PROBE_FIELDS, self.cap)
+            for rec in new:
+                self.probes.add(rec)
 
     def snapshot(self) -> dict[str, Any]:
         """``steps``/``evals``: count, bucket width and points; ``loss_trend``; ``last_val_loss``."""
@@ -186,6 +194,7 @@ class History:
             return {
                 "steps": {"count": self.steps.count, "per_point": self.steps.width, "points": self.steps.points()},
                 "evals": {"count": self.evals.count, "per_point": self.evals.width, "points": self.evals.points()},
+                "probes": {"count": self.probes.count, "per_point": self.probes.width, "points": self.probes.points()},
                 "loss_trend": loss_trend(recent),
                 "last_val_loss": (self.last_eval or {}).get("val_loss"),
             }

@@ -245,6 +245,10 @@ def health(memory: dict[str, Any] | None, training: dict[str, Any] | None = None
             other.append(_reason("critical", "trainer", f"trainer error: {training.get('error') or 'unknown'}"))
         elif state not in (None, "idle") and not status.pid_alive(training.get("pid")):
             other.append(_reason("warning", "trainer", f"trainer stopped while {state} (pid {training.get('pid')} gone)"))
+        ret = training.get("retention") if isinstance(training.get("retention"), dict) else {}
+        if ret.get("forgetting") and isinstance(ret.get("ratio"), (int, float)):
+            other.append(_reason("warning", "retention", f"forgetting: the probe keeps {ret['ratio']:.0%} of the "
+                                 f"base's score (warns under {ret.get('warn_below', 0.95):.0%})"))
     if daemon:
         disk = daemon.get("disk") or {}
         if disk.get("level") in ("warning", "critical"):

@@ -63,6 +63,23 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def verdict(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The page's one-word verdict on learning: the accuracy trend, unless the model is forgetting.
+
+    Held-out accuracy can improve while the base's general knowledge goes: then the verdict is
+    ``forgetting`` (retention under ``eval.retention_warn``, or falling), never ``improving``.
+    """
+    if not training:
+        return None
+    acc = training.get("accuracy") if isinstance(training.get("accuracy"), dict) else {}
+    ret = training.get("retention") if isinstance(training.get("retention"), dict) else {}
+    ratio = ret.get("ratio")
+    if ret.get("forgetting") or (ret.get("trend") == "falling" and acc.get("trend") == "improving"):
+        return {"label": "forgetting", "reason": f"retention {ratio:.0%} of the base's probe score"
+                if isinstance(ratio, (int, float)) else "retention is falling"}
+    return {"label": acc.get("trend"), "reason": None} if acc.get("trend") else None
+
+
 def build_state(status_dir: str | Path, history: History, refresh_seconds: float,
                 skills: SkillTracker | None = None, workbench_port: int | None = None) -> dict[str, Any]:
     sd = Path(status_dir)
@@ -99,6 +116,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
         "memory": memory,
         # The page's health light: from fresh memory figures plus the trainer's and daemon's states.
         "health": stats.health(memory_fresh, training, daemon),
+        "verdict": verdict(training),
         "loss_trend": hist["loss_trend"],
         "last_val_loss": hist["last_val_loss"],
         "history_counts": {"steps": hist["steps"], "evals": hist["evals"]},

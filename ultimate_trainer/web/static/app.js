@@ -116,8 +116,9 @@ function renderStability(st) {
   setText("stab-last", a ? `step ${a.global_step}: ${a.kind} · ${(a.files || []).join(", ") || "?"}` : "none");
 }
 
-const TREND_CLASS = {falling: "good", flat: "neutral", rising: "bad", improving: "good", stable: "neutral", regressing: "bad"};
-const TREND_ICON = {falling: "↘ falling", flat: "→ flat", rising: "↗ rising", improving: "↗ improving", stable: "→ stable", regressing: "↘ regressing"};
+const TREND_CLASS = {falling: "good", flat: "neutral", rising: "bad", improving: "good", stable: "neutral", regressing: "bad", forgetting: "bad"};
+const TREND_ICON = {falling: "↘ falling", flat: "→ flat", rising: "↗ rising", improving: "↗ improving", stable: "→ stable", regressing: "↘ regressing", forgetting: "⚠ forgetting"};
+const RETENTION_CLASS = {falling: "bad", stable: "neutral", rising: "good"};
 
 function renderLossFigures(st) {
   const t = st.training || {};
@@ -141,7 +142,13 @@ function renderAccuracy(st) {
   setText("acc-20", pct(a.last_20), signalClass(sig.last_20, a.last_20, a.overall, 5));
   setText("acc-50", pct(a.last_50), signalClass(sig.last_50, a.last_50, a.overall, 3));
   setText("acc-n", isNum(a.evaluations) ? `${a.evaluations} · ${a.answers || 0} answers` : "–");
-  setText("acc-trend", a.trend ? TREND_ICON[a.trend] : "not enough answers", "tag " + (TREND_CLASS[a.trend] || "neutral"));
+  // The verdict (web/state.py) is the accuracy trend, unless the model is forgetting what the base knew.
+  const v = (st.verdict || {}).label || a.trend;
+  setText("acc-trend", v ? TREND_ICON[v] : "not enough answers", "tag " + (TREND_CLASS[v] || "neutral"));
+  $("acc-trend").title = (st.verdict || {}).reason || "Last 50 against overall: improving, stable or regressing";
+  const r = (st.training || {}).retention || {};
+  setText("ret-now", isNum(r.ratio) ? pct(100 * r.ratio) : "–", r.forgetting ? "bad" : RETENTION_CLASS[r.trend] || "");
+  setText("ret-probe", isNum(r.correct) ? `${r.correct}/${r.total} · ${r.trend || "first probe"}` : "–");
 }
 
 function renderSkills(st) {
@@ -297,6 +304,7 @@ function renderCharts(h) {
     {points: evals.map(p => [p.global_step, p.accuracy]), cls: "s3", dotsOnly: true},
     {points: evals.map(p => [p.global_step, p.overall]), cls: "s1"},
     {points: evals.map(p => [p.global_step, p.last_50]), cls: "s4"},
+    {points: ((h.probes || {}).points || []).map(p => [p.global_step, isNum(p.retention) ? 100 * p.retention : null]), cls: "s2", dots: true},
   ], {yMin: 0, yMax: 100, yUnit: "%", empty: "no evaluation yet"});
 }
 

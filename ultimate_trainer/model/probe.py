@@ -1,0 +1,38 @@
+"""Scoring a model on the base-knowledge probe (``data/probe.py``) and on held-out examples.
+
+Both are greedy, batched generation with short answers (``scoring.generate_answers``), scored with
+each question's matcher. Retention is a probe score divided by the baseline's: the score of the
+original base before any training (docs/TRAINING.md, "Forgetting guard").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ultimate_trainer.data.probe import Probe
+from ultimate_trainer.model.scoring import generate_answers, score
+
+
+def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """``correct``, ``total``, ``score`` (0-1) and the ``missed`` questions (``file:line``) of one pass."""
+    answers = generate_answers(model, tokenizer, [q.prompt_messages for q in probe.items], max_new_tokens, batch_size)
+    missed = [q.source for q, a in zip(probe.items, answers) if not score(q.matcher, a, q.expected)]
+    total = len(probe.items)
+    return {"correct": total - len(missed), "total": total, "score": round((total - len(missed)) / total, 4),
+            "missed": missed}
+
+
+def score_examples(model: Any, tokenizer: Any, examples: list[Any], matcher: str, max_new_tokens: int,
+                   batch_size: int) -> dict[str, Any]:
+    """Held-out accuracy (percent) of ``examples`` (``formats.Example``) under ``matcher``."""
+    answers = generate_answers(model, tokenizer, [e.prompt_messages for e in examples], max_new_tokens, batch_size)
+    correct = sum(score(matcher, a, e.expected) for e, a in zip(examples, answers))
+    return {"correct": correct, "total": len(examples),
+            "accuracy": round(100.0 * correct / len(examples), 2) if examples else None}
+
+
+def retention(score_now: float | None, baseline: float | None) -> float | None:
+    """Probe score / baseline score; None when either is unknown or the baseline is 0."""
+    if score_now is None or not baseline:
+        return None
+    return round(score_now / baseline, 4)

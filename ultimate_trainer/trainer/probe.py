@@ -1,0 +1,132 @@
+"""The forgetting guard while training: the base-knowledge probe, its baseline and the retention figure.
+
+``ProbeCallback`` runs after ``EvalCallback``. At the first run it scores the probe on the base
+(the adapter switched off, so it is the base's score whatever the adapter holds) and writes that
+baseline to ``history/probe_baseline.json``; a changed probe file gets a new baseline. Then at every
+``eval.probe_every``-th evaluation (the 1st, the (1+N)th...) it scores the probe on the model being
+trained, appends the result to ``history/probe.jsonl`` and sets ``training_status.json``'s
+``retention`` (docs/STATUS.md): ``ratio`` = score / baseline, ``trend`` against the previous
+probe, ``forgetting`` when the ratio is under ``eval.retention_warn``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
+
+from ultimate_trainer.core import status as st
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.times import now_iso
+from ultimate_trainer.data.probe import Probe
+from ultimate_trainer.model.probe import retention, score_probe
+from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
+
+log = logging.getLogger(__name__)
+
+TREND_MARGIN = 0.02  # a change of retention smaller than this between two probes is "stable"
+
+
+def retention_status(records: list[dict[str, Any]], warn: float) -> dict[str, Any] | None:
+    """``training_status.json``'s ``retention`` from the probe history (oldest first)."""
+    scored = [r for r in records if isinstance(r.get("retention"), (int, float))]
+    if not scored:
+        return None
+    last = scored[-1]
+    ratio = float(last["retention"])
+    trend = None
+    if len(scored) >= 2:
+        prev = float(scored[-2]["retention"])
+        trend = ("falling" if ratio < prev - TREND_MARGIN or (ratio < warn and ratio < prev)
+                 else "rising" if ratio > prev + TREND_MARGIN else "stable")
+    return {"ratio": ratio, "score": last.get("score"), "baseline": last.get("baseline"),
+            "correct": last.get("correct"), "total": last.get("total"), "global_step": last.get("global_step"),
+            "trend": trend, "forgetting": ratio < warn, "warn_below": warn, "probes": len(scored)}
+
+
+class ProbeCallback(TrainerCallback):
+    def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: Any, probe: Probe, tracker: Any,
+                 base_model: str, run_id: str, throughput: Throughput | None = None):
+        self.cfg, self.reporter, self.tokenizer, self.probe = cfg, reporter, tokenizer, probe
+        self.tracker, self.base_model, self.run_id, self.throughput = tracker, base_model, run_id, throughput
+        self.history = reporter.dir / st.PROBE_HISTORY
+        self.baseline_path = reporter.dir / st.PROBE_BASELINE
+        self.baseline: dict[str, Any] | None = None
+        self.seen_evaluations = tracker.evaluations
+        self.model: Any = None
+
+    def _score(self, model: Any) -> dict[str, Any]:
+        ev = self.cfg.eval
+        with self.reporter.phase("evaluating"):
+            t0 = time.monotonic()
+            result = score_probe(model, self.tokenizer, self.probe, ev.probe_max_new_tokens, ev.batch_size)
+            if self.throughput is not None:
+                self.throughput.exclude(time.monotonic() - t0)
+        return result
+
+    def ensure_baseline(self, model: Any, global_step: int) -> dict[str, Any]:
+        """The stored baseline of this probe file, or the base's score now (the adapter off), stored."""
+        stored = st.read_json(self.baseline_path)
+        if stored and stored.get("sha256") == self.probe.sha256 and isinstance(stored.get("score"), (int, float)):
+            return stored
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                result = self._score(model)
+        else:
+            result = self._score(model)
+        baseline = {"schema_version": st.SCHEMA_VERSION, "probe_file": str(self.probe.path),
+                    "sha256": self.probe.sha256, "base_model": self.base_model, "global_step": global_step,
+                    **result, "created_at": now_iso()}
+        st.atomic_write_json(self.baseline_path, baseline)
+        log.info("probe baseline: %d/%d of %s answered right by the base", result["correct"], result["total"],
+                 self.probe.path.name)
+        return baseline
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, **kw: Any):
+        self.model = model
+        self.baseline = self.ensure_baseline(model, state.global_step)
+        self.reporter.update(retention=retention_status(list(st.iter_jsonl(self.history)),
+                                                        self.cfg.eval.retention_warn))
+        self._maybe_probe(state.global_step)  # after EvalCallback's evaluation at the start, if it made one
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kw: Any):
+        self.model = model or self.model
+        self._maybe_probe(state.global_step)
+
+    def _maybe_probe(self, global_step: int) -> None:
+        n = self.tracker.evaluations
+        if n == self.seen_evaluations:
+            return
+        self.seen_evaluations = n
+        if (n - 1) % self.cfg.eval.probe_every == 0:
+            self.probe_now(global_step)
+
+    def probe_now(self, global_step: int) -> dict[str, Any]:
+        assert self.baseline is not None
+        result = self._score(self.model)
+        ratio = retention(result["score"], self.baseline["score"])
+        record = {"global_step": global_step, "run_id": self.run_id, **result,
+                  "baseline": self.baseline["score"], "retention": ratio}
+        st.append_jsonl(self.history, {"time": now_iso(), **record})
+        status = retention_status(list(st.iter_jsonl(self.history)), self.cfg.eval.retention_warn)
+        self.reporter.update(retention=status)
+        self.reporter.write()
+        log.info("probe at step %d: %d/%d right, retention %s%s", global_step, result["correct"], result["total"],
+                 ratio, " (forgetting)" if status and status["forgetting"] else "")
+        return record
+
+
+def probe_callback(cfg: Config, reporter: StatusReporter, tokenizer: Any, tracker: Any, base_model: str,
+                   run_id: str, throughput: Throughput | None = None) -> ProbeCallback | None:
+    """The run's ProbeCallback; None when ``eval.probe_file`` is off or unusable (logged)."""
+    from ultimate_trainer.data.probe import load_probe
+
+    probe = load_probe(cfg)
+    if probe is None:
+        return None
+    return ProbeCallback(cfg, reporter, tokenizer, probe, tracker, base_model, run_id, throughput)
