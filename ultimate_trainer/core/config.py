@@ -237,7 +237,8 @@ class Config:
         f"Hub id (from the local Hugging Face cache), a local model folder, or '{BUILTIN_MODEL}' (ships with the install).",
     )
     load_in_4bit: bool = _f(True, "Load the base in bitsandbytes 4-bit (QLoRA); false trains LoRA on a full-precision base.")
-    eval_steps: int = _f(25, "Evaluate on held-out prompts every N optimizer steps (0 disables).", min=0)
+    eval_steps: int = _f(25, "Evaluate on held-out prompts every N optimizer steps and at the end of each run (0 disables).",
+                        min=0)
     save_steps: int = _f(100, "Save a checkpoint every N optimizer steps (and always at the end of a run).", min=1)
     paths: PathsConfig = field(default_factory=PathsConfig, metadata={"doc": "Where things live."})
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig, metadata={"doc": "4-bit loading."})

@@ -159,7 +159,8 @@ def interleave_by_file(examples: list[Any], limit: int) -> list[Any]:
 
 
 class EvalCallback(TrainerCallback):
-    """Greedy answers to the held-out prompts, scored, every ``eval_steps`` (and once at the very start)."""
+    """Greedy answers to the held-out prompts, scored, every ``eval_steps``, at the end of each run, and
+    once at the very start."""
 
     def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: Any, heldout: list[Any],
                  heldout_encoded: list[Any], collator: Any, tracker: Any, run_id: str, stop: Any,
@@ -185,7 +186,9 @@ class EvalCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: Any = None, **kw: Any):
         every = self.cfg.eval_steps
-        if every and state.global_step % every == 0 and not self.stop.requested and state.is_world_process_zero:
+        # Every eval_steps, and at the end of a run, so that each run's result is known.
+        due = every and (state.global_step % every == 0 or state.global_step >= state.max_steps)
+        if due and not self.stop.requested and state.is_world_process_zero:
             self.model = model or self.model
             self.evaluate(state.global_step)
 
