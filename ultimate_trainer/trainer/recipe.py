@@ -110,6 +110,7 @@ class RunState:
     steps_now: int = 0
     device: str = "cpu"
     model: Any = None
+    session: Any = None  # trainer.session.Session: a worker's loaded tokenizer and model, reused when they fit
 
     def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
         """The marker of a checkpoint saved at ``global_step`` of this run."""
@@ -165,15 +166,19 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the run
 
 def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run: bool = False,
-        stop: StopFlag | None = None) -> int:
-    """Train on ``files`` from wherever the last run ended. Returns the process exit code."""
+        stop: StopFlag | None = None, session: Any = None) -> int:
+    """Train on ``files`` from wherever the last run ended. Returns the process exit code.
+
+    ``session`` (trainer/session.py): the worker's already loaded tokenizer and model, used when they
+    fit this run's start point; ``train.py`` passes none and loads them.
+    """
     stop = stop or StopFlag()
     reporter = StatusReporter(cfg.path("status"), cfg.path("checkpoints"), cfg.status.interval_seconds,
                               cfg.eval.recent_examples, live=not dry_run)
     reporter.update(current_files=[f.name for f in files], base_model=cfg.base_model, load_in_4bit=cfg.load_in_4bit)
     reporter.set_state("loading")
     reporter.start()
-    state = RunState(cfg, files, reporter, stop, max_steps=max_steps)
+    state = RunState(cfg, files, reporter, stop, max_steps=max_steps, session=session)
     try:
         return _recipe(state, dry_run)
     except StopRequested:
@@ -205,10 +210,10 @@ def _recipe(run: RunState, dry_run: bool) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return Exit.CONFIG
 
-    # 2. Tokenizer of that base.
+    # 2. Tokenizer of that base (a worker's session keeps it while the base stays the same).
     from ultimate_trainer.model.loading import load_tokenizer
 
-    run.tokenizer = load_tokenizer(run.base_path)
+    run.tokenizer = run.session.tokenizer_for(run.base_path) if run.session else load_tokenizer(run.base_path)
     run.stop.check()
 
     # 3. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
@@ -328,15 +333,27 @@ def load_model(run: RunState) -> None:
 
     from ultimate_trainer.model.loading import attach_lora, load_base_model, pick_device
 
-    cfg = run.cfg
+    cfg, session = run.cfg, run.session
+    checkpoint = run.start.checkpoint.path if run.start.kind == "checkpoint" else None
+    why = session.reusable(cfg, run.base_path, run.start.kind, checkpoint) if session else "no session"
+    if why is None:  # the Trainer loads the checkpoint's adapter weights into it (trainer/session.py)
+        run.model, run.device = session.model, session.device
+        run.reporter.set_state("loading", device=run.device)
+        log.info("model kept loaded from the previous run")
+        return
+    if session:
+        session.drop()
+        log.info("loading the model: %s", why)
     run.device = pick_device(cfg)
     run.reporter.set_state("loading", device=run.device)
     model = load_base_model(cfg, run.base_path, quantize=cfg.load_in_4bit, device=run.device)
-    if run.start.kind == "checkpoint":
-        run.model = attach_lora(cfg, model, adapter_dir=str(run.start.checkpoint.path))
+    if checkpoint is not None:
+        run.model = attach_lora(cfg, model, adapter_dir=str(checkpoint))
     else:
         torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
         run.model = attach_lora(cfg, model)
+    if session:
+        session.hold(cfg, run.base_path, run.model, run.device, checkpoint, why)
 
 
 def train(run: RunState) -> None:
