@@ -101,6 +101,14 @@ def _turn_shape(tokenizer: Any) -> _TurnShape | None:
     return shape if shape is not None and shape.trusted else None
 
 
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The text a chat template closes an assistant turn with (``<|im_end|>`` for ChatML); None if unknown."""
+    _turn_shape(tokenizer)
+    template = tokenizer.chat_template
+    shape = _shapes.get(template if isinstance(template, str) else repr(template))
+    return shape.closing if shape is not None else None
+
 def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tuple[int, int]] | None:
     """The assistant spans read off ``full`` with the template's turn shape; None when it does not apply."""
     spans, cursor = [], 0
