@@ -57,7 +57,7 @@ def test_runs_in_one_session_equal_one_process_per_run(tiny_model_dir, make_proj
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
 
 
-def test_worker_process_keeps_the_model_and_reloads_when_a_model_setting_changes(tiny_model_dir, make_project,
+def test_worker_process_preloads_keeps_the_model_and_reloads_when_a_model_setting_changes(tiny_model_dir, make_project,
                                                                                  tmp_path):
     cfg_path = make_project(tiny_model_dir, eval_steps=0)
     wdir = tmp_path / "worker"
@@ -76,7 +76,8 @@ def test_worker_process_keeps_the_model_and_reloads_when_a_model_setting_changes
             results.append(worker_files.read_result(wdir, req.seq))
         assert [r["code"] for r in results] == [0, 0, 0]
         assert len({r["pid"] for r in results}) == 1 and not any(r["exiting"] for r in results)
-        assert [r["model_loaded"] for r in results] == [True, False, True]
+        # loaded before the first request (preload), kept for the second, loaded again for the third
+        assert [r["model_loaded"] for r in results] == [False, False, True]
         status = json.loads((cfg_path.parent / "status" / "training_status.json").read_text())
         assert status["pid"] == proc.pid and status["current_files"] == ["gamma.jsonl"] and status["state"] == "idle"
         proc.send_signal(signal.SIGTERM)  # idle: ends at once

@@ -148,6 +148,8 @@ class Daemon:
         code = 0
         try:
             self._recover()
+            if self.worker is not None and not self.stop_event.is_set():
+                self.worker.start()  # it loads the model while the inbox is scanned
             if self.d.start_monitors:
                 self.monitors.start_monitors(self.cfg, self._cfg_args(), REPO_DIR)
             while not self.stop_event.is_set():

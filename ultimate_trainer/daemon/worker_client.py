@@ -45,19 +45,23 @@ class WorkerClient:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def launch(self, files: list[Path]) -> subprocess.Popen:
-        """Hand ``files`` to the worker as one run, starting a worker first when none is running."""
-        if self.alive():
-            self.runner.adopt(self.proc)
-        else:
+    def start(self) -> subprocess.Popen:
+        """A running worker: this one, or a new one (which loads the model while no run waits for it)."""
+        if not self.alive():
             worker_files.clear(self.dir)  # requests of a dead worker must not be taken by the next
             # ``python -m ultimate_trainer...`` from wherever the daemon runs: the package must be importable
             path = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
             self.proc = self.runner.launch(self.cmd, env={**os.environ, "PYTHONPATH": path})
             self.started += 1
             log.info("started trainer worker pid %d", self.proc.pid)
-        self.seq = worker_files.write_request(self.dir, files).seq
+        assert self.proc is not None
         return self.proc
+
+    def launch(self, files: list[Path]) -> subprocess.Popen:
+        """Hand ``files`` to the worker as one run, starting a worker first when none is running."""
+        self.runner.adopt(self.start())
+        self.seq = worker_files.write_request(self.dir, files).seq
+        return self.runner.proc  # type: ignore[return-value]
 
     def wait(self) -> int:
         """The run's exit code (negative: the worker was killed by that signal before answering)."""

@@ -329,9 +329,7 @@ def plan(run: RunState) -> bool:
 
 def load_model(run: RunState) -> None:
     """The base model and the adapter of the start point: resumed from its checkpoint, or fresh."""
-    import torch
-
-    from ultimate_trainer.model.loading import attach_lora, load_base_model, pick_device
+    from ultimate_trainer.model.loading import pick_device
 
     cfg, session = run.cfg, run.session
     checkpoint = run.start.checkpoint.path if run.start.kind == "checkpoint" else None
@@ -346,14 +344,44 @@ def load_model(run: RunState) -> None:
         log.info("loading the model: %s", why)
     run.device = pick_device(cfg)
     run.reporter.set_state("loading", device=run.device)
-    model = load_base_model(cfg, run.base_path, quantize=cfg.load_in_4bit, device=run.device)
-    if checkpoint is not None:
-        run.model = attach_lora(cfg, model, adapter_dir=str(checkpoint))
-    else:
-        torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
-        run.model = attach_lora(cfg, model)
+    run.model = _model_with_adapter(cfg, run.base_path, run.device, checkpoint)
     if session:
         session.hold(cfg, run.base_path, run.model, run.device, checkpoint, why)
+
+
+def _model_with_adapter(cfg: Config, base_path: str, device: str, checkpoint: Path | None) -> Any:
+    import torch
+
+    from ultimate_trainer.model.loading import attach_lora, load_base_model
+
+    model = load_base_model(cfg, base_path, quantize=cfg.load_in_4bit, device=device)
+    if checkpoint is not None:
+        return attach_lora(cfg, model, adapter_dir=str(checkpoint))
+    torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
+    return attach_lora(cfg, model)
+
+
+def preload(cfg: Config, session: Any) -> None:
+    """Load into ``session`` what the next run will start from, while no run waits (the worker's start).
+
+    Best effort: anything that goes wrong here is left for the run itself to meet and report.
+    """
+    from ultimate_trainer.model.loading import pick_device
+
+    try:
+        start = ck.start_point(cfg.path("checkpoints"), cfg.path("models"))
+        trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+        if start.kind == "consolidation" or trained_on not in (None, cfg.base_model):
+            return  # a bootstrap with a fresh adapter, or a refusal: the run's own business
+        base_path = _base_path(cfg, start)
+        session.tokenizer_for(base_path)
+        checkpoint = start.checkpoint.path if start.kind == "checkpoint" else None
+        device = pick_device(cfg)
+        session.hold(cfg, base_path, _model_with_adapter(cfg, base_path, device, checkpoint), device, checkpoint,
+                     "preloaded before the first run")
+    except Exception as e:  # noqa: BLE001 - the run reports it properly
+        log.info("no preload (%s); the first run loads the model", _one_line(e))
+        session.drop()
 
 
 def train(run: RunState) -> None:
@@ -391,6 +419,8 @@ def train(run: RunState) -> None:
                                    data_collator=train_collator, processing_class=run.tokenizer,
                                    callbacks=callbacks, cfg=cfg)
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
+    if run.session:
+        run.session.pristine = False  # trained from here on: no longer a fresh adapter
     log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
              p.run_id, len(run.prepared.train), f" packed in {len(p.rows)} rows" if p.rows is not None else "",
              p.done_steps, p.done_steps + run.steps_now, start.global_step, start.global_step + run.steps_now,

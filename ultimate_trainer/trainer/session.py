@@ -56,6 +56,7 @@ class Session:
     device: str = "cpu"
     key: str = ""
     shape: tuple[int, float] | None = None
+    pristine: bool = False  # a fresh adapter nothing has trained yet: it serves a run that starts fresh
     loads: list[str] = field(default_factory=list)  # why each model load happened, for logs and tests
 
     def tokenizer_for(self, base_path: str) -> Any:
@@ -70,7 +71,7 @@ class Session:
         """None when the held model can serve this run; else why it must be loaded."""
         if self.model is None:
             return "nothing loaded yet"
-        if start_kind != "checkpoint":
+        if start_kind != "checkpoint" and not (start_kind == "fresh" and self.pristine):
             return f"the run starts from a {start_kind} point (a fresh adapter)"
         if self.key != model_key(cfg, base_path):
             return "the base or a model setting changed"
@@ -81,13 +82,14 @@ class Session:
     def hold(self, cfg: Config, base_path: str, model: Any, device: str, checkpoint: Path | None, why: str) -> None:
         self.model, self.device, self.key = model, device, model_key(cfg, base_path)
         self.shape = adapter_shape(checkpoint, cfg)
+        self.pristine = checkpoint is None
         self.loads.append(why)
 
     def drop(self) -> None:
         """Forget the model (a failed run may have left it half-updated; a new base replaces it)."""
         if self.model is None:
             return
-        self.model, self.key, self.shape = None, "", None
+        self.model, self.key, self.shape, self.pristine = None, "", None, False
         gc.collect()
         try:
             import torch

@@ -73,8 +73,13 @@ def serve(args: argparse.Namespace, stop: Any) -> int:
     from ultimate_trainer.trainer.recipe import run
     from ultimate_trainer.trainer.session import Session
 
+    from ultimate_trainer.trainer.recipe import preload
+
     worker_dir = Path(args.worker_dir)
     session, bound, code = Session(), None, Exit.OK
+    cfg = config_or_none(args)
+    if cfg is not None and not stop.requested:
+        preload(cfg, session)  # while the daemon waits for files: the first run finds the model loaded
     log.info("worker %d ready, waiting for runs in %s", os.getpid(), worker_dir / worker_files.REQUESTS)
     while not stop.requested:
         req = worker_files.next_request(worker_dir)
