@@ -79,8 +79,9 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ev = r["generation"] + r["val_loss"]
+        share = f"{ev / r['train']:.1%}" if r["train"] else "n/a (fewer than two logged steps)"
         print(f"| {r['config']} | {r['steps']} | {r['evals']} | {r['train']:.1f} | {ev:.1f} "
-              f"({r['generation']:.1f} + {r['val_loss']:.1f}) | {ev / r['train']:.1%} |")
+              f"({r['generation']:.1f} + {r['val_loss']:.1f}) | {share} |")
     return 0
 
 
