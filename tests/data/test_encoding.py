@@ -151,3 +151,14 @@ def test_a_shape_that_disagrees_with_prefix_renders_is_distrusted():
     with pytest.raises(TemplateError, match="not prefix-stable"):  # the one-render spans would be wrong here
         encoding.render(tok, _ex(("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "b")))
     assert encoding._turn_shape(tok) is None  # from now on: prefix renders only
+
+
+def test_the_rust_tokenizer_call_gives_what_the_tokenizer_call_gives():
+    from ultimate_trainer.data.encoding import _tokenize
+
+    tok = smol_tokenizer()
+    texts = ["<|im_start|>user\nHi there<|im_end|>\n", "plain text, ünïcode & emoji 🙂", ""]
+    ids, offsets = _tokenize(tok, texts)
+    ref = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == [list(x) for x in ref["input_ids"]]
+    assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in ref["offset_mapping"]]

@@ -207,9 +207,9 @@ def _tool_use(example: Example) -> str:
 
 
 def _mask_from_offsets(offsets: Sequence[Sequence[int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-    ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
-    mask = np.zeros(len(offsets), dtype=bool)
+    pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    mask = np.zeros(len(pairs), dtype=bool)
     for a, b in spans:
         mask |= (starts >= a) & (starts < b) & (ends > starts)
     return mask
@@ -231,6 +231,20 @@ def _finish(
     return list(ids), labels
 
 
+def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of ``texts``, in one call of the Rust tokenizer when there is one.
+
+    A fast tokenizer's ``__call__`` is this same ``encode_batch`` plus a Python dict per text, a
+    tenth of the tokenization time; anything else goes through ``__call__``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [list(ids) for ids in enc["input_ids"]], list(enc["offset_mapping"])
+
+
 def encode_batch(
     tokenizer: Any, examples: Sequence[Example], max_len: int, overlong: str
 ) -> list[tuple[list[int], list[int]] | BadLine]:
@@ -247,11 +261,11 @@ def encode_batch(
         spans.append(sp)
         where.append(i)
     if texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids, all_offsets = _tokenize(tokenizer, texts)
         eos = tokenizer.eos_token_id
         for j, i in enumerate(where):
-            ids = list(enc["input_ids"][j])
-            mask = _mask_from_offsets(enc["offset_mapping"][j], spans[j])
+            ids = all_ids[j]
+            mask = _mask_from_offsets(all_offsets[j], spans[j])
             if examples[i].is_text and eos is not None:
                 # So a model trained on raw text also learns where a document stops.
                 ids.append(eos)
