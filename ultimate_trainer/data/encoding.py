@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Sequence
 
 import numpy as np
@@ -207,7 +208,7 @@ def _tool_use(example: Example) -> str:
 
 
 def _mask_from_offsets(offsets: Sequence[Sequence[int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    pairs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
     starts, ends = pairs[:, 0], pairs[:, 1]
     mask = np.zeros(len(pairs), dtype=bool)
     for a, b in spans:
