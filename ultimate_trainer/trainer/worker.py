@@ -21,6 +21,7 @@ The worker ends, after writing the run's result, when:
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -92,6 +93,7 @@ def serve(args: argparse.Namespace, stop: Any) -> int:
         else:
             bound = bound or MemoryBound(cfg.daemon.worker_max_growth_mb)
             code = run(cfg, req.files, stop=stop, session=session)
+            gc.collect()  # the run's Trainer, optimizer and data go now, not at some later collection
             why = None
             if stop.requested:
                 why = "asked to stop"
