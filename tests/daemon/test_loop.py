@@ -404,3 +404,34 @@ def test_monitors_start_as_children_and_stop_with_the_daemon(proj: Path, monkeyp
         kids.stop_all()
     assert all(p.poll() is not None for p in procs)
     assert not kids.status(cfg)["monitor"]["running"]
+
+
+def test_real_worker_kill9_with_its_daemon_then_restart_finishes_once(make_project: Callable[..., Path],
+                                                                      tiny_model_dir: Path) -> None:
+    from conftest import chat, write_jsonl
+    from ultimate_trainer.core import checkpoints as ck
+
+    cfg_path = make_project(tiny_model_dir, eval_steps=0, save_steps=1, training__packing="off")
+    root = cfg_path.parent
+    write_jsonl(root / "inbox" / "a.jsonl", [chat(f"q{i}", f"a{i}") for i in range(40)])  # ~16 steps
+    args = [sys.executable, str(REPO / "daemon.py"), "--once", "--config", str(cfg_path)]
+    for s in FAST:
+        args += ["--set", s]
+    p = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(steps(root)) >= 2, timeout=300, proc=p)
+    worker = journal_events(root, "launch")[-1]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    p.kill()
+    p.communicate(timeout=60)
+    reached = steps(root)[-1]
+    assert not ck.newest_complete(root / "checkpoints").meta["run_complete"], "finished before the kill"
+    r = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (root / "queue" / "done" / "a.jsonl").exists()
+    final = steps(root)
+    assert final[-1] >= reached and final == sorted(set(final))  # the global step never went back
+    ts = json.loads((root / "status" / "training_status.json").read_text())
+    assert ts["run_step"] == ts["run_total_steps"] and ts["global_step"] == final[-1]
+    assert ts["pid"] == journal_events(root, "launch")[-1]["pid"] != worker
+    # the resumed run continued the killed one: its steps add up to the run's total, none twice
+    assert final[-1] == ts["run_total_steps"]
