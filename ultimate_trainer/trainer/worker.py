@@ -71,10 +71,8 @@ class MemoryBound:
 
 def serve(args: argparse.Namespace, stop: Any) -> int:
     """Take requests until told to stop or until a reason to end; the last run's exit code."""
-    from ultimate_trainer.trainer.recipe import run
+    from ultimate_trainer.trainer.recipe import preload, run
     from ultimate_trainer.trainer.session import Session
-
-    from ultimate_trainer.trainer.recipe import preload
 
     worker_dir = Path(args.worker_dir)
     session, bound, code = Session(), None, Exit.OK
