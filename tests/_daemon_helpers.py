@@ -11,7 +11,12 @@ checkpoint that exists (that would be training something twice) by appending to
 Environment knobs: FAKE_STEP_SECONDS (sleep per step), FAKE_EXIT (exit with this code at start),
 FAKE_DIVERGE=NAME (when NAME is among the files: the divergence guard's exit 5, blaming NAME).
 
-``python tests/_daemon_helpers.py daemon [daemon.py args]`` runs the real daemon with this trainer.
+``python tests/_daemon_helpers.py worker --worker-dir DIR [--config P] [--set K=V ...]`` is the same
+trainer behind the real worker protocol (core/worker_files.py): it takes requests until SIGTERM,
+answers each with a result, and ends after a run that did not exit 0 or 3, like trainer/worker.py.
+
+``python tests/_daemon_helpers.py daemon [daemon.py args]`` runs the real daemon with these children
+(the worker unless ``daemon.worker=false``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from ultimate_trainer.core import checkpoints as ck  # noqa: E402
 from ultimate_trainer.core import config as config_mod  # noqa: E402
+from ultimate_trainer.core import worker_files  # noqa: E402
 from ultimate_trainer.core.exitcodes import Exit  # noqa: E402
 from ultimate_trainer.core.status import TRAINING_STATUS, atomic_write_json, report_path  # noqa: E402
 from ultimate_trainer.core.times import now_iso  # noqa: E402
@@ -38,7 +44,32 @@ def trainer_cmd(files: list[Path], cfg_args: list[str]) -> list[str]:
     return [sys.executable, str(HERE), "trainer", *map(str, files), *cfg_args]
 
 
-def fake_trainer(argv: list[str]) -> int:
+def worker_cmd(worker_dir: Path, cfg_args: list[str]) -> list[str]:
+    return [sys.executable, str(HERE), "worker", "--worker-dir", str(worker_dir), *cfg_args]
+
+
+def fake_worker(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker-dir", required=True, type=Path)
+    args, cfg_args = ap.parse_known_args(argv)  # the rest (--config/--set) goes to each run
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        req = worker_files.next_request(args.worker_dir)
+        if req is None:
+            time.sleep(0.02)
+            continue
+        code = fake_trainer([*map(str, req.files), *cfg_args], stop)
+        ending = bool(stop) or code not in (Exit.OK, Exit.DATA)
+        worker_files.write_result(args.worker_dir, req.seq, code=int(code), pid=os.getpid(), exiting=ending)
+        if ending:
+            return code
+    return Exit.OK
+
+
+def fake_trainer(argv: list[str], stop: list[int] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -49,8 +80,9 @@ def fake_trainer(argv: list[str]) -> int:
     if os.environ.get("FAKE_EXIT"):
         return int(os.environ["FAKE_EXIT"])
     status, ckdir = cfg.path("status"), cfg.path("checkpoints")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    if stop is None:
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     files, unusable = [], False
     for f in map(Path, args.files):
         data = f.read_bytes()
@@ -108,9 +140,9 @@ def fake_trainer(argv: list[str]) -> int:
 def run_daemon(argv: list[str]) -> int:
     from ultimate_trainer.daemon.cli import main
 
-    return main(argv, trainer_cmd=trainer_cmd)
+    return main(argv, trainer_cmd=trainer_cmd, worker_cmd=worker_cmd)
 
 
 if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
-    sys.exit(fake_trainer(rest) if mode == "trainer" else run_daemon(rest))
+    sys.exit({"trainer": fake_trainer, "worker": fake_worker, "daemon": run_daemon}[mode](rest))

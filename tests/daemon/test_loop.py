@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, wait_for
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.checkpoints import mark_complete
+from ultimate_trainer.core.status import pid_alive
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.daemon.loop import Daemon
 from ultimate_trainer.daemon.cli import prune_checkpoints
@@ -164,6 +165,55 @@ def test_kill9_trainer_is_retried_and_resumes(proj: Path, kill_at_step: int) -> 
     assert len(journal_events(proj, "crash")) == 1 and "signal 9" in journal_events(proj, "crash")[0]["reason"]
 
 
+def test_one_process_per_run_still_retries_a_killed_trainer(proj: Path) -> None:
+    good = {"a.jsonl": 4, "b.jsonl": 5}
+    for n, k in good.items():
+        (proj / "inbox" / n).write_text(lines(k, n))
+    p = start(proj, "--once", env={"FAKE_STEP_SECONDS": "0.05"}, sets=FAST + ["daemon.worker=false"])
+    wait_for(lambda: len(steps(proj)) >= 2)
+    os.kill(journal_events(proj, "launch")[-1]["pid"], signal.SIGKILL)
+    code, out = finish(p)
+    assert code == 0, out
+    assert_each_file_once(proj, good, set())
+    assert not (proj / ".work" / "worker").exists()  # no worker was involved
+
+
+def test_worker_serves_run_after_run_in_one_process(proj: Path) -> None:
+    p = start(proj)  # daemon mode: files arrive one at a time, each its own run
+    try:
+        for i, n in enumerate(("a.jsonl", "b.jsonl", "c.jsonl")):
+            (proj / "inbox" / n).write_text(lines(2, n))
+            wait_for(lambda: len(journal_events(proj, "done")) == i + 1, proc=p)
+        launches = journal_events(proj, "launch")
+        assert len(launches) == 3 and len({e["pid"] for e in launches}) == 1
+    finally:
+        p.send_signal(signal.SIGTERM)
+        code, out = finish(p)
+    assert code == 0, out
+    assert_each_file_once(proj, {"a.jsonl": 2, "b.jsonl": 2, "c.jsonl": 2}, set())
+    assert not any(pid_alive(e["pid"]) for e in launches)  # the worker stops with the daemon
+
+
+@pytest.mark.parametrize("kill_at_step", [2, 6])
+def test_kill9_daemon_and_worker_together_then_restart(proj: Path, kill_at_step: int) -> None:
+    good = {"a.jsonl": 4, "b.jsonl": 5}
+    for n, k in good.items():
+        (proj / "inbox" / n).write_text(lines(k, n))
+    p = start(proj, "--once", env={"FAKE_STEP_SECONDS": "0.05"})
+    wait_for(lambda: len(steps(proj)) >= kill_at_step)
+    worker = journal_events(proj, "launch")[-1]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    p.kill()
+    p.wait()
+    wait_for(lambda: not pid_alive(worker))
+    reached = steps(proj)[-1]
+    code, out = finish(start(proj, "--once"))
+    assert code == 0, out
+    assert_each_file_once(proj, good, set())  # nothing lost, no step trained twice
+    assert steps(proj)[-1] >= reached  # the global step never went back
+    assert journal_events(proj, "launch")[-1]["pid"] != worker  # a new worker took the run over
+
+
 def test_sigterm_stops_gracefully_and_restart_finishes(proj: Path) -> None:
     (proj / "inbox" / "a.jsonl").write_text(lines(30, "a"))
     p = start(proj, env={"FAKE_STEP_SECONDS": "0.05"})  # daemon mode, not --once
@@ -298,13 +348,13 @@ def test_real_trainer_once_then_kill9_trainer_resumes(make_project: Callable[...
 def test_disk_going_critical_mid_run_pauses_then_resumes(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from _daemon_helpers import trainer_cmd
+    from _daemon_helpers import trainer_cmd, worker_cmd
 
     monkeypatch.chdir(proj)
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
     (proj / "inbox" / "a.jsonl").write_text(lines(30, "a"))
     cfg = config_mod.load(proj / "config.json", FAST)
-    d = Daemon(cfg, str(proj / "config.json"), FAST, once=True, trainer_cmd=trainer_cmd)
+    d = Daemon(cfg, str(proj / "config.json"), FAST, once=True, trainer_cmd=trainer_cmd, worker_cmd=worker_cmd)
     result: list[int] = []
     t = threading.Thread(target=lambda: result.append(d.run()))
     t.start()
@@ -408,3 +458,34 @@ def test_diverged_run_fails_the_blamed_file_without_retrying_and_trains_the_rest
     assert journal_events(proj, "crash") == []  # not a crash: no back-off, no retry of the same data
     why = (proj / "queue" / "failed" / "poison.jsonl.error.txt").read_text()
     assert "diverged" in why and "non-finite loss" in why
+
+
+def test_real_worker_kill9_with_its_daemon_then_restart_finishes_once(make_project: Callable[..., Path],
+                                                                      tiny_model_dir: Path) -> None:
+    from conftest import chat, write_jsonl
+    from ultimate_trainer.core import checkpoints as ck
+
+    cfg_path = make_project(tiny_model_dir, eval_steps=0, save_steps=1, training__packing="off")
+    root = cfg_path.parent
+    write_jsonl(root / "inbox" / "a.jsonl", [chat(f"q{i}", f"a{i}") for i in range(40)])  # ~16 steps
+    args = [sys.executable, str(REPO / "daemon.py"), "--once", "--config", str(cfg_path)]
+    for s in FAST:
+        args += ["--set", s]
+    p = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(steps(root)) >= 2, timeout=300, proc=p)
+    worker = journal_events(root, "launch")[-1]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    p.kill()
+    p.communicate(timeout=60)
+    reached = steps(root)[-1]
+    assert not ck.newest_complete(root / "checkpoints").meta["run_complete"], "finished before the kill"
+    r = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (root / "queue" / "done" / "a.jsonl").exists()
+    final = steps(root)
+    assert final[-1] >= reached and final == sorted(set(final))  # the global step never went back
+    ts = json.loads((root / "status" / "training_status.json").read_text())
+    assert ts["run_step"] == ts["run_total_steps"] and ts["global_step"] == final[-1]
+    assert ts["pid"] == journal_events(root, "launch")[-1]["pid"] != worker
+    # the resumed run continued the killed one: its steps add up to the run's total, none twice
+    assert final[-1] == ts["run_total_steps"]

@@ -86,3 +86,79 @@ def test_overlong_skip_and_truncate():
 def test_template_that_is_not_prefix_stable_is_a_clear_error():
     with pytest.raises(TemplateError, match="not prefix-stable"):
         encode(UnstableTemplate(), _ex(("user", "q"), ("assistant", "a")), 64, "skip")
+
+
+def test_one_render_gives_the_same_spans_as_prefix_renders_and_renders_once(monkeypatch):
+    from ultimate_trainer.data import encoding
+
+    tok = smol_tokenizer()
+    convs = [_ex(("user", "q"), ("assistant", "a")),
+             _ex(("system", "S"), ("user", "q1"), ("assistant", " padded answer  "), ("user", "q2"),
+                 ("assistant", "line one\nline two\n")),
+             _ex(("user", "repeat"), ("assistant", "same"), ("user", "same"), ("assistant", "same"))]
+    for ex in convs:
+        full = encoding.render_chat(tok, ex.messages, False)
+        shape = encoding._turn_shape(tok)
+        assert shape is not None and shape.header == "<|im_start|>assistant\n" and shape.closing == "<|im_end|>"
+        assert encoding._spans_one_render(ex, full, shape) == encoding._spans_by_prefixes(tok, ex, full)
+    calls = []
+    real = encoding.render_chat
+    monkeypatch.setattr(encoding, "render_chat", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(encoding, "VERIFY_FIRST", 0)
+    monkeypatch.setattr(encoding, "VERIFY_EVERY", 10**9)
+    encode(tok, convs[1], 512, "skip")
+    assert len(calls) == 1  # one render for a two-turn conversation, not five
+
+
+def test_a_template_that_rewrites_content_falls_back_to_prefix_renders():
+    from ultimate_trainer.data import encoding
+
+    class Trimming:
+        """ChatML that strips the answer: the content is not verbatim in the rendering."""
+
+        chat_template = "trimming-chatml"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            body = "".join(f"<s>{m['role']}\n{m['content'].strip()}</s>\n" for m in messages)
+            return body + ("<s>assistant\n" if add_generation_prompt else "")
+
+    tok = Trimming()
+    ex = _ex(("user", "q"), ("assistant", "  spaced  "))
+    full, spans = encoding.render(tok, ex)
+    assert encoding._turn_shape(tok) is not None
+    assert spans == encoding._spans_by_prefixes(tok, ex, full)
+    assert [full[a:b] for a, b in spans] == ["spaced</s>"]
+
+
+def test_a_shape_that_disagrees_with_prefix_renders_is_distrusted():
+    from ultimate_trainer.data import encoding
+
+    class CountsAnswers:
+        """ChatML opening with the number of answers: prefix-stable for one answer only."""
+
+        chat_template = "counts-answers"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            n = sum(m["role"] == "assistant" for m in messages)
+            body = "".join(f"<s>{m['role']}\n{m['content']}</s>\n" for m in messages)
+            return f"<{min(n, 2) if n > 1 else 1}>" + body + ("<s>assistant\n" if add_generation_prompt else "")
+
+    tok = CountsAnswers()
+    one = _ex(("user", "<s>assistant\nA</s>\n is what I got"), ("assistant", "A"))
+    full, spans = encoding.render(tok, one)
+    assert [full[a:b] for a, b in spans] == ["A</s>"] and spans[0][0] > full.index("is what I got")
+    assert encoding._turn_shape(tok) is not None
+    with pytest.raises(TemplateError, match="not prefix-stable"):  # the one-render spans would be wrong here
+        encoding.render(tok, _ex(("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", "b")))
+    assert encoding._turn_shape(tok) is None  # from now on: prefix renders only
+
+
+def test_the_rust_tokenizer_call_gives_what_the_tokenizer_call_gives():
+    from ultimate_trainer.data.encoding import _tokenize
+
+    tok = smol_tokenizer()
+    texts = ["<|im_start|>user\nHi there<|im_end|>\n", "plain text, ünïcode & emoji 🙂", ""]
+    ids, offsets = _tokenize(tok, texts)
+    ref = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == [list(x) for x in ref["input_ids"]]
+    assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in ref["offset_mapping"]]

@@ -230,3 +230,58 @@ def test_validation_loss_is_token_weighted_mean(tiny_model):
     assert got == pytest.approx(expected, rel=1e-4)
     assert tiny_model.training is True
     assert validation_loss(tiny_model, [], 2, Collator(tok)) is None
+
+
+def test_validation_loss_packed_equals_padded(tiny_model):
+    tok = smol_tokenizer()
+    encoded = [([1, 5, 9, 14, 20], [-100, -100, 9, 14, 20]), ([1, 7, 3], [-100, -100, 3]),
+               ([4, 4, 4, 4], [-100, 4, 4, 4]), ([8, 2, 6, 6, 2, 9], [-100, -100, -100, 6, 2, 9])]
+    padded = validation_loss(tiny_model, encoded, batch_size=2, collator=Collator(tok))
+    packed = validation_loss(tiny_model, encoded, batch_size=2, collator=Collator(tok), max_tokens=10)
+    assert packed == pytest.approx(padded, rel=1e-4)
+
+
+def test_generation_uses_the_kv_cache_under_gradient_checkpointing_and_stops_at_end_of_turn(tiny_model):
+    from ultimate_trainer.model.scoring import stop_token_ids
+
+    tok = smol_tokenizer()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+    tiny_model.config.use_cache = False  # as loading.load_base_model leaves it for training
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    widths = []
+    hook = tiny_model.model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append(kw["input_ids"].shape[1] if kw.get("input_ids") is not None
+                                            else kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        generate_answers(tiny_model, tok, PROMPTS[:1], max_new_tokens=5, batch_size=1)
+    finally:
+        hook.remove()
+        tiny_model.gradient_checkpointing_disable()
+    assert len(widths) >= 2 and set(widths[1:]) == {1}  # after the prompt, one new token per forward
+
+
+def test_an_evaluation_on_a_4bit_cpu_model_leaves_it_trainable(tiny_model_dir):
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    from ultimate_trainer.core import config
+    from ultimate_trainer.model.loading import attach_lora, inference_kernels, load_base_model
+
+    cfg = config.from_dict({"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                            "training": {"device": "cpu", "gradient_checkpointing": False}})
+    model = attach_lora(cfg, load_base_model(cfg, str(tiny_model_dir), quantize=True, device="cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    tok = smol_tokenizer()
+    packed_inside = []
+    with inference_kernels(model):
+        generate_answers(model, tok, PROMPTS[:2], max_new_tokens=3, batch_size=2)
+        packed_inside = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers]
+    if has_avx512bf16():
+        assert any(packed_inside)  # the fast kernel was used for the evaluation
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    model.train()
+    ids = torch.tensor([[1, 5, 9, 14, 20, 3]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

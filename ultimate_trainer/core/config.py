@@ -196,6 +196,8 @@ class DaemonConfig:
     disk_warn_gb: float = _f(20.0, "Free disk below which status warns.", min=0.0)
     disk_critical_gb: float = _f(5.0, "Free disk below which intake and training pause.", min=0.0)
     throughput_window_hours: float = _f(6.0, "Window of finished runs behind the queue estimate.", min=0.01)
+    worker: bool = _f(True, "Train in one long-lived worker that keeps the model loaded between runs (false: one train.py per run).")
+    worker_max_growth_mb: float = _f(4096.0, "Recycle the worker when its RSS or GPU memory grew this much past its size after the first run; 0 never.", min=0.0)
 
 
 NOTIFY_EVENTS = ("run_done", "file_failed", "anomaly", "accuracy_regressing", "retention_falling", "oom_high",

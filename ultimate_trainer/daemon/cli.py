@@ -18,6 +18,7 @@ from ultimate_trainer.daemon.loop import LOCK_FILE, STOP_FILE, Daemon, TrainerCm
 from ultimate_trainer.core.checkpoints import ROLLBACK_RECORD, list_complete
 from ultimate_trainer.core.status import read_json
 from ultimate_trainer.daemon.consolidation import rollback
+from ultimate_trainer.daemon.worker_client import WorkerCmd
 from ultimate_trainer.daemon.snapshot import consolidation_history
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
@@ -85,7 +86,8 @@ def rollback_consolidation(cfg: Config) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -> int:
+def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
+         worker_cmd: WorkerCmd | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train continuously on whatever lands in inbox/ (docs/DAEMON.md).")
     add_arguments(ap)
     ap.add_argument("--once", action="store_true", help="process everything in the inbox, then exit")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None) -
         print(f"deleted {len(removed)} checkpoint(s)")
         return 0
     daemon = Daemon(cfg, args.config, args.overrides, once=args.once, consolidate_now=args.consolidate_now,
-                    trainer_cmd=trainer_cmd)
+                    trainer_cmd=trainer_cmd, worker_cmd=worker_cmd)
 
     def on_signal(signum: int, _frame: Any) -> None:
         daemon.request_stop(signal.Signals(signum).name)

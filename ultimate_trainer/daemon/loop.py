@@ -28,6 +28,7 @@ from typing import Callable
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.devices import several_processes
 from ultimate_trainer.core.status import DAEMON_STATUS, MEMORY_STATUS, TRAINING_STATUS, atomic_write_json, \
     pid_alive, read_json, report_path, run_finished
 from ultimate_trainer.core.times import now_iso
@@ -40,6 +41,7 @@ from ultimate_trainer.daemon.notify import Notifier
 from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, diverged_files, outcome, runs_files, \
     terminate_pid
 from ultimate_trainer.daemon.snapshot import Snapshot, build_status
+from ultimate_trainer.daemon.worker_client import WorkerClient, WorkerCmd
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,14 @@ def default_trainer_cmd(files: list[Path], cfg_args: list[str]) -> list[str]:
     return [sys.executable, str(REPO_DIR / "train.py"), *map(str, files), *cfg_args]
 
 
+def default_worker_cmd(worker_dir: Path, cfg_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ultimate_trainer.trainer.worker", "--worker-dir", str(worker_dir), *cfg_args]
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | None = "config.json", overrides: list[str] | None = None, *,
                  once: bool = False, consolidate_now: bool = False, trainer_cmd: TrainerCmd | None = None,
-                 consolidate_cmd: ConsolidateCmd | None = None,
+                 consolidate_cmd: ConsolidateCmd | None = None, worker_cmd: WorkerCmd | None = None,
                  clock: Callable[[], float] = time.time, stop_event: threading.Event | None = None):
         self.cfg, self.d = cfg, cfg.daemon
         self.config_path = str(Path(config_path).resolve()) if config_path else None
@@ -77,6 +83,14 @@ class Daemon:
         self.intake = Intake(cfg.path("inbox"), cfg.path("queue"), self.d)
         self.spool = self.intake.spool
         self.runner = ChildRunner(self.stop_event, self._watch_child)
+        # daemon.worker: one long-lived trainer keeps the model loaded between runs (trainer/worker.py).
+        # It is one process: several ranks (training.num_processes) go through train.py and torchrun.
+        self.worker_dir = cfg.path("work") / "worker"
+        use_worker = self.d.worker and not several_processes(cfg.training.num_processes)
+        if self.d.worker and not use_worker:
+            log.info("several training processes: each run is a train.py child (torchrun), not the worker")
+        self.worker = WorkerClient(self.worker_dir, (worker_cmd or default_worker_cmd)(
+            self.worker_dir, self._cfg_args()), self.runner) if use_worker else None
         self.consolidations = Consolidations(cfg, self.spool, self.runner, self._cfg_args(),
                                              now_requested=consolidate_now, clock=clock,
                                              consolidate_cmd=consolidate_cmd)
@@ -143,6 +157,8 @@ class Daemon:
         code = 0
         try:
             self._recover()
+            if self.worker is not None and not self.stop_event.is_set():
+                self.worker.start()  # it loads the model while the inbox is scanned
             if self.d.start_monitors:
                 self.monitors.start_monitors(self.cfg, self._cfg_args(), REPO_DIR)
             while not self.stop_event.is_set():
@@ -175,6 +191,8 @@ class Daemon:
             self.snap.state = "stopping" if self.snap.state != "error" else "error"
             self._write_status(force=True)
             self.monitors.stop_all()
+            if self.worker is not None:
+                self.worker.close()
             if self.snap.state != "error":
                 self.snap.state = "stopped" if code == 0 else "error"
             self._write_status(force=True)
@@ -198,7 +216,8 @@ class Daemon:
     def _recover(self) -> None:
         self.spool.reconcile(self.status_dir / "reports")
         ob = self.spool.journal.state.open_batch
-        if ob and ob.pid and pid_alive(ob.pid) and ob.pid != os.getpid() and runs_files(ob.pid, ob.files):
+        if ob and ob.pid and pid_alive(ob.pid) and ob.pid != os.getpid() and (
+                runs_files(ob.pid, ob.files) or runs_files(ob.pid, [str(self.worker_dir)])):
             log.warning("the trainer of run %s (pid %d) outlived the last daemon; asking it to save and stop",
                         ob.batch, ob.pid)
             terminate_pid(ob.pid)
@@ -281,13 +300,16 @@ class Daemon:
         paths = [self.spool.folder("processing") / n for n in names]
         log.info("training %d file(s) (run %s, attempt %d): %s", len(names), batch.batch, attempt, ", ".join(names))
         started = self.clock()
-        proc = self.runner.launch(self.trainer_cmd(paths, self._cfg_args()))
+        if self.worker is not None:
+            proc = self.worker.launch(paths)
+        else:
+            proc = self.runner.launch(self.trainer_cmd(paths, self._cfg_args()))
         self.snap.current = {"files": names, "started_at": now_iso(), "pid": proc.pid, "attempt": attempt,
                              "batch": batch.batch}
         self.spool.journal.append("launch", batch=batch.batch, pid=proc.pid, attempt=attempt)
         self.snap.state = "training"
         self._write_status(force=True)
-        code = self.runner.wait()
+        code = self.worker.wait() if self.worker is not None else self.runner.wait()
         self.snap.current = None
         seconds = self.clock() - started
         complete = (run_finished(read_json(self.status_dir / TRAINING_STATUS), proc.pid, names)
@@ -388,6 +410,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ consolidation
     def _consolidate(self) -> None:
+        if self.worker is not None:
+            self.worker.close()  # its model is stale after the merge, and the merge needs the memory
         self.snap.state = "consolidating"
         self._write_status(force=True)
         error = self.consolidations.run(stopping=self.stop_event.is_set)

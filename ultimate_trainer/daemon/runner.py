@@ -125,8 +125,18 @@ class ChildRunner:
         self.proc = subprocess.Popen(cmd, cwd=os.getcwd(), start_new_session=True, preexec_fn=_pdeathsig, env=env)
         return self.proc
 
-    def wait(self) -> int:
-        """Wait for the child launched last; its exit code (negative: killed by that signal)."""
+    def adopt(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Wait on a child that is already running (the trainer worker, for its next run)."""
+        self.stopped_for = None
+        self.proc = proc
+        return proc
+
+    def wait(self, done: Callable[[], int | None] | None = None) -> int:
+        """Wait for the child launched last; its exit code (negative: killed by that signal).
+
+        ``done``: for a child that outlives its task (the worker), the task's exit code once it has
+        one; the wait ends then, with the child still running.
+        """
         proc = self.proc
         assert proc is not None
         try:
@@ -135,6 +145,9 @@ class ChildRunner:
                     return proc.wait(timeout=POLL_SECONDS)
                 except subprocess.TimeoutExpired:
                     pass
+                code = done() if done is not None else None
+                if code is not None:
+                    return code
                 signalled = self.stopped_for is not None
                 if self.stop_event.is_set() and not signalled:
                     log.info("asking pid %d to save a checkpoint and stop", proc.pid)

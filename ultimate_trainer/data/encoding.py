@@ -2,11 +2,22 @@
 
 The conversation is rendered with the tokenizer's own chat template (tool definitions passed as its
 ``tools``; ``chat_template.tool_support`` says whether it renders them). Each trained turn's character
-span is found by rendering prefixes: for an assistant turn ``messages[:i]`` with the generation
+span is defined by rendering prefixes: for an assistant turn ``messages[:i]`` with the generation
 prompt ends where the answer starts, ``messages[:i+1]`` ends where it stops (its end-of-turn token,
 e.g. ``<|im_end|>``, included, trailing whitespace after it not). Both renders must be prefixes of the
 full rendering, or the template is not prefix-stable and the spans would be wrong: that is a
-``TemplateError``. Which turns are trained is ``Example.target``: assistant turns by default, OpenAI
+``TemplateError``.
+
+Rendering every prefix costs about three renders an example, so the spans are found from the one
+full rendering whenever that gives the same answer: the template's assistant turn is learnt once
+per template from a probe conversation (the text the generation prompt adds before an answer, the
+text that closes it), and each assistant turn is then located in the rendering as that header,
+its content verbatim, that closing text (after the previous turns' contents, so text quoted in a
+user turn is never taken for an answer). A conversation where this does not hold (a template that
+trims or rewrites content, trained non-assistant turns, character ranges, tool use) takes the
+prefix renders; so does every template whose probe fails, and the first ``VERIFY_FIRST`` examples of
+a template, then one in ``VERIFY_EVERY``, are computed both ways: one disagreement sends that
+template to the prefix renders for the rest of the process. Which turns are trained is ``Example.target``: assistant turns by default, OpenAI
 ``weight`` and Axolotl ``train`` per turn, and Axolotl ``train_detail`` character ranges, placed where
 the turn's text sits in the rendering. The full text is then tokenized once (a whole chunk per
 tokenizer call) with character offsets, and a token is trained on (label = its id) when it starts
@@ -18,6 +29,8 @@ inside a trained span; every other token gets label -100.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,6 +64,81 @@ def _span(tokenizer: Any, example: Example, full: str, i: int) -> tuple[int, int
     return len(start_text), max(len(end_text.rstrip()), len(start_text))
 
 
+VERIFY_FIRST = 32
+VERIFY_EVERY = 64
+_PROBE_Q, _PROBE_A = "probe question 5f1c", "probe answer 9b2e"
+
+
+@dataclass
+class _TurnShape:
+    """How a template renders an assistant turn around its content; ``rendered`` counts fast renders."""
+
+    header: str
+    closing: str
+    rendered: int = 0
+    trusted: bool = True
+
+
+_shapes: dict[str, _TurnShape | None] = {}  # chat template text -> its turn shape, None: prefixes only
+
+
+def _turn_shape(tokenizer: Any) -> _TurnShape | None:
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _shapes:
+        _shapes[key] = None
+        try:
+            user = [{"role": "user", "content": _PROBE_Q}]
+            before = render_chat(tokenizer, user, False)
+            prompt = render_chat(tokenizer, user, True)
+            full = render_chat(tokenizer, user + [{"role": "assistant", "content": _PROBE_A}], False).rstrip()
+        except BadLine:
+            return None
+        if prompt.startswith(before) and full.startswith(prompt + _PROBE_A) and len(prompt) > len(before):
+            closing = full[len(prompt) + len(_PROBE_A):]
+            if closing:  # no closing text: rstrip() would eat an answer's own trailing spaces
+                _shapes[key] = _TurnShape(prompt[len(before):], closing)
+    shape = _shapes[key]
+    return shape if shape is not None and shape.trusted else None
+
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The text a chat template closes an assistant turn with (``<|im_end|>`` for ChatML); None if unknown."""
+    _turn_shape(tokenizer)
+    template = tokenizer.chat_template
+    shape = _shapes.get(template if isinstance(template, str) else repr(template))
+    return shape.closing if shape is not None else None
+
+def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tuple[int, int]] | None:
+    """The assistant spans read off ``full`` with the template's turn shape; None when it does not apply."""
+    spans, cursor = [], 0
+    for i, m in enumerate(example.messages):
+        target = example.target(i)
+        content = m.get("content")
+        if m["role"] != "assistant":
+            if target or not isinstance(content, str):
+                return None  # a trained user/system turn: placed by the prefix renders
+            at = full.find(content, cursor)  # skipped, so that text quoted in it is never taken for a turn
+            if at < 0:
+                return None
+            cursor = at + len(content)
+            continue
+        if not isinstance(content, str) or not content or m.get("tool_calls") or target not in (True, False):
+            return None
+        at = full.find(shape.header + content, cursor)
+        if at < 0:
+            return None
+        start = at + len(shape.header)
+        end = start + len(content)
+        if not full.startswith(shape.closing, end):
+            return None
+        cursor = end + len(shape.closing)
+        if target:
+            spans.append((start, cursor))
+    return spans
+
+
 def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     """The text to tokenize and the character spans that carry the loss."""
     if example.is_text:
@@ -61,8 +149,28 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
         lacks = tool_support(tokenizer)
         if lacks:
             raise BadLine(f"{_tool_use(example)}, but the model's chat template has no tool support ({lacks})")
+    full = render_chat(tokenizer, example.messages, False, example.tools)
+    shape = None if example.uses_tools else _turn_shape(tokenizer)
+    fast = _spans_one_render(example, full, shape) if shape is not None else None
+    if fast is None:
+        return full, _spans_by_prefixes(tokenizer, example, full)
+    shape.rendered += 1
+    if shape.rendered <= VERIFY_FIRST or shape.rendered % VERIFY_EVERY == 0:
+        try:
+            exact = _spans_by_prefixes(tokenizer, example, full)
+        except TemplateError:
+            shape.trusted = False
+            raise
+        if exact != fast:
+            shape.trusted = False
+            log.warning("the chat template renders a conversation differently from its turn shape "
+                        "(%s): assistant spans come from prefix renders from now on", example.source or "example")
+            return full, exact
+    return full, fast
+
+
+def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tuple[int, int]]:
     msgs = example.messages
-    full = render_chat(tokenizer, msgs, False, example.tools)
     spans = []
     for i, m in enumerate(msgs):
         target = example.target(i)
@@ -85,7 +193,7 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
         spans.extend((at + a, at + b) for a, b in target)
         if target and target[-1][1] == len(content):
             spans.append((at + len(content), end))  # the last character is trained: so is the end of turn
-    return full, spans
+    return spans
 
 
 def _tool_use(example: Example) -> str:
@@ -100,9 +208,9 @@ def _tool_use(example: Example) -> str:
 
 
 def _mask_from_offsets(offsets: Sequence[Sequence[int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-    ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
-    mask = np.zeros(len(offsets), dtype=bool)
+    pairs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    mask = np.zeros(len(pairs), dtype=bool)
     for a, b in spans:
         mask |= (starts >= a) & (starts < b) & (ends > starts)
     return mask
@@ -124,6 +232,20 @@ def _finish(
     return list(ids), labels
 
 
+def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of ``texts``, in one call of the Rust tokenizer when there is one.
+
+    A fast tokenizer's ``__call__`` is this same ``encode_batch`` plus a Python dict per text, a
+    tenth of the tokenization time; anything else goes through ``__call__``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [list(ids) for ids in enc["input_ids"]], list(enc["offset_mapping"])
+
+
 def encode_batch(
     tokenizer: Any, examples: Sequence[Example], max_len: int, overlong: str
 ) -> list[tuple[list[int], list[int]] | BadLine]:
@@ -140,11 +262,11 @@ def encode_batch(
         spans.append(sp)
         where.append(i)
     if texts:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        all_ids, all_offsets = _tokenize(tokenizer, texts)
         eos = tokenizer.eos_token_id
         for j, i in enumerate(where):
-            ids = list(enc["input_ids"][j])
-            mask = _mask_from_offsets(enc["offset_mapping"][j], spans[j])
+            ids = all_ids[j]
+            mask = _mask_from_offsets(all_offsets[j], spans[j])
             if examples[i].is_text and eos is not None:
                 # So a model trained on raw text also learns where a document stops.
                 ids.append(eos)

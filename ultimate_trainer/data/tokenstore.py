@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,11 +50,12 @@ class TokenStoreWriter:
     def append(self, encoded: Sequence[tuple[list[int], list[int]]]) -> None:
         if not encoded:
             return
-        lengths = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(encoded))
-        ids = np.fromiter((t for ids, _ in encoded for t in ids), dtype=np.int32, count=int(lengths.sum()))
-        mask = np.fromiter(
-            (lab != IGNORE_INDEX for _, labels in encoded for lab in labels), dtype=np.uint8, count=len(ids)
-        )
+        lengths = np.fromiter(map(len, (ids for ids, _ in encoded)), dtype=np.int64, count=len(encoded))
+        total = int(lengths.sum())
+        # chain() walks the lists in C: no Python frame per token
+        ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int32, count=total)
+        labels = np.fromiter(chain.from_iterable(labels for _, labels in encoded), dtype=np.int64, count=total)
+        mask = (labels != IGNORE_INDEX).astype(np.uint8)
         self._ids.write(ids.tobytes())
         self._mask.write(mask.tobytes())
         self._offsets.write((self.tokens + np.cumsum(lengths)).tobytes())

@@ -207,8 +207,9 @@ def _disable_cpu_inference_packing(model: Any) -> None:
     On CPUs with AVX512-BF16, a Linear4bit forward in eval mode repacks its weight for a faster
     inference kernel (``gemv_4bit``) and never unpacks it when training resumes; that kernel has no
     autograd, so every step after a mid-training evaluation would get zero gradients until the next
-    checkpoint save happened to unpack the weights (bitsandbytes 0.50.2). Evaluation here is a small
-    share of the time, so the plain dequantizing path is used throughout.
+    checkpoint save happened to unpack the weights (bitsandbytes 0.50.2). So training uses the plain
+    dequantizing path, and an evaluation turns the fast kernel on for its own duration only
+    (``inference_kernels``).
     """
     from bitsandbytes.nn import Linear4bit
 
@@ -216,6 +217,40 @@ def _disable_cpu_inference_packing(model: Any) -> None:
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
 
+
+
+@contextlib.contextmanager
+def inference_kernels(model: Any) -> Iterator[None]:
+    """For one evaluation: bitsandbytes' packed 4-bit CPU inference kernel, then the trainable layout back.
+
+    Generation with the packed kernel is 2-3x faster on this machine's CPU (docs/PERFORMANCE.md). Each
+    4-bit layer is repacked at its first forward inside the block and unpacked once when it ends, so an
+    evaluation pays the conversion once per layer, and training after it gets its gradients (see
+    ``_disable_cpu_inference_packing``). Anything but a 4-bit model on such a CPU: nothing to do.
+    """
+    layers: list[Any] = []
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        from bitsandbytes.functional import has_avx512bf16
+        from bitsandbytes.nn import Linear4bit
+
+        if has_avx512bf16():
+            layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.weight.device.type == "cpu"
+                      and not m.support_avx512bf16_for_cpu]  # an enclosing block already handles the others
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    try:
+        yield
+    finally:
+        if layers:
+            # The inverse of the repacking bitsandbytes does in Linear4bit.forward; its own save and
+            # .cuda() paths call the same function (bitsandbytes 0.50.2, pinned).
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+
+            for layer in layers:
+                layer.support_avx512bf16_for_cpu = False
+                w = layer.weight
+                if getattr(w.quant_state, "packing_format_for_cpu", False):
+                    w.data, w.quant_state = unpack(w.data, w.quant_state)
 
 def lora_config(cfg: Config) -> Any:
     from peft import LoraConfig

@@ -174,7 +174,21 @@ def _device(model: Any) -> Any:
         return "cpu"
 
 
-def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) -> Any:
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and the template's end-of-turn token: generation stops at whichever comes first."""
+    from ultimate_trainer.data.encoding import end_of_turn
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    closing = end_of_turn(tokenizer)
+    if closing:
+        closing_ids = tokenizer(closing.strip(), add_special_tokens=False)["input_ids"]
+        if len(closing_ids) == 1 and closing_ids[0] not in ids:
+            ids.append(closing_ids[0])
+    return ids
+
+
+def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None,
+                   stop_ids: list[int] | None = None) -> Any:
     # A copy with the sampling knobs put back to the library defaults, so greedy decoding does not warn
     # about a checkpoint's temperature/top_p (None would not do: generate() fills None from the model).
     gc = copy.deepcopy(model.generation_config)
@@ -184,6 +198,9 @@ def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) ->
     gc.max_length = None
     gc.do_sample = False
     gc.num_beams = 1
+    gc.use_cache = True  # training turns it off for gradient checkpointing; generating without it is quadratic
+    if stop_ids:
+        gc.eos_token_id = stop_ids
     for knob in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
         if hasattr(gc, knob):
             setattr(gc, knob, defaults.get(knob))
@@ -194,8 +211,14 @@ def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None) ->
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
                      batch_size: int) -> list[str]:
-    """Greedy answers to chat ``prompts`` (each a message list ending before the answer), stripped."""
+    """Greedy answers to chat ``prompts`` (each a message list ending before the answer), stripped.
+
+    Prompts are batched by length (less padding), each answer stops at EOS or the template's end of
+    turn, and the KV cache is on even when training uses gradient checkpointing.
+    """
     import torch
+
+    from ultimate_trainer.model.loading import inference_kernels
 
     if not prompts:
         return []
@@ -204,9 +227,11 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
     if tokenizer.pad_token is None:
         # Batching needs a pad token; left pads are masked out by attention_mask, so EOS serves.
         tokenizer.pad_token = tokenizer.eos_token
-    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id)
+    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id, stop_token_ids(tokenizer))
     device = _device(model)
-    answers: list[str] = []
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
     # generate() fills unset values from the model's own generation config (a checkpoint's max_length
     # would clash with max_new_tokens and warn at every evaluation): lend it ours for the duration.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -215,15 +240,15 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
         inner.generation_config = gc
         model.eval()
         tokenizer.padding_side = "left"  # so every prompt ends right where generation starts
-        with torch.inference_mode():
-            for i in range(0, len(prompts), batch_size):
-                texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                         for p in prompts[i:i + batch_size]]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode(), inference_kernels(model):
+            for i in range(0, len(texts), batch_size):
+                chunk = by_length[i:i + batch_size]
+                enc = tokenizer([texts[j] for j in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(**enc, generation_config=gc)
                 new = out[:, enc["input_ids"].shape[1]:]
-                answers.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+                for j, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    answers[j] = text.strip()
     finally:
         inner.generation_config = own_config
         tokenizer.padding_side = old_side
@@ -233,23 +258,54 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
     return answers
 
 
+def _packed_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, max_tokens: int,
+                    pad_token_id: int) -> list[dict[str, Any]]:
+    """``encoded`` packed into rows of at most ``max_tokens`` (as training packs), ``batch_size`` rows a batch."""
+    import numpy as np
+
+    from ultimate_trainer.data.collate import PackedCollator, PackedRows
+    from ultimate_trainer.data.packing import pack_rows
+
+    examples = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
+    lengths = np.array([len(ids) for ids, _ in encoded])
+    rows = PackedRows(examples, pack_rows(range(len(examples)), lengths, max_tokens, 0))
+    collate = PackedCollator(pad_token_id)
+    return [collate([rows[r] for r in range(i, min(i + batch_size, len(rows)))])
+            for i in range(0, len(rows), batch_size)]
+
+
 def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batch_size: int,
-                    collator: Any) -> float | None:
-    """Mean loss per trained token over ``encoded`` held-out examples; None when there are none."""
+                    collator: Any, max_tokens: int | None = None) -> float | None:
+    """Mean loss per trained token over ``encoded`` held-out examples; None when there are none.
+
+    With ``max_tokens``, the examples are packed padding-free into rows of that many tokens, each
+    isolated from the others (the training path, data/collate.py): fewer, fuller forward passes.
+    Without, they are padded by ``collator``, ``batch_size`` at a time.
+    """
     import torch
+
+    from ultimate_trainer.data.collate import packed_inputs
+    from ultimate_trainer.model.loading import inference_kernels
 
     if not encoded:
         return None
     was_training = model.training
     device = _device(model)
     total, count = 0.0, 0
+    if max_tokens:
+        batches = _packed_batches(encoded, batch_size, max_tokens, collator.pad_token_id)
+    else:
+        batches = [collator([{"input_ids": ids, "labels": labels} for ids, labels in encoded[i:i + batch_size]])
+                   for i in range(0, len(encoded), batch_size)]
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     try:
         model.eval()
-        with torch.inference_mode():
-            for i in range(0, len(encoded), batch_size):
-                batch = collator([{"input_ids": ids, "labels": labels} for ids, labels in encoded[i:i + batch_size]])
-                batch = {k: v.to(device) for k, v in batch.items()}
-                # The model shifts labels by one: the tokens that count are those after the first.
+        with torch.inference_mode(), inference_kernels(model):
+            for batch in batches:
+                batch = packed_inputs({k: v.to(device) for k, v in batch.items()}, attn,
+                                      getattr(model, "dtype", torch.float32))
+                # The model shifts labels by one: the tokens that count are those after the first
+                # (a packed row's examples each start with an untrained label).
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 if n == 0:
                     continue

@@ -195,16 +195,21 @@ class EvalCallback(TrainerCallback):
     def evaluate(self, global_step: int) -> None:
         if not self.heldout and not self.heldout_encoded:
             return
+        from ultimate_trainer.model.loading import inference_kernels
+
         with self.reporter.phase("evaluating"):
             t0 = time.monotonic()
-            self._evaluate(global_step)
+            with inference_kernels(self.model):  # once for generation and validation loss together
+                self._evaluate(global_step)
             if self.throughput is not None:
                 self.throughput.exclude(time.monotonic() - t0)
 
     def _evaluate(self, global_step: int) -> None:
         ev = self.cfg.eval
+        t0 = time.monotonic()
         answers = evaluation.generate_answers(self.model, self.tokenizer, [e.prompt_messages for e in self.heldout],
                                               ev.max_new_tokens, ev.batch_size)
+        t1 = time.monotonic()
         examples = []
         for ex, generated in zip(self.heldout, answers):
             correct = evaluation.score(ev.matcher, generated, ex.expected)
@@ -213,13 +218,16 @@ class EvalCallback(TrainerCallback):
                              "skill": getattr(ex, "skill", None)})
         val_loss = None
         if ev.val_loss and self.heldout_encoded:
-            val_loss = evaluation.validation_loss(self.model, self.heldout_encoded, ev.batch_size, self.collator)
+            val_loss = evaluation.validation_loss(self.model, self.heldout_encoded, ev.batch_size, self.collator,
+                                                  max_tokens=self.cfg.training.max_seq_length)
+        t2 = time.monotonic()
         self.tracker.add_evaluation([e["correct"] for e in examples])
         snap = self.tracker.snapshot()
         correct = sum(e["correct"] for e in examples)
         summary = {"global_step": global_step, "run_id": self.run_id, "correct": correct, "total": len(examples),
                    "accuracy": round(100.0 * correct / len(examples), 2) if examples else None,
-                   "val_loss": val_loss, **{k: snap[k] for k in ("overall", "last_20", "last_50", "trend")}}
+                   "val_loss": val_loss, **{k: snap[k] for k in ("overall", "last_20", "last_50", "trend")},
+                   "seconds": {"generation": round(t1 - t0, 3), "val_loss": round(t2 - t1, 3)}}
         self.reporter.log_evaluation(summary, examples)
         self.reporter.update(accuracy=snap, val_loss=val_loss if val_loss is not None else self.reporter.get("val_loss"))
         log.info("eval at step %d: %d/%d correct, overall %s%%, val_loss %s", global_step, correct,

@@ -122,6 +122,7 @@ class RunState:
     replay: Any = None  # data.replay.Replay: the earlier lines mixed into this run
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
+    session: Any = None  # trainer.session.Session: a worker's loaded tokenizer and model, reused when they fit
 
     def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
         """The marker of a checkpoint saved at ``global_step`` of this run."""
@@ -189,8 +190,12 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the run
 
 def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run: bool = False,
-        stop: StopFlag | None = None) -> int:
-    """Train on ``files`` from wherever the last run ended. Returns the process exit code."""
+        stop: StopFlag | None = None, session: Any = None) -> int:
+    """Train on ``files`` from wherever the last run ended. Returns the process exit code.
+
+    ``session`` (trainer/session.py): the worker's already loaded tokenizer and model, used when they
+    fit this run's start point; ``train.py`` passes none and loads them.
+    """
     stop = stop or StopFlag()
     world = World.from_env()
     reporter = StatusReporter(cfg.path("status"), cfg.path("checkpoints"), cfg.status.interval_seconds,
@@ -199,7 +204,7 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
     reporter.set_state("loading")
     reporter.start()
     reporter.update(world_size=world.size)
-    state = RunState(cfg, files, reporter, stop, max_steps=max_steps, world=world)
+    state = RunState(cfg, files, reporter, stop, max_steps=max_steps, world=world, session=session)
     try:
         return _recipe(state, dry_run)
     except StopRequested:
@@ -242,10 +247,10 @@ def _recipe(run: RunState, dry_run: bool) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return Exit.CONFIG
 
-    # 2. Tokenizer of that base.
+    # 2. Tokenizer of that base (a worker's session keeps it while the base stays the same).
     from ultimate_trainer.model.loading import load_tokenizer
 
-    run.tokenizer = load_tokenizer(run.base_path)
+    run.tokenizer = run.session.tokenizer_for(run.base_path) if run.session else load_tokenizer(run.base_path)
     run.stop.check()
 
     # 3. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
@@ -387,19 +392,59 @@ def plan(run: RunState) -> bool:
 
 def load_model(run: RunState) -> None:
     """The base model and the adapter of the start point: resumed from its checkpoint, or fresh."""
-    import torch
+    from ultimate_trainer.model.loading import pick_device
 
-    from ultimate_trainer.model.loading import attach_lora, load_base_model, pick_device
-
-    cfg = run.cfg
+    cfg, session = run.cfg, run.session
+    checkpoint = run.start.checkpoint.path if run.start.kind == "checkpoint" else None
+    why = session.reusable(cfg, run.base_path, run.start.kind, checkpoint) if session else "no session"
+    if why is None:  # the Trainer loads the checkpoint's adapter weights into it (trainer/session.py)
+        run.model, run.device = session.model, session.device
+        run.reporter.set_state("loading", device=run.device)
+        log.info("model kept loaded from the previous run")
+        return
+    if session:
+        session.drop()
+        log.info("loading the model: %s", why)
     run.device = pick_device(cfg)
     run.reporter.set_state("loading", device=run.device)
-    model = load_base_model(cfg, run.base_path, quantize=cfg.load_in_4bit, device=run.device)
-    if run.start.kind == "checkpoint":
-        run.model = attach_lora(cfg, model, adapter_dir=str(run.start.checkpoint.path))
-    else:
-        torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
-        run.model = attach_lora(cfg, model)
+    run.model = _model_with_adapter(cfg, run.base_path, run.device, checkpoint)
+    if session:
+        session.hold(cfg, run.base_path, run.model, run.device, checkpoint, why)
+
+
+def _model_with_adapter(cfg: Config, base_path: str, device: str, checkpoint: Path | None) -> Any:
+    import torch
+
+    from ultimate_trainer.model.loading import attach_lora, load_base_model
+
+    model = load_base_model(cfg, base_path, quantize=cfg.load_in_4bit, device=device)
+    if checkpoint is not None:
+        return attach_lora(cfg, model, adapter_dir=str(checkpoint))
+    torch.manual_seed(cfg.training.seed)  # the fresh adapter's init is reproducible
+    return attach_lora(cfg, model)
+
+
+def preload(cfg: Config, session: Any) -> None:
+    """Load into ``session`` what the next run will start from, while no run waits (the worker's start).
+
+    Best effort: anything that goes wrong here is left for the run itself to meet and report.
+    """
+    from ultimate_trainer.model.loading import pick_device
+
+    try:
+        start = ck.start_point(cfg.path("checkpoints"), cfg.path("models"))
+        trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+        if start.kind == "consolidation" or trained_on not in (None, cfg.base_model):
+            return  # a bootstrap with a fresh adapter, or a refusal: the run's own business
+        base_path = _base_path(cfg, start)
+        session.tokenizer_for(base_path)
+        checkpoint = start.checkpoint.path if start.kind == "checkpoint" else None
+        device = pick_device(cfg)
+        session.hold(cfg, base_path, _model_with_adapter(cfg, base_path, device, checkpoint), device, checkpoint,
+                     "preloaded before the first run")
+    except Exception as e:  # noqa: BLE001 - the run reports it properly
+        log.info("no preload (%s); the first run loads the model", _one_line(e))
+        session.drop()
 
 
 def train(run: RunState) -> None:
@@ -448,6 +493,8 @@ def train(run: RunState) -> None:
                                    data_collator=train_collator, processing_class=run.tokenizer,
                                    callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
+    if run.session:
+        run.session.pristine = False  # trained from here on: no longer a fresh adapter
     log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
              p.run_id, len(run.prepared.train), f" packed in {len(p.rows)} rows" if p.rows is not None else "",
              p.done_steps, p.done_steps + run.steps_now, start.global_step, start.global_step + run.steps_now,

@@ -1,0 +1,89 @@
+"""Evaluation time against training time for one train.py run, with the evaluation's breakdown.
+
+    python bench/eval_overhead.py [--configs demo,defaults] [--examples 600] [--max-steps 100]
+
+For each configuration it runs the real ``train.py`` on the built-in SmolLM2-135M-Instruct (4-bit,
+CPU here) over the demo data (``data/sample.py``, booking references: short answers, like
+``make demo``) in a fresh project, then reads the run's own records:
+
+- ``history/evals.jsonl``: per evaluation, the seconds of generation and of validation loss (the
+  trainer times both; the evaluation at step 0 included);
+- ``history/steps.jsonl``: the time of the first and last logged step; training seconds are that
+  span less the evaluations inside it, plus one step (1-second timestamps: long runs read best).
+
+Configurations: ``demo`` is ``configs/demo.json`` (eval every 10 steps, 16 prompts, 16 new tokens);
+``defaults`` is the shipped ``config.json`` with the built-in model in place of Qwen (eval every 25
+steps, 20 prompts, 64 new tokens). The goal (issue 9): evaluation at most 10% of training time.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ultimate_trainer.core.status import iter_jsonl  # noqa: E402
+from ultimate_trainer.data import sample  # noqa: E402
+
+CONFIGS = {"demo": REPO / "configs" / "demo.json", "defaults": REPO / "config.json"}
+
+
+def _ts(text: str) -> float:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
+
+def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
+    root = work / name
+    files = sample.write_demo_data(root / "data", n_files=1, examples_per_file=args.examples, seed=1)
+    sets = ["base_model=smollm2-135m-instruct", "load_in_4bit=true", f"paths.root={root}",
+            f"paths.model_cache={REPO / 'models' / 'cache'}", "training.device=cpu", "save_steps=100000"]
+    cmd = [sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(CONFIGS[name]),
+           "--max-steps", str(args.max_steps)]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{name}: train.py exited {r.returncode}:\n{r.stderr[-3000:]}")
+    evals = list(iter_jsonl(root / "status" / "history" / "evals.jsonl"))
+    steps = list(iter_jsonl(root / "status" / "history" / "steps.jsonl"))
+    first, last = _ts(steps[0]["time"]), _ts(steps[-1]["time"])
+    inside = sum(sum(e["seconds"].values()) for e in evals if first < _ts(e["time"]) <= last)
+    n_steps = steps[-1]["global_step"] - steps[0]["global_step"]
+    per_step = max(last - first - inside, 0.0) / max(n_steps, 1)
+    train = per_step * (n_steps + 1)
+    gen = sum(e["seconds"]["generation"] for e in evals)
+    val = sum(e["seconds"]["val_loss"] for e in evals)
+    return {"config": name, "steps": steps[-1]["global_step"], "evals": len(evals), "train": train,
+            "generation": gen, "val_loss": val, "wall": wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="demo,defaults")
+    ap.add_argument("--examples", type=int, default=600, help="demo examples in the training file")
+    ap.add_argument("--max-steps", type=int, default=100, help="cap on the run's optimizer steps")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
+        rows = [run_config(name, args, Path(tmp)) for name in args.configs.split(",")]
+    print("| config | steps | evaluations | train s | eval s (generation + val loss) | eval / train |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ev = r["generation"] + r["val_loss"]
+        share = f"{ev / r['train']:.1%}" if r["train"] else "n/a (fewer than two logged steps)"
+        print(f"| {r['config']} | {r['steps']} | {r['evals']} | {r['train']:.1f} | {ev:.1f} "
+              f"({r['generation']:.1f} + {r['val_loss']:.1f}) | {share} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The files between the daemon and its trainer worker: one request per run, one result per run.
+
+The worker (``python -m ultimate_trainer.trainer.worker --worker-dir DIR``) keeps the model loaded
+and trains the runs the daemon asks for, one at a time::
+
+    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths]}
+    DIR/results/<seq>.json    written by the worker   {"seq", "code", "pid", "exiting", "why", "rss_mb", ...}
+
+Both are written atomically (temp file, fsync, rename), each has one writer, and neither is
+changed once in place. ``code`` is what ``train.py`` would have exited with for the same files
+(core/exitcodes.py), so the daemon decides a run's outcome the same way for both. ``exiting`` says
+the worker ends after this result (stopped, failed run, memory bound): the next run starts a new
+one. A worker that dies without a result is reported by its exit status, as a killed ``train.py``.
+``seq`` orders requests: names sort in the order they were made.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ultimate_trainer.core.status import atomic_write_json, read_json
+
+REQUESTS, RESULTS = "requests", "results"
+
+
+@dataclass
+class Request:
+    seq: str
+    files: list[Path]
+
+
+def new_seq() -> str:
+    """A request name that sorts after every earlier one (nanoseconds since the epoch, zero-padded)."""
+    return f"{time.time_ns():020d}"
+
+
+def clear(worker_dir: Path) -> None:
+    """Remove the requests and results of an earlier worker (only while none runs)."""
+    for sub in (REQUESTS, RESULTS):
+        folder = Path(worker_dir) / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            f.unlink(missing_ok=True)
+
+
+def write_request(worker_dir: Path, files: list[Path]) -> Request:
+    req = Request(new_seq(), [Path(f).resolve() for f in files])
+    atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json", {"seq": req.seq, "files": list(map(str, req.files))})
+    return req
+
+
+def next_request(worker_dir: Path) -> Request | None:
+    """The oldest request that has no result yet; None when there is none."""
+    folder = Path(worker_dir) / REQUESTS
+    done = Path(worker_dir) / RESULTS
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if (done / path.name).exists():
+            continue
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("files"), list):
+            continue  # atomic writes make this a file from something else: ignore it
+        return Request(str(data.get("seq") or path.stem), [Path(f) for f in data["files"]])
+    return None
+
+
+def write_result(worker_dir: Path, seq: str, **fields: Any) -> None:
+    atomic_write_json(Path(worker_dir) / RESULTS / f"{seq}.json", {"seq": seq, **fields})
+
+
+def read_result(worker_dir: Path, seq: str) -> dict[str, Any] | None:
+    data = read_json(Path(worker_dir) / RESULTS / f"{seq}.json")
+    return data if isinstance(data, dict) and isinstance(data.get("code"), int) else None
