@@ -139,6 +139,15 @@ def newest_step(checkpoints: Path) -> int:
     return newest.global_step if newest else 0
 
 
+def step_losses(root: Path) -> dict[int, float]:
+    """Loss per global step of a project; a step logged again after a crash keeps its last line (docs/STATUS.md)."""
+    out = {}
+    for line in (root / "status" / "history" / "steps.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["global_step"]] = rec["loss"]
+    return out
+
+
 def optimizer_step(ckpt: Path) -> float:
     """Adam's step counter in a checkpoint's optimizer state."""
     import torch

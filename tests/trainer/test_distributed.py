@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, chat, optimizer_step, run_train, wait_for, write_jsonl
+from conftest import REPO, chat, optimizer_step, run_train, step_losses, wait_for, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.trainer.distributed import free_port
 
@@ -38,12 +38,6 @@ def records(n: int, tag: str) -> list[dict]:
     return [chat(f"{tag} question {i} about {i % 5}?", f"{tag} answer {i * 7}") for i in range(n)]
 
 
-def losses(root: Path) -> dict[int, float]:
-    out = {}
-    for line in (root / "status" / "history" / "steps.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["global_step"]] = rec["loss"]
-    return out
 
 
 def status(root: Path) -> dict:
@@ -61,7 +55,7 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, make_projec
     assert r.returncode == 0, r.stderr[-3000:]
     assert "launching through torchrun" in r.stderr
 
-    a, b = losses(one.parent), losses(two.parent)
+    a, b = step_losses(one.parent), step_losses(two.parent)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert abs(a[step] - b[step]) <= LOSS_TOLERANCE, (step, a[step], b[step])

@@ -7,25 +7,17 @@ run plan, the run id, the marker's run step) on top of the Trainer's resume.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import chat, newest_step, run_train, sigkill_when, spawn_train, write_jsonl
+from conftest import chat, newest_step, run_train, sigkill_when, spawn_train, step_losses, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 
 SETTINGS = dict(eval_steps=0, save_steps=4)  # evaluation is covered elsewhere; here only the training path
 
 
-def losses(root: Path) -> dict[int, float]:
-    """Loss per global step; a step logged again after a crash keeps its last line (docs/STATUS.md)."""
-    out = {}
-    for line in (root / "status" / "history" / "steps.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["global_step"]] = rec["loss"]
-    return out
 
 
 def adapter(root: Path) -> dict[str, torch.Tensor]:
@@ -48,7 +40,7 @@ def test_sigkilled_and_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, 
     assert r.returncode == 0, r.stderr
     assert "continuing interrupted run" in r.stderr
 
-    expected, got = losses(straight.parent), losses(resumed.parent)
+    expected, got = step_losses(straight.parent), step_losses(resumed.parent)
     assert sorted(got) == sorted(expected) == list(range(1, total + 1))
     for step in expected:
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
