@@ -141,6 +141,7 @@ def eval_loss(adapter: str, data: Path, max_len: int) -> float:
 
     from ultimate_trainer.core import config
     from ultimate_trainer.data import prepare as data_mod
+    from ultimate_trainer.data.collate import Collator
     from ultimate_trainer.model.loading import load_tokenizer, resolve_base
     from ultimate_trainer.model.scoring import validation_loss
 
@@ -155,7 +156,7 @@ def eval_loss(adapter: str, data: Path, max_len: int) -> float:
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
         encoded = [(store[i]["input_ids"], store[i]["labels"]) for i in range(len(store))]
-        return float(validation_loss(model.eval(), encoded, 4, data_mod.Collator(tok)))
+        return float(validation_loss(model.eval(), encoded, 4, Collator(tok)))
 
 
 def main() -> int:
@@ -193,11 +194,15 @@ def main() -> int:
 
             t0, t1 = (datetime.fromisoformat(ours[k]) for k in ("first", "last"))
             ours["seconds"] = max(1.0, (t1 - t0).total_seconds())
+        for name, r in (("TRL", trl), ("train.py", ours)):  # the timings, before anything else can fail
+            print(f"{name}: {r['steps']} steps, {r['seconds']:.1f} s, {r['tokens']} non-padding tokens", flush=True)
         for r in (trl, ours):
             cmd = [sys.executable, __file__, "--worker", "eval", "--out", r["adapter"], "--data", str(held),
                    "--max-len", str(args.max_len)]
-            r["loss"] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True)
-                                   .stdout.strip().splitlines()[-1])["loss"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr[-3000:])
+            r["loss"] = json.loads(done.stdout.strip().splitlines()[-1])["loss"] if done.returncode == 0 else float("nan")
     print(f"{args.examples} Alpaca-shaped examples, SmolLM2-135M fp32 + LoRA r16 (7 projections), batch {args.batch}, "
           f"max length {args.max_len}, {os.cpu_count()} cores")
     print(f"{'trainer':22} {'steps':>6} {'s/step':>8} {'train s':>8} {'tok/s (non-pad)':>16} {'held-out loss':>14}")
