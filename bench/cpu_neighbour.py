@@ -10,6 +10,7 @@ like the demo:
 - policy **before**: OpenMP's defaults (one thread per core, spinning waits);
 - policy **after**: ``core/threads.py`` (passive waits; the trainer's ``ThreadGovernor`` sets the
   thread count to the cores other processes leave free, re-measured every 2 s);
+- policy **governor**: the ``ThreadGovernor`` alone, with OpenMP's default (spinning) waits;
 - **alone**, or **with a neighbour**: a single-threaded ``numpy`` matmul loop busy on one core for
   the whole measurement.
 
@@ -44,12 +45,14 @@ def worker(policy: str, steps: int, batch: int, tokens: int) -> dict:
         from ultimate_trainer.core import threads
 
         threads.apply_env_policy()
+    elif policy == "governor":
+        os.environ.pop("OMP_WAIT_POLICY", None)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     governor = None
-    if policy == "after":
+    if policy in ("after", "governor"):
         from ultimate_trainer.trainer.speed import ThreadGovernor
 
         governor = ThreadGovernor(interval=2.0)
@@ -97,16 +100,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=60)
-    ap.add_argument("--worker", choices=["before", "after"], help=argparse.SUPPRESS)
+    ap.add_argument("--policies", default="before,after,governor")
+    ap.add_argument("--worker", choices=["before", "after", "governor"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.batch, args.tokens)))
         return 0
-    results = {(p, n): cell(p, n, args) for p in ("before", "after") for n in (False, True)}
+    policies = args.policies.split(",")
+    results = {(p, n): cell(p, n, args) for p in policies for n in (False, True)}
     print(f"LoRA steps, SmolLM2-135M shape (random), fp32, batch {args.batch} x {args.tokens} tokens, "
           f"{os.cpu_count()} cores; median of {args.steps} steps")
     print(f"{'policy':8} {'alone s/step':>13} {'neighbour s/step':>17} {'slowdown':>9} {'threads (alone/nb)':>19}")
-    for p in ("before", "after"):
+    for p in policies:
         a, n = results[(p, False)], results[(p, True)]
         print(f"{p:8} {a['sec_per_step']:13.2f} {n['sec_per_step']:17.2f} {n['sec_per_step'] / a['sec_per_step']:8.1f}x "
               f"{a['threads_at_end']:>9}/{n['threads_at_end']}")
