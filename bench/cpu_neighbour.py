@@ -8,9 +8,10 @@ built-in model's architecture (SmolLM2-135M shape, random weights, fp32), ``batc
 like the demo:
 
 - policy **before**: OpenMP's defaults (one thread per core, spinning waits);
-- policy **after**: ``core/threads.py`` (passive waits; the trainer's ``ThreadGovernor`` sets the
-  thread count to the cores other processes leave free, re-measured every 2 s);
-- policy **governor**: the ``ThreadGovernor`` alone, with OpenMP's default (spinning) waits;
+- policy **after**: passive OpenMP waits plus the trainer's ``ThreadGovernor``, which sets the
+  thread count to the cores other processes leave free, re-measured every 2 s;
+- policy **governor**: the ``ThreadGovernor`` alone, with OpenMP's default (spinning) waits: what
+  ``train.py`` does (``core/threads.py``);
 - **alone**, or **with a neighbour**: a single-threaded ``numpy`` matmul loop busy on one core for
   the whole measurement.
 
@@ -42,9 +43,7 @@ NEIGHBOUR = ("import numpy as np\n"
 
 def worker(policy: str, steps: int, batch: int, tokens: int) -> dict:
     if policy == "after":
-        from ultimate_trainer.core import threads
-
-        threads.apply_env_policy()
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # passive waits + the governor
     elif policy == "governor":
         os.environ.pop("OMP_WAIT_POLICY", None)
     import torch

@@ -5,11 +5,7 @@ from __future__ import annotations
 from ultimate_trainer.core import threads
 
 
-def test_env_policy_sets_passive_waiting_unless_the_user_chose():
-    env: dict[str, str] = {"KMP_BLOCKTIME": "200"}
-    applied = threads.apply_env_policy(env)
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and applied == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env["KMP_BLOCKTIME"] == "200"  # the user's value stays
+def test_a_users_thread_count_switches_the_adaptation_off():
     assert threads.user_fixed_threads({"OMP_NUM_THREADS": "3"}) and not threads.user_fixed_threads({})
 
 

@@ -1,31 +1,26 @@
 """CPU threads that survive a busy neighbour.
 
-Why a trainer next to another CPU-heavy process slowed down 10-25x instead of ~2x: PyTorch runs
-every operator on an OpenMP team of one thread per core, and each operator ends at a barrier that
-waits for the team's slowest thread. With a neighbour on one of the two cores, the thread on that
-core only runs when the scheduler gives it a time slice (milliseconds), so each of the thousands of
-small operators of a step waits up to a slice; meanwhile the other threads spin at the barrier
-(OpenMP's default wait policy), burning the very CPU the late thread needs. A step of ~20 k
-operators x a few ms of waiting is the 19-50 s per step that was measured.
+Why a trainer next to another CPU-heavy process slowed down several times more than the CPU it
+lost: PyTorch runs every operator on an OpenMP team of one thread per core, and each operator ends
+at a barrier that waits for the team's slowest thread. With a neighbour on one of the two cores, the
+thread on that core runs only when the scheduler gives it a time slice, so each of the thousands of
+small operators of a step waits for it, while the other thread spins at the barrier.
 
-The policy, applied at trainer start before torch is imported (``apply_env_policy``) and kept up
-to date while training (``ThreadGovernor`` in trainer/speed.py):
+The policy: the trainer's ``ThreadGovernor`` (trainer/speed.py) sets torch's intra-op thread count
+every few seconds to the cores other processes leave free (``free_cpus``): alone on 2 cores, 2
+threads; next to a busy neighbour, 1 thread, which then shares its core fairly. Measured with
+``bench/cpu_neighbour.py`` (docs/PERFORMANCE.md): next to a one-core neighbour a step took 3.6x
+as long with OpenMP's defaults, 1.9x with the governor (the CPU lost explains 2x), and the same
+time alone. Passive OpenMP waits (``OMP_WAIT_POLICY=PASSIVE``) were measured too: 1.6x next to the
+neighbour but 16-38 % slower alone, so they are not set.
 
-- ``OMP_WAIT_POLICY=PASSIVE`` (and ``KMP_BLOCKTIME=0`` for Intel's OpenMP): a thread that waits
-  at a barrier sleeps instead of spinning, so waiting never takes CPU from the thread it waits for;
-- the intra-op thread count follows the cores other processes leave free (``free_cpus``), measured
-  every few seconds: alone on 2 cores, 2 threads; next to a busy neighbour, 1 thread, which then
-  shares its core fairly and slows down about in proportion to the CPU it lost.
-
-Any of ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``, ``KMP_BLOCKTIME``, ``GOMP_SPINCOUNT`` set by the
-user wins: a fixed ``OMP_NUM_THREADS`` also switches the adaptive count off.
+``OMP_NUM_THREADS`` set by the user wins: a fixed count switches the adaptation off.
 """
 
 from __future__ import annotations
 
 import os
 
-ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 
 def usable_cpus() -> int:
@@ -34,17 +29,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def apply_env_policy(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Set the OpenMP wait policy unless the user chose one; returns what was set. Call before torch loads."""
-    env = os.environ if environ is None else environ
-    applied = {}
-    for key, value in ENV_DEFAULTS.items():
-        if key not in env:
-            env[key] = value
-            applied[key] = value
-    return applied
 
 
 def user_fixed_threads(environ: dict[str, str] | None = None) -> bool:

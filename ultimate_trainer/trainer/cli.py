@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ultimate_trainer.core import config, threads
+from ultimate_trainer.core import config
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
 
@@ -49,7 +49,6 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads.apply_env_policy()  # before torch loads: OpenMP reads it once (core/threads.py says why)
     if not args.dry_run:
         from ultimate_trainer.trainer import distributed
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ultimate_trainer.core import config, threads, worker_files
+from ultimate_trainer.core import config, worker_files
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.logs import setup_logging
@@ -120,7 +120,6 @@ def worker_main(argv: list[str] | None = None) -> int:
         return Exit.CONFIG
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads.apply_env_policy()  # before torch loads, as in train.py
     from ultimate_trainer.trainer.recipe import StopFlag
 
     stop = StopFlag()
