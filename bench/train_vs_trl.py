@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """train.py against TRL's SFTTrainer, same data, model and settings, in one run.
 
-    python bench/train_vs_trl.py [--examples 240] [--batch 8] [--max-len 2048]
+    python bench/train_vs_trl.py [--examples 120] [--batch 8] [--max-len 1024]
 
 - **Data**: chat examples shaped like Alpaca (written by the bench, seeded): a short question, an
   answer of lognormal length (median ~170 tokens with the chat template, a long tail past 1,000).
@@ -18,7 +18,7 @@ Printed per trainer: optimizer steps, seconds per step, non-padding tokens per s
 tokens over training time, model loading excluded), and the loss of each final adapter on the same
 32 held-back examples (assistant tokens only, the same code for both), then the tokens/s ratio.
 Note: a step is a batch of 8 examples for TRL, 8 packed rows for train.py; compare tokens/s.
-About 5-10 minutes on a 2-core CPU at the defaults.
+About 10 minutes on a 2-core CPU at the defaults.
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def eval_loss(adapter: str, data: Path, max_len: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", type=int, default=240)
+    ap.add_argument("--examples", type=int, default=120)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--max-len", type=int, default=1024, help="TRL's default max_length (2,048: 24 GB is not enough)")
     ap.add_argument("--worker", choices=["trl", "eval"], help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
