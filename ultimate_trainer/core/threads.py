@@ -23,14 +23,6 @@ import os
 
 
 
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a container's share)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def user_fixed_threads(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     return bool(env.get("OMP_NUM_THREADS"))

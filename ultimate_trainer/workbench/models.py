@@ -55,10 +55,6 @@ def choices(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def checkpoint_keys(cfg: Config) -> list[str]:
-    return [c.name for c in ck.list_complete(cfg.path("checkpoints"))]
-
-
 def resolve(cfg: Config, key: str) -> ModelSpec:
     """The folders behind a model key; ValueError for a key that names nothing (any more)."""
     if key == LATEST:
