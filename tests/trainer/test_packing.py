@@ -15,7 +15,7 @@ import torch
 from conftest import chat
 from ultimate_trainer.data.encoding import IGNORE_INDEX
 from ultimate_trainer.data.collate import Collator, PackedCollator, PackedRows, block_causal_mask, packed_inputs
-from ultimate_trainer.data.packing import group_by_length, pack_rows, should_pack
+from ultimate_trainer.data.packing import flat_rows, group_by_length, layout, pack_rows
 
 TOL = 1e-4
 
@@ -118,10 +118,21 @@ def test_group_by_length_batches_similar_lengths_and_keeps_the_examples():
     assert set(grouped[:window]) == set(order[:window])
 
 
-def test_should_pack_auto_packs_short_examples_only():
-    assert should_pack("auto", np.array([100, 200, 300]), 2048)
-    assert not should_pack("auto", np.array([1500, 1900]), 2048)
-    assert should_pack("on", np.array([1500]), 2048) and not should_pack("off", np.array([10]), 2048)
+def test_layout_is_padding_free_unless_told_otherwise():
+    assert layout("auto") == layout("on") == "flat"
+    assert layout("off") == "grouped" and layout("rows") == "rows"
+
+
+def test_flat_rows_are_the_plans_micro_batches_in_order():
+    order = [7, 3, 9, 1, 0, 4, 2]
+    assert flat_rows(order, 3) == [[7, 3, 9], [1, 0, 4], [2]]
+
+
+def test_boundaries_of_a_padding_free_row():
+    from ultimate_trainer.data.collate import boundaries
+
+    edges, longest = boundaries(torch.tensor([[1, 1, 2, 2, 2, 3]]))
+    assert edges.tolist() == [0, 2, 5, 6] and edges.dtype == torch.int32 and longest == 3
 
 
 def test_block_causal_mask_is_causal_within_segments_only():
@@ -169,6 +180,83 @@ def test_packed_examples_are_isolated_on_the_builtin_model(builtin_model_dir: Pa
     tok = AutoTokenizer.from_pretrained(builtin_model_dir)
     model = AutoModelForCausalLM.from_pretrained(builtin_model_dir, dtype=torch.float32).eval()
     _check_isolation(model, tok, _encode(tok, 8, seed=3))
+    from ultimate_trainer.model import attention
+
+    attention.register()
+    model.set_attn_implementation(attention.SEGMENTED)
+    model.train()  # the padding-free path is a training path: gradients too
+    _padded_vs_flat(model, tok, _encode(tok, 4, seed=9), attention.SEGMENTED)
+
+
+def _padded_vs_flat(model, tok, examples: list[dict], impl: str) -> None:
+    """One micro-batch padded (the Trainer's usual batch) and as one padding-free row: same loss, same grads."""
+    from ultimate_trainer.model import attention
+    from ultimate_trainer.model.loss import chunked_causal_lm_loss
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    padded = Collator(pad_token_id=pad)(examples)
+    flat = PackedCollator(pad)([PackedRows(_ListStore(examples), [list(range(len(examples)))])[0]])
+    assert flat["input_ids"].shape[0] == 1 and flat["attention_mask"].all()  # one row, no padding at all
+    n_items = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
+    # A row's examples each start with an untrained label, like the padded batch's rows: the same targets.
+    assert int((flat["labels"][:, 1:] != IGNORE_INDEX).sum()) == n_items
+    model.zero_grad()
+    want = model(**padded, num_items_in_batch=n_items).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    inputs = packed_inputs(flat, impl, takes_boundaries=attention.takes_boundaries(impl))
+    assert ("cu_seq_lens_q" in inputs) == (impl == attention.SEGMENTED)
+    assert inputs["attention_mask"].dim() == (2 if impl == attention.SEGMENTED else 4)  # no L x L mask built
+    got = chunked_causal_lm_loss(model, inputs, num_items_in_batch=n_items)
+    got.backward()
+    assert torch.allclose(got, want, atol=1e-5), (float(got), float(want))
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("impl", ["segmented_sdpa", "sdpa", "eager"])
+def test_a_padding_free_row_trains_exactly_like_the_padded_batch(tiny_model_dir: Path, impl: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ultimate_trainer.model import attention
+
+    attention.register()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.set_attn_implementation(impl)
+    _padded_vs_flat(model, tok, _encode(tok, 6, seed=8), impl)
+
+
+def test_segmented_attention_isolates_examples_and_keeps_a_sliding_window():
+    """Each example's logits inside a padding-free row equal the example alone, window included."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from ultimate_trainer.model import attention
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=0, layer_types=["sliding_attention"] * 2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    attention.use_segmented(model)
+    assert model.config._attn_implementation == attention.SEGMENTED
+    seqs = [torch.randint(0, 64, (n,)) for n in (3, 11, 6)]
+    row = {"input_ids": torch.cat(seqs)[None], "labels": torch.cat(seqs)[None],
+           "attention_mask": torch.ones(1, 20, dtype=torch.long),
+           "position_ids": torch.cat([torch.arange(len(x)) for x in seqs])[None],
+           "segment_ids": torch.cat([torch.full((len(x),), k + 1) for k, x in enumerate(seqs)])[None]}
+    with torch.no_grad():
+        inside = model(**packed_inputs(row, attention.SEGMENTED, takes_boundaries=True)).logits[0]
+        start = 0
+        for x in seqs:
+            alone = model(input_ids=x[None]).logits[0]
+            assert torch.allclose(inside[start:start + len(x)], alone, atol=TOL), (inside[start:] - alone).abs().max()
+            start += len(x)
+        # and without boundaries it is plain SDPA: generation with a left-padded batch still works
+        out = model.generate(input_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]), attention_mask=torch.tensor(
+            [[0, 1, 1], [1, 1, 1]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 5)
 
 
 def test_chunked_loss_and_gradients_equal_the_models_own(tiny_model_dir: Path):
@@ -203,7 +291,7 @@ def _adapter(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("packing", ["on", "off"])
+@pytest.mark.parametrize("packing", ["on", "off", "rows"])
 def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(tiny_model_dir, make_project, tmp_path, packing):
     """Two steps, a stop, the rest == the whole run at once: same rows, same order, same weights."""
     from tests.conftest import run_train, write_jsonl
@@ -224,12 +312,16 @@ def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(tiny_model_di
             assert not ck.newest_complete(cfg.parent / "checkpoints").meta["run_complete"]
         r = run_train(cfg, data)
         assert r.returncode == 0, r.stderr
-        assert ("packed in" in r.stderr) == (packing == "on")
+        assert ("padding-free micro-batches" in r.stderr) == (packing == "on")
+        assert ("packed rows" in r.stderr) == (packing == "rows")
         finals.append(ck.newest_complete(cfg.parent / "checkpoints"))
     whole, resumed = finals
     assert resumed.global_step == whole.global_step == whole.meta["run_total_steps"]
-    if packing == "on":
-        assert whole.meta["run_total_steps"] < 60 / 2  # rows, fewer than one example a row
+    per_step = whole.meta["examples_per_step"]
+    if packing == "rows":
+        assert whole.meta["run_total_steps"] < 60 / per_step  # rows, several examples a row
+    else:  # padding-free trains the same steps of the same number of examples as padded batches
+        assert whole.meta["run_total_steps"] == -(-60 // per_step)
     a, b = _adapter(whole.path), _adapter(resumed.path)
     assert a.keys() == b.keys()
     for k in a:

@@ -86,11 +86,12 @@ class TrainingConfig:
     logging_steps: int = _f(1, "Log loss, learning rate and grad norm every N optimizer steps.", min=1)
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "auto = CUDA when available, else CPU.")
-    packing: Literal["auto", "on", "off"] = _f(
+    packing: Literal["auto", "on", "off", "rows"] = _f(
         "auto",
-        "Pack several examples into one row of up to max_seq_length tokens (each attends only to itself); "
-        "off = one example a row, batches of similar lengths. auto = on when the examples' mean length is at "
-        "most half of max_seq_length (docs/TRAINING.md).",
+        "on (= auto) = padding-free: each micro-batch's batch_size examples back to back in one row, each "
+        "attending only to itself; the same steps as off, without the padding. off = one example a row, padded, "
+        "batches of similar lengths. rows = examples packed into rows of up to max_seq_length tokens, batch_size "
+        "rows a micro-batch (far more examples per step: fewer updates per pass). docs/TRAINING.md.",
     )
     chunked_loss: bool = _f(
         True, "Compute the loss in chunks of tokens, never holding batch x length x vocabulary logits at once."

@@ -97,12 +97,25 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None, :, :]
 
 
+def boundaries(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A single unpadded row's example boundaries ``[0, end_1, end_2, ...]`` (int32) and longest example."""
+    _, lengths = torch.unique_consecutive(segments[0], return_counts=True)
+    edges = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=segments.device)
+    edges[1:] = torch.cumsum(lengths, 0)
+    return edges, int(lengths.max())
+
+
 def packed_inputs(inputs: dict[str, Any], attn_implementation: str | None,
-                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                  dtype: torch.dtype = torch.float32, takes_boundaries: bool = False) -> dict[str, Any]:
     """Model inputs for a packed batch (unchanged for an unpacked one), for the model's attention kind.
 
-    - FlashAttention: no mask at all; transformers finds the examples from the restarting
-      ``position_ids`` and runs the varlen kernel.
+    - ``takes_boundaries`` (FlashAttention varlen, model/attention.py's ``segmented_sdpa``) and one
+      row without padding (a padding-free micro-batch): the examples' boundaries as
+      ``cu_seq_lens_q/k`` and ``max_length_q/k``, the keywords transformers hands to the attention;
+      no 4D mask. FlashAttention gets no mask at all (a 2D mask would make it unpad the row as one
+      sequence); ``segmented_sdpa`` keeps the 2D mask of ones, so transformers builds none.
+    - FlashAttention, several rows: no mask; transformers finds the examples from the restarting
+      ``position_ids``.
     - SDPA / flex / others: the 4D boolean block-diagonal mask.
     - eager: the same mask as an additive float mask (eager adds the mask to the scores).
     """
@@ -110,7 +123,14 @@ def packed_inputs(inputs: dict[str, Any], attn_implementation: str | None,
         return inputs
     inputs = dict(inputs)
     segments = inputs.pop("segment_ids")
-    if attn_implementation and "flash" in attn_implementation:
+    flash = bool(attn_implementation) and "flash" in attn_implementation
+    if takes_boundaries and segments.shape[0] == 1 and bool((segments > 0).all()):
+        edges, longest = boundaries(segments)
+        inputs.update(cu_seq_lens_q=edges, cu_seq_lens_k=edges, max_length_q=longest, max_length_k=longest)
+        if flash:
+            inputs.pop("attention_mask", None)
+        return inputs
+    if flash:
         inputs.pop("attention_mask", None)
         return inputs
     mask = block_causal_mask(segments)

@@ -1,15 +1,23 @@
-"""Rows of training examples: packed (several examples a row, isolated) or length-grouped.
+"""Rows of training examples: padding-free (a micro-batch in one row), packed rows, or length-grouped.
 
-A run's plan is an order of examples. Two ways to lay that order out in batches:
+A run's plan is an order of examples. Three ways to lay that order out in batches
+(``training.packing``, resolved by ``layout``):
 
-- **packed** (``pack_rows``): the order is cut into windows; in each window a best-fit-decreasing
+- **flat** (``flat_rows``, the default): each micro-batch's ``batch_size`` examples, in the plan's
+  order, laid back to back in one row with no padding (TRL calls this ``padding_free``). A step
+  trains exactly the examples it would train padded, so the number of optimizer updates and what
+  each learns are unchanged; only the padding's compute is gone. The attention sees each
+  example alone (model/attention.py).
+- **rows** (``pack_rows``): the order is cut into windows; in each window a best-fit-decreasing
   bin packer puts examples into rows of at most ``capacity`` tokens; the window's rows are then
   shuffled with a seeded generator. Everything depends only on the order, the lengths and the
   seed, so the same run always gets the same rows and a resumed run can skip whole rows exactly.
   ``collate.PackedCollator`` lays each row out with position ids restarting at every example and a
   segment id per token, from which ``block_causal_mask`` builds the attention mask: causal inside
   an example, nothing across examples (position ids alone do not isolate examples under SDPA).
-- **grouped** (``group_by_length``): the same examples, one a row, reordered inside windows so
+  A step is ``batch_size`` such rows, so it trains several times more examples than a padded
+  step: fewer, larger updates per pass over the data (fixed-shape rows, e.g. for a GPU).
+- **grouped** (``group_by_length``, ``packing: off``): the same examples, one a row, reordered inside windows so
   that each batch holds examples of similar lengths; dynamic padding then pads little.
 
 Labels: the first token of every example is never a target in a packed row (unpacked, nothing
@@ -28,11 +36,17 @@ WINDOW_EXAMPLES = 2048  # examples packed together; wider packs tighter, narrowe
 GROUP_BATCHES = 64  # batches per length-grouping window
 
 
-def should_pack(mode: str, lengths: np.ndarray, capacity: int) -> bool:
-    """``training.packing`` resolved: auto packs when an average row would hold two examples or more."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    return len(lengths) > 1 and float(np.mean(lengths)) <= capacity / 2
+FLAT, ROWS, GROUPED = "flat", "rows", "grouped"
+
+
+def layout(mode: str) -> str:
+    """``training.packing`` resolved: ``auto`` and ``on`` are padding-free (flat), ``rows`` packs rows."""
+    return {"off": GROUPED, "rows": ROWS}.get(mode, FLAT)
+
+
+def flat_rows(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The planned ``order`` cut into micro-batches of ``batch_size`` examples, one row each."""
+    return [[int(i) for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
 def _best_fit_decreasing(items: list[tuple[int, int]], capacity: int) -> list[list[int]]:
@@ -86,8 +100,10 @@ def group_by_length(order: Sequence[int], lengths: np.ndarray, batch_size: int, 
 
 
 def lay_out(order: Sequence[int], lengths: np.ndarray, batch_size: int, capacity: int, seed: int,
-            packed: bool) -> tuple[list[int], list[list[int]] | None]:
-    """A run's batches: ``(order, rows)`` packed, ``(length-grouped order, None)`` otherwise."""
-    if packed:
+            kind: str) -> tuple[list[int], list[list[int]] | None]:
+    """A run's batches for a ``layout`` kind: ``(order, rows)``, or ``(length-grouped order, None)``."""
+    if kind == FLAT:
+        return [int(i) for i in order], flat_rows(order, batch_size)
+    if kind == ROWS:
         return [int(i) for i in order], pack_rows(order, lengths, capacity, seed)
     return group_by_length(order, lengths, batch_size, seed), None

@@ -174,6 +174,8 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from ultimate_trainer.model import attention
+
     device = device or pick_device(cfg)
     dtype = compute_dtype(cfg, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -196,6 +198,7 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the base model from {path}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on
+    attention.use_segmented(model)  # SDPA per example in padding-free rows; plain SDPA otherwise
     if quantize and device == "cpu":
         _disable_cpu_inference_packing(model)
     return model

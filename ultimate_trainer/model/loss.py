@@ -27,6 +27,11 @@ CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk (256 MB in fp32) whatever 
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "olmo2", "smollm3"}
 
 
+# What the decoder body takes; the ``cu_seq_lens``/``max_length`` keywords reach the attention (padding-free rows).
+BODY_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds",
+               "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def _causal_lm(model: Any) -> Any:
     """The ``*ForCausalLM`` module under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -50,8 +55,7 @@ def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batc
     head = lm.get_output_embeddings()
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids",
-                                                               "inputs_embeds")}
+    body_inputs = {k: v for k, v in inputs.items() if k in BODY_INPUTS}
     hidden = lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX

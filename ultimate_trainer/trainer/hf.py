@@ -235,8 +235,13 @@ class EvalCallback(TrainerCallback):
 
 
 def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: str, dtype: Any,
-                       world_size: int = 1, engine: dict[str, Any] | None = None) -> TrainingArguments:
-    """The Trainer's arguments; ``world_size`` ranks share each step's accumulation when it divides."""
+                       world_size: int = 1, engine: dict[str, Any] | None = None,
+                       micro_batch: int | None = None) -> TrainingArguments:
+    """The Trainer's arguments; ``world_size`` ranks share each step's accumulation when it divides.
+
+    ``micro_batch``: dataset items per forward pass when not ``training.batch_size`` (1 for
+    padding-free rows, each of which already holds ``batch_size`` examples).
+    """
     import torch
 
     t = cfg.training
@@ -244,7 +249,7 @@ def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: st
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=micro_batch or t.batch_size,
         gradient_accumulation_steps=per_rank_accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,

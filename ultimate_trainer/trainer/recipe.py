@@ -81,11 +81,17 @@ class StopFlag:
 class RunPlan:
     run_id: str
     order: list[int]  # indices into the token store, every epoch of this run concatenated
-    examples_per_step: int  # examples per optimizer step; packed rows per step when packed
+    examples_per_step: int  # examples per optimizer step; rows per step when there are rows
     total_steps: int
     done_steps: int  # steps already trained by an interrupted attempt of this same run
     steps_per_epoch: int
-    rows: list[list[int]] | None = None  # packed: ``order`` cut into rows of store indices (data/packing.py)
+    rows: list[list[int]] | None = None  # flat or packed: ``order`` cut into rows of store indices (data/packing.py)
+    layout: str = "grouped"  # data/packing.py: flat (a micro-batch a row), rows (packed) or grouped
+
+    @property
+    def micro_batch(self) -> int | None:
+        """Rows a forward pass takes when flat (one: the micro-batch is the row), else None (the config's)."""
+        return 1 if self.layout == "flat" and self.rows is not None else None
 
     @property
     def remaining_order(self) -> list[int]:
@@ -139,23 +145,26 @@ class RunState:
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
             distributed=cfg.training.distributed if self.world.size > 1 else None,
-            examples_per_step=self.plan.examples_per_step) | (
+            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1)) | (
             {"replay": {"examples": self.prepared.replay_examples, "files": self.replay.sources}} if self.replay else {})
 
 
-def run_id_for(file_hashes: list[str], cfg: Config, packed: bool = False, step_scale: int = 1) -> str:
+def run_id_for(file_hashes: list[str], cfg: Config, layout: str = "grouped", step_scale: int = 1) -> str:
     """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
     key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
-    if packed:
+    if layout == "rows":
         key["packed"] = True  # rows, not examples, make a step: another plan
+    elif layout == "flat":
+        key["packed"] = "flat"  # the plan's own order, not length-grouped: another plan
     if step_scale != 1:
         key["step_scale"] = step_scale  # a step of world_size x the configured examples: another plan
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
-             lengths: Any = None, packed: bool = False, step_scale: int = 1) -> RunPlan:
-    """The run's order; with ``lengths`` also its batches (packed rows, or length-grouped examples).
+             lengths: Any = None, layout: str = "grouped", step_scale: int = 1) -> RunPlan:
+    """The run's order; with ``lengths`` also its batches (data/packing.py ``layout`` kinds: padding-free
+    micro-batches a row each, packed rows, or length-grouped examples).
 
     ``step_scale`` > 1: the ranks' accumulation could not be split (``distributed.accumulation``),
     so a step trains that many times the configured examples.
@@ -164,7 +173,9 @@ def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInf
 
     from ultimate_trainer.data.packing import lay_out
 
-    per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps * step_scale
+    per_step = cfg.training.gradient_accumulation_steps * step_scale  # flat: rows (micro-batches) per step
+    if layout != "flat" or lengths is None:
+        per_step *= cfg.training.batch_size  # examples, or packed rows, per step
     total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
     rng = np.random.default_rng([cfg.training.seed, int(run_id, 16) % (2**32)])
     order: list[int] = []
@@ -174,12 +185,13 @@ def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInf
     rows = None
     if lengths is not None:
         order, rows = lay_out(order, lengths, cfg.training.batch_size, cfg.training.max_seq_length,
-                              cfg.training.seed, packed)
+                              cfg.training.seed, layout)
     units = len(rows) if rows is not None else total_examples
     total_steps = math.ceil(units / per_step)
     per_epoch = units * n_examples / total_examples if total_examples else 0
     done = min(ck.steps_done(resume.meta, run_id), total_steps) if resume is not None else 0
-    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(per_epoch / per_step)), rows)
+    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(per_epoch / per_step)), rows,
+                   layout if lengths is not None else "grouped")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -366,11 +378,11 @@ def print_dry_run(run: RunState) -> int:
 
 def plan(run: RunState) -> bool:
     """Fill ``run.plan`` and ``run.steps_now``; False when the run has nothing left to train."""
-    from ultimate_trainer.data.packing import should_pack
+    from ultimate_trainer.data.packing import layout
     from ultimate_trainer.trainer.distributed import accumulation
 
     cfg, lengths = run.cfg, run.prepared.train.lengths
-    packed = should_pack(cfg.training.packing, lengths, cfg.training.max_seq_length)
+    kind = layout(cfg.training.packing)
     _, scale = accumulation(cfg.training.gradient_accumulation_steps, run.world.size)
     if scale != 1:
         log.warning("training.gradient_accumulation_steps (%d) does not divide by the %d processes: a step trains "
@@ -378,8 +390,8 @@ def plan(run: RunState) -> bool:
                     cfg.training.gradient_accumulation_steps, run.world.size, cfg.training.batch_size,
                     cfg.training.gradient_accumulation_steps, scale, cfg.training.batch_size,
                     cfg.training.gradient_accumulation_steps, run.world.size)
-    run_id = run_id_for(run.hashes, cfg, packed, scale)
-    p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, packed, scale)
+    run_id = run_id_for(run.hashes, cfg, kind, scale)
+    p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, kind, scale)
     run.steps_now = p.total_steps - p.done_steps
     if run.max_steps is not None:
         run.steps_now = min(run.steps_now, run.max_steps)
@@ -467,7 +479,7 @@ def train(run: RunState) -> None:
 
     args = hf.training_arguments(cfg, cfg.path("checkpoints"), start.global_step + run.steps_now, run.device,
                                  compute_dtype(cfg, run.device), world.size,
-                                 distributed.engine_arguments(cfg, world, run.model))
+                                 distributed.engine_arguments(cfg, world, run.model), micro_batch=p.micro_batch)
     run_cb = hf.RunCallback(reporter, run.stop, start.global_step, p.done_steps, p.total_steps, p.steps_per_epoch,
                             [f.name for f in run.files], p.run_id, world)
     callbacks = [
@@ -496,7 +508,9 @@ def train(run: RunState) -> None:
     if run.session:
         run.session.pristine = False  # trained from here on: no longer a fresh adapter
     log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
-             p.run_id, len(run.prepared.train), f" packed in {len(p.rows)} rows" if p.rows is not None else "",
+             p.run_id, len(run.prepared.train),
+             f" in {len(p.rows)} {'padding-free micro-batches' if p.layout == 'flat' else 'packed rows'}"
+             if p.rows is not None else "",
              p.done_steps, p.done_steps + run.steps_now, start.global_step, start.global_step + run.steps_now,
              run.base_path)
     trainer.train(resume_from_checkpoint=resume_dir)

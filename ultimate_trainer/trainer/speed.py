@@ -1,8 +1,10 @@
 """What makes a training step fast, as the Trainer sees it (see docs/TRAINING.md, "Batches and speed"):
 
-- ``training_data``: the run plan's batches, packed rows (``PackedRows`` + ``PackedCollator``)
-  or length-grouped examples (the TokenStore view + the padding ``Collator``);
-- ``compute_loss``: a packed batch gets its block-diagonal mask for the model's attention kind,
+- ``training_data``: the run plan's batches, rows (``PackedRows`` + ``PackedCollator``: a
+  padding-free micro-batch, or packed rows) or length-grouped examples (the TokenStore view + the
+  padding ``Collator``);
+- ``compute_loss``: a padding-free row gets its examples' boundaries (model/attention.py), packed
+  rows their block-diagonal mask, for the model's attention kind,
   and the loss is the chunked one (model/loss.py) whenever the model supports it;
 - ``ThreadGovernor``: keeps the intra-op thread count at the cores other processes leave free
   (core/threads.py says why).
@@ -22,6 +24,7 @@ from ultimate_trainer.core import threads
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.data.collate import PackedCollator, PackedRows, packed_inputs
 from ultimate_trainer.data.collate import Collator
+from ultimate_trainer.model import attention
 from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,8 @@ def compute_loss(cfg: Config, model: Any, inputs: dict[str, Any], num_items_in_b
     """
     inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
     config = getattr(inner, "config", None)
-    inputs = packed_inputs(inputs, getattr(config, "_attn_implementation", None),
-                           getattr(inner, "dtype", torch.float32))
+    attn = getattr(config, "_attn_implementation", None)
+    inputs = packed_inputs(inputs, attn, getattr(inner, "dtype", torch.float32), attention.takes_boundaries(attn))
     if chunked and cfg.training.chunked_loss and model.training and not return_outputs \
             and supports_chunked_loss(model):
         return chunked_causal_lm_loss(model, inputs, num_items_in_batch)
