@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -32,7 +33,7 @@ import numpy as np
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.encoding import encode_batch
+from ultimate_trainer.data import encoding
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
 from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
@@ -138,7 +139,8 @@ class _FileReader:
     """Reads one file into the shared writer / held-out lists; fills in its report."""
 
     def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
-                 seen_heldout: set[bytes], all_heldout: bool = False, never_heldout: bool = False):
+                 seen_heldout: set[bytes], pool: ThreadPoolExecutor, all_heldout: bool = False,
+                 never_heldout: bool = False):
         self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
         self.seen_heldout, self.all_heldout, self.never_heldout = seen_heldout, all_heldout, never_heldout
         self.report = _new_report(path)
@@ -146,6 +148,8 @@ class _FileReader:
         self.heldout_chosen = 0
         self.duplicates = 0
         self.warned: dict[str, list[int]] = {}  # warning kind -> [examples, first line]
+        self.pool = pool
+        self.pending: tuple[encoding.Rendered, Future] | None = None
 
     def where(self, n: int) -> str:
         """``file:3`` for a line, ``file:item 3`` for an array item."""
@@ -171,12 +175,28 @@ class _FileReader:
                 list(self.warned.items())[:MAX_WARNINGS]]
 
     def flush(self, chunk: list[Example]) -> None:
-        if not chunk:
+        """Render ``chunk`` and hand it to the tokenizer thread; finish the chunk handed over before it.
+
+        The Rust tokenizer releases the GIL: while it tokenizes one chunk, this thread reads, parses
+        and renders the next (at most two chunks are in flight, so memory stays flat).
+        """
+        if chunk:
+            rendered = encoding.render_batch(self.tokenizer, chunk)
+            job = self.pool.submit(encoding.tokenize, self.tokenizer, rendered)
+        self.drain()
+        if chunk:
+            self.pending = (rendered, job)
+
+    def drain(self) -> None:
+        """Finish the chunk in flight, if any: its examples go to the store or the held-out list."""
+        if self.pending is None:
             return
+        (rendered, job), self.pending = self.pending, None
         d = self.cfg.data
-        results = encode_batch(self.tokenizer, chunk, self.cfg.training.max_seq_length, d.overlong)
+        done = encoding.finish_chunk(self.tokenizer, rendered, job.result(), self.cfg.training.max_seq_length,
+                                     d.overlong)
         train = []
-        for ex, res in zip(chunk, results):
+        for i, (ex, res) in enumerate(zip(rendered.examples, done.results)):
             if isinstance(res, BadLine):
                 self.bad(ex.line, str(res))
                 continue
@@ -186,10 +206,10 @@ class _FileReader:
             if ex.extra.get("duplicate_of_heldout"):
                 self.duplicates += 1  # held out already: neither trained nor asked twice
             elif ex.heldout:
-                self.heldout_here.append((ex, res))
+                self.heldout_here.append((ex, done.pair(i)))
             else:
                 train.append(res)
-        self.writer.append(train)
+        self.writer.append_slices(done.ids, done.mask, train)
         self.report["train_examples"] += len(train)
 
     def _records(self, f: BinaryIO, digest: Any) -> Iterator[tuple[int, bytes, Any]]:
@@ -243,9 +263,15 @@ class _FileReader:
                         self.flush(chunk)
                         chunk = []
                 self.flush(chunk)
+                self.drain()
                 self.report["size_bytes"] = f.tell()
         except OSError as e:
             self.report["error"] = f"cannot read: {e.strerror or e}"
+            self.drain()  # what was read before the error counts, as a chunk flushed before it did
+        finally:
+            if self.pending is not None:  # an exception left a chunk in flight: let it end, drop it
+                self.pending[1].exception()
+                self.pending = None
         self.report["sha256"] = digest.hexdigest()
         self.report["warnings"] = self._warnings()
         self._settle_heldout()
@@ -306,10 +332,11 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
         eval_path = Path(cfg.data.eval_file)
         inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
     seen_heldout: set[bytes] = set()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
     try:
         for path, all_heldout in inputs:
             log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
-            report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, all_heldout).run()
+            report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout).run()
             out.reports[str(path)] = report
             if not report["usable"]:
                 reason = f"eval file: {report['error']}" if all_heldout else report["error"]
@@ -321,11 +348,14 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
             if status_dir is not None:
                 status.atomic_write_json(status.report_path(status_dir, path), report)
         if replay_file is not None:
-            rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, never_heldout=True).run()
+            rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, pool,
+                              never_heldout=True).run()
             out.replay_examples = rep["train_examples"]
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise
+    finally:
+        pool.shutdown()
     out.train = writer.close()
     return out
 

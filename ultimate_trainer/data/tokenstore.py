@@ -55,11 +55,24 @@ class TokenStoreWriter:
         # chain() walks the lists in C: no Python frame per token
         ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int32, count=total)
         labels = np.fromiter(chain.from_iterable(labels for _, labels in encoded), dtype=np.int64, count=total)
-        mask = (labels != IGNORE_INDEX).astype(np.uint8)
-        self._ids.write(ids.tobytes())
-        self._mask.write(mask.tobytes())
-        self._offsets.write((self.tokens + np.cumsum(lengths)).tobytes())
-        self.examples += len(encoded)
+        self._write(ids, labels != IGNORE_INDEX, lengths)
+
+    def append_slices(self, ids: np.ndarray, mask: np.ndarray, bounds: Sequence[tuple[int, int]]) -> None:
+        """Append the examples ``ids[a:b]`` (loss where ``mask[a:b]``) for each ``(a, b)`` of ``bounds``, in order."""
+        if not bounds:
+            return
+        edges = np.asarray(bounds, dtype=np.int64)
+        keep = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(keep, edges[:, 0], 1)
+        np.add.at(keep, edges[:, 1], -1)
+        keep = np.cumsum(keep[:-1]) > 0
+        self._write(ids[keep], mask[keep], edges[:, 1] - edges[:, 0])
+
+    def _write(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
+        self._ids.write(ids.astype(np.int32).tobytes())
+        self._mask.write(mask.astype(np.uint8).tobytes())
+        self._offsets.write((self.tokens + np.cumsum(lengths)).astype(np.int64).tobytes())
+        self.examples += len(lengths)
         self.tokens += len(ids)
 
     def abort(self) -> None:
