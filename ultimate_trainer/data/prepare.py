@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data import encoding
+from ultimate_trainer.data import encoding, tokcache
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
 from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
@@ -57,6 +58,8 @@ class Prepared:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
+    cache_hits: list[str] = field(default_factory=list)  # files whose tokens came from the cache (data/tokcache.py)
+    cache_used: list[str] = field(default_factory=list)  # those entries' keys, the eval file's excepted
 
     @property
     def bad_lines(self) -> int:
@@ -314,7 +317,7 @@ class _FileReader:
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
-            status_dir: Path | None = None, replay_file: Path | None = None) -> Prepared:
+            status_dir: Path | None = None, replay_file: Path | None = None, cache_dir: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
@@ -323,20 +326,22 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
     they copy a held-out example of this run) and it gets no report.
+
+    ``cache_dir`` (data/tokcache.py): a file whose entry is there (what ``fill_cache`` left for this
+    run) is taken from it instead of being read and tokenized again; the result is the same.
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
-    inputs = [(Path(p), False) for p in files]
-    if cfg.data.eval_file:
-        # Read first, so that copies of its examples in the training files are held out too.
-        eval_path = Path(cfg.data.eval_file)
-        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    inputs = _inputs(files, cfg)
     seen_heldout: set[bytes] = set()
     pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    fp = tokcache.fingerprint(tokenizer, cfg) if cache_dir is not None else None
     try:
         for path, all_heldout in inputs:
-            log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
-            report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout).run()
+            report = _from_cache(path, all_heldout, fp, Path(cache_dir), writer, out, seen_heldout) if fp else None
+            if report is None:
+                log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
+                report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout).run()
             out.reports[str(path)] = report
             if not report["usable"]:
                 reason = f"eval file: {report['error']}" if all_heldout else report["error"]
@@ -358,6 +363,87 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
         pool.shutdown()
     out.train = writer.close()
     return out
+
+
+def _from_cache(path: Path, all_heldout: bool, fp: str, cache_dir: Path, writer: TokenStoreWriter, out: Prepared,
+                seen_heldout: set[bytes]) -> dict[str, Any] | None:
+    """Add ``path``'s share from its cache entry, as ``_FileReader.run`` would have; None when there is none."""
+    sha = tokcache.file_sha256(path)
+    if sha is None:
+        return None
+    key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
+    entry = tokcache.load(cache_dir, key)
+    if entry is None:
+        return None
+    try:
+        store = TokenStore.open(cache_dir / key / tokcache.STORE)
+    except (OSError, ValueError):
+        return None
+    writer.append_store(store)
+    out.heldout.extend(entry["heldout"])
+    out.heldout_encoded.extend(entry["heldout_encoded"])
+    seen_heldout.clear()
+    seen_heldout.update(entry["seen_after"])
+    out.cache_hits.append(str(path))
+    if not all_heldout:
+        out.cache_used.append(key)
+    log.info("%s: tokens from the prefetch cache", path.name)
+    return {**entry["report"], "file": str(path), "created_at": now_iso()}
+
+
+def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) -> list[str]:
+    """Tokenize ``files`` (and ``data.eval_file`` first) as a run of them would, into cache entries that
+    ``prepare(files, ..., cache_dir=cache_dir)`` then takes (data/tokcache.py); the keys of new entries.
+
+    A file that changes while it is read, or cannot be read, gets no entry.
+    """
+    fp = tokcache.fingerprint(tokenizer, cfg)
+    if fp is None:
+        return []
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokcache.prune(cache_dir)
+    made: list[str] = []
+    seen_heldout: set[bytes] = set()
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        for path, all_heldout in _inputs(files, cfg):
+            sha = tokcache.file_sha256(path)
+            if sha is None:
+                return made  # the files after it would be keyed by held-out examples it never gave
+            key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
+            entry = tokcache.load(cache_dir, key)
+            if entry is not None:
+                seen_heldout = set(entry["seen_after"])
+                continue
+            tmp = tokcache.tmp_dir(cache_dir, key)
+            writer = TokenStoreWriter(tmp / tokcache.STORE)
+            part = Prepared(train=None)  # type: ignore[arg-type]
+            try:
+                report = _FileReader(path, tokenizer, cfg, writer, part, seen_heldout, pool, all_heldout).run()
+            except BaseException:
+                writer.abort()
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            writer.close()
+            if report["error"] is not None or report["sha256"] != sha:
+                shutil.rmtree(tmp, ignore_errors=True)  # unreadable, or changed while read: no entry
+                return made
+            if tokcache.commit(cache_dir, key, tmp, {"report": report, "heldout": part.heldout,
+                                                     "heldout_encoded": part.heldout_encoded,
+                                                     "seen_after": set(seen_heldout)}):
+                made.append(key)
+            log.info("%s: tokenized ahead for the next run", path.name)
+    return made
+
+
+def _inputs(files: list[Path], cfg: Config) -> list[tuple[Path, bool]]:
+    """The files a run reads, in order, each with whether it is the eval file (read first, all held out)."""
+    inputs = [(Path(p), False) for p in files]
+    if cfg.data.eval_file:
+        # Read first, so that copies of its examples in the training files are held out too.
+        eval_path = Path(cfg.data.eval_file)
+        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    return inputs
 
 
 def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:

@@ -68,6 +68,17 @@ class TokenStoreWriter:
         keep = np.cumsum(keep[:-1]) > 0
         self._write(ids[keep], mask[keep], edges[:, 1] - edges[:, 0])
 
+    def append_store(self, store: "TokenStore", block: int = 1 << 24) -> None:
+        """Append every example of a complete store (its own order), a block of tokens at a time."""
+        n, tokens = len(store._offsets), int(store._offsets[-1]) if len(store._offsets) else 0
+        for a in range(0, tokens, block):
+            self._ids.write(np.asarray(store._ids[a:a + block]).tobytes())
+            self._mask.write(np.asarray(store._mask[a:a + block]).tobytes())
+        for a in range(0, n, block):
+            self._offsets.write((self.tokens + np.asarray(store._offsets[a:a + block])).astype(np.int64).tobytes())
+        self.examples += n
+        self.tokens += tokens
+
     def _write(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
         self._ids.write(ids.astype(np.int32).tobytes())
         self._mask.write(mask.astype(np.uint8).tobytes())
