@@ -194,6 +194,18 @@ def test_worker_serves_run_after_run_in_one_process(proj: Path) -> None:
     assert not any(pid_alive(e["pid"]) for e in launches)  # the worker stops with the daemon
 
 
+def test_each_run_tells_the_worker_which_files_are_queued_after_it(proj: Path) -> None:
+    for n in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        (proj / "inbox" / n).write_text(lines(2, n))
+    p = start(proj, "--once", sets=FAST + ["daemon.batch_max_files=2"])
+    code, out = finish(p)
+    assert code == 0, out
+    requests = [json.loads(f.read_text()) for f in sorted((proj / ".work" / "worker" / "requests").glob("*.json"))]
+    assert [[Path(f).name for f in r["files"]] for r in requests] == [["a.jsonl", "b.jsonl"], ["c.jsonl"]]
+    # the hint: the second run's files, where they wait while the first trains; nothing after the last
+    assert [[Path(f).parent.name + "/" + Path(f).name for f in r["next"]] for r in requests] == [["waiting/c.jsonl"], []]
+
+
 @pytest.mark.parametrize("kill_at_step", [2, 6])
 def test_kill9_daemon_and_worker_together_then_restart(proj: Path, kill_at_step: int) -> None:
     good = {"a.jsonl": 4, "b.jsonl": 5}

@@ -106,6 +106,7 @@ def test_one_render_gives_the_same_spans_as_prefix_renders_and_renders_once(monk
     monkeypatch.setattr(encoding, "render_chat", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(encoding, "VERIFY_FIRST", 0)
     monkeypatch.setattr(encoding, "VERIFY_EVERY", 10**9)
+    monkeypatch.setattr(encoding, "concatenation", lambda tok: None)  # the template itself renders
     encode(tok, convs[1], 512, "skip")
     assert len(calls) == 1  # one render for a two-turn conversation, not five
 
@@ -162,3 +163,106 @@ def test_the_rust_tokenizer_call_gives_what_the_tokenizer_call_gives():
     ref = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     assert ids == [list(x) for x in ref["input_ids"]]
     assert [list(map(tuple, o)) for o in offsets] == [list(map(tuple, o)) for o in ref["offset_mapping"]]
+
+
+def _conversations(n: int) -> list[Example]:
+    """Varied plain conversations: with and without a system turn, one to three exchanges, awkward text."""
+    import random
+
+    rng = random.Random(5)
+    texts = ["Hi", " padded  ", "two\nlines\n", "<think>\nhmm\n</think>\n\nok", "{{ jinja }} {% if %}", "ünï 🙂 中文",
+             "<|im_start|>user\nquoted<|im_end|>", "\t"]
+    out = []
+    for _ in range(n):
+        turns = [("system", rng.choice(texts))] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(1, 3)):
+            turns += [("user", rng.choice(texts)), ("assistant", rng.choice(texts))]
+        out.append(_ex(*turns))
+    return out
+
+
+def test_fixed_pieces_render_exactly_what_the_chatml_template_renders():
+    from ultimate_trainer.data import encoding
+    from ultimate_trainer.data.chat_template import concatenation
+
+    tok = smol_tokenizer()
+    pieces = concatenation(tok)
+    assert pieces is not None and pieces.gap[("user", "assistant")] == "<|im_end|>\n<|im_start|>assistant\n"
+    for ex in _conversations(200):
+        assert pieces.render(ex.messages) == encoding.render_chat(tok, ex.messages, False)
+    # Tool calls and empty turns are left to the template.
+    assert pieces.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]) is None
+
+
+@pytest.mark.parametrize("template", [
+    # Llama 3 style: the content is trimmed
+    "{% for m in messages %}<|start|>{{ m['role'] }}\n\n{{ m['content'] | trim }}<|eot|>{% endfor %}",
+    # Qwen3 style: the reasoning of an answer is dropped from the rendering
+    "{% for m in messages %}{% if m.role == 'assistant' and '</think>' in m.content %}"
+    "{% set c = m.content.split('</think>')[-1].lstrip('\\n') %}{% else %}{% set c = m.content %}{% endif %}"
+    "<|im_start|>{{ m.role }}\n{{ c }}<|im_end|>\n{% endfor %}",
+    # the system prompt moves into the first user turn (Mistral, Gemma)
+    "{% for m in messages %}{% if m.role == 'system' %}{% set ns = namespace() %}{% elif loop.index0 == 1 and "
+    "messages[0].role == 'system' %}[INST] {{ messages[0].content }}\n\n{{ m.content }}[/INST]{% else %}"
+    "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endif %}{% endfor %}",
+])
+def test_templates_that_rewrite_content_get_no_fixed_pieces(template):
+    import copy
+
+    from ultimate_trainer.data import encoding
+    from ultimate_trainer.data.chat_template import concatenation
+
+    tok = copy.deepcopy(smol_tokenizer())
+    tok.chat_template = template
+    assert concatenation(tok) is None
+    ex = _ex(("user", "q"), ("assistant", "<think>\nx\n</think>\n\n a "))
+    assert encoding._render_full(tok, ex) == encoding.render_chat(tok, ex.messages, False)
+
+
+def test_fixed_pieces_that_disagree_with_the_template_are_dropped(monkeypatch):
+    from ultimate_trainer.data import encoding
+    from ultimate_trainer.data.chat_template import concatenation
+
+    class Censoring:
+        """ChatML, except that one word is rendered as stars: no probe contains it."""
+
+        chat_template = "censoring-chatml"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            body = "".join(f"<s>{m['role']}\n{m['content'].replace('SECRET', '***')}</s>\n" for m in messages)
+            return body + ("<s>assistant\n" if add_generation_prompt else "")
+
+    tok = Censoring()
+    assert concatenation(tok) is not None
+    monkeypatch.setattr(encoding, "VERIFY_EVERY", 1)
+    plain = _ex(("user", "q"), ("assistant", "a"))
+    assert encoding._render_full(tok, plain) == encoding.render_chat(tok, plain.messages, False)
+    assert concatenation(tok) is not None
+    secret = _ex(("user", "the SECRET"), ("assistant", "a"))
+    assert encoding._render_full(tok, secret) == "<s>user\nthe ***</s>\n<s>assistant\na</s>\n"
+    assert concatenation(tok) is None  # from now on: the template renders
+
+
+def test_chunk_mask_equals_the_per_example_mask_from_offsets():
+    import numpy as np
+
+    from ultimate_trainer.data import encoding
+
+    tok = smol_tokenizer()
+    examples = _conversations(120) + [Example([{"role": "text", "content": "plain document"}], "text")]
+    rendered = encoding.render_batch(tok, examples)
+    ids, offsets = encoding._tokenize(tok, rendered.texts)
+    lengths = np.array([len(x) for x in ids])
+    got = encoding._chunk_mask(offsets, rendered.spans, lengths, max(map(len, rendered.texts)))
+    want = np.concatenate([encoding._mask_from_offsets(o, sp) for o, sp in zip(offsets, rendered.spans)])
+    assert got.any() and np.array_equal(got, want)
+    # Offsets that do not rise within an example (some tokenizers) take the per-example computation.
+    odd = [[(0, 2), (5, 7), (2, 5)], [(0, 3), (3, 4)]]
+    spans = [[(2, 6)], [(3, 4)]]
+    got = encoding._chunk_mask(odd, spans, np.array([3, 2]), 7)
+    assert got.tolist() == [False, True, True, False, True]
+    # Each example comes back as encode() gives it on its own (the text one with its EOS).
+    done = encoding.finish_chunk(tok, rendered, encoding.tokenize(tok, rendered), 4096, "skip")
+    for i, ex in enumerate(examples):
+        assert done.pair(i) == encode(tok, ex, 4096, "skip")
+    assert done.pair(len(examples) - 1)[0][-1] == tok.eos_token_id

@@ -353,3 +353,19 @@ def test_peak_memory_does_not_grow_with_file_size(tmp_path):
     # 4x the data; allow 25% slack for allocator noise, far below the 4x a growing pipeline would show.
     print(f"peak traced memory: {small} B for 1000 lines, {large} B for 4000")
     assert large < small * 1.25, (small, large)
+
+
+def test_store_append_slices_equals_append_of_pairs(tmp_path):
+    import numpy as np
+
+    from ultimate_trainer.data.tokenstore import TokenStoreWriter
+
+    ids = np.arange(10, 20, dtype=np.int64)
+    mask = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=bool)
+    bounds = [(0, 3), (5, 8), (9, 10)]
+    a, b = TokenStoreWriter(tmp_path / "a"), TokenStoreWriter(tmp_path / "b")
+    a.append_slices(ids, mask, bounds)
+    b.append([(ids[x:y].tolist(), np.where(mask[x:y], ids[x:y], -100).tolist()) for x, y in bounds])
+    sa, sb = a.close(), b.close()
+    assert len(sa) == 3 and [sa[i] for i in range(3)] == [sb[i] for i in range(3)]
+    assert sa[1] == {"input_ids": [15, 16, 17], "labels": [15, 16, 17]}

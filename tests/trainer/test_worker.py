@@ -108,3 +108,45 @@ def test_a_request_without_result_is_taken_once_and_in_order(tmp_path):
     worker_files.write_result(tmp_path, second.seq, code=3)
     assert worker_files.next_request(tmp_path) is None
     assert worker_files.read_result(tmp_path, second.seq)["code"] == 3
+
+
+def test_the_next_run_takes_its_files_tokenized_ahead_and_a_stale_one_is_read_again(tiny_model_dir, make_project,
+                                                                                  tmp_path):
+    cfg_path = make_project(tiny_model_dir, eval_steps=0, daemon__prefetch_tokenize="on")
+    wdir, log_path = tmp_path / "worker", tmp_path / "worker.log"
+    worker_files.clear(wdir)
+    a, b, c = (write_jsonl(tmp_path / f"{t}.jsonl", records(6, t)) for t in ("alpha", "beta", "gamma"))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ultimate_trainer.trainer.worker", "--worker-dir", str(wdir),
+                                 "--config", str(cfg_path)], cwd=REPO, stderr=log, text=True)
+    try:
+        def train(files: list[Path], following: list[Path]) -> dict:
+            req = worker_files.write_request(wdir, files, following)
+            wait_for(lambda: worker_files.read_result(wdir, req.seq) is not None, timeout=300, proc=proc)
+            return worker_files.read_result(wdir, req.seq)
+
+        def tokenized_ahead(name: str) -> bool:
+            return f"{name}: tokenized ahead for the next run" in log_path.read_text()
+
+        first = train([a], [b])
+        assert first["code"] == 0 and first["tokenized_ahead"] == 0
+        wait_for(lambda: tokenized_ahead("beta.jsonl"), timeout=120, proc=proc)
+        second = train([b], [c])
+        assert second["code"] == 0 and second["tokenized_ahead"] == 1
+        assert "beta.jsonl: tokens from the prefetch cache" in log_path.read_text()
+        # gamma was tokenized ahead, then changed before its run: its new content is what is trained
+        wait_for(lambda: tokenized_ahead("gamma.jsonl"), timeout=120, proc=proc)
+        write_jsonl(c, records(9, "gamma"))
+        third = train([c], [])
+        assert third["code"] == 0 and third["tokenized_ahead"] == 0
+        report = json.loads((cfg_path.parent / "status" / "reports" / "gamma.jsonl.report.json").read_text())
+        assert report["lines"] == 9
+        assert len({r["pid"] for r in (first, second, third)}) == 1
+        # the entry beta's run used is gone; gamma's stale one waits for the age limit
+        assert len(list((config.load(cfg_path).path("work") / "tokcache").iterdir())) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

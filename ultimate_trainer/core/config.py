@@ -199,6 +199,10 @@ class DaemonConfig:
     throughput_window_hours: float = _f(6.0, "Window of finished runs behind the queue estimate.", min=0.01)
     worker: bool = _f(True, "Train in one long-lived worker that keeps the model loaded between runs (false: one train.py per run).")
     worker_max_growth_mb: float = _f(4096.0, "Recycle the worker when its RSS or GPU memory grew this much past its size after the first run; 0 never.", min=0.0)
+    prefetch_tokenize: Literal["auto", "on", "off"] = _f(
+        "auto", "While the worker trains a run, tokenize the next queued run's files in a background process at the "
+        "lowest CPU priority (auto: when training on a GPU; on a CPU it would take cores from training)."
+    )
 
 
 NOTIFY_EVENTS = ("run_done", "file_failed", "anomaly", "accuracy_regressing", "retention_falling", "oom_high",

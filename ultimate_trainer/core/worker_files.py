@@ -3,7 +3,7 @@
 The worker (``python -m ultimate_trainer.trainer.worker --worker-dir DIR``) keeps the model loaded
 and trains the runs the daemon asks for, one at a time::
 
-    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths]}
+    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths], "next": [paths]}
     DIR/results/<seq>.json    written by the worker   {"seq", "code", "pid", "exiting", "why", "rss_mb", ...}
 
 Both are written atomically (temp file, fsync, rename), each has one writer, and neither is
@@ -11,13 +11,15 @@ changed once in place. ``code`` is what ``train.py`` would have exited with for 
 (core/exitcodes.py), so the daemon decides a run's outcome the same way for both. ``exiting`` says
 the worker ends after this result (stopped, failed run, memory bound): the next run starts a new
 one. A worker that dies without a result is reported by its exit status, as a killed ``train.py``.
-``seq`` orders requests: names sort in the order they were made.
+``seq`` orders requests: names sort in the order they were made. ``next`` is a hint: the files of the
+run queued after this one (as they were when it was written), which the worker may tokenize ahead
+(trainer/prefetch.py); it may be wrong or empty.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ REQUESTS, RESULTS = "requests", "results"
 class Request:
     seq: str
     files: list[Path]
+    next: list[Path] = field(default_factory=list)
 
 
 def new_seq() -> str:
@@ -46,9 +49,10 @@ def clear(worker_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_request(worker_dir: Path, files: list[Path]) -> Request:
-    req = Request(new_seq(), [Path(f).resolve() for f in files])
-    atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json", {"seq": req.seq, "files": list(map(str, req.files))})
+def write_request(worker_dir: Path, files: list[Path], next_files: list[Path] | None = None) -> Request:
+    req = Request(new_seq(), [Path(f).resolve() for f in files], [Path(f).resolve() for f in next_files or []])
+    atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json",
+                      {"seq": req.seq, "files": list(map(str, req.files)), "next": list(map(str, req.next))})
     return req
 
 
@@ -62,7 +66,9 @@ def next_request(worker_dir: Path) -> Request | None:
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("files"), list):
             continue  # atomic writes make this a file from something else: ignore it
-        return Request(str(data.get("seq") or path.stem), [Path(f) for f in data["files"]])
+        hint = data.get("next")
+        return Request(str(data.get("seq") or path.stem), [Path(f) for f in data["files"]],
+                       [Path(f) for f in hint if isinstance(f, str)] if isinstance(hint, list) else [])
     return None
 
 

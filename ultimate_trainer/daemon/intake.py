@@ -52,6 +52,13 @@ class Intake:
 
         A file split out of a crashing batch (``solo``) is trained alone.
         """
+        names = self.peek()
+        batch = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.spool.start_batch(batch, names)
+        return self.journal_state.batches[batch]
+
+    def peek(self) -> list[str]:
+        """The names ``batch()`` would take now, without taking them (the worker's tokenize-ahead hint)."""
         st = self.journal_state
         names: list[str] = []
         total = 0
@@ -71,6 +78,4 @@ class Intake:
                 break
             names.append(n)
             total += rec.size
-        batch = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        self.spool.start_batch(batch, names)
-        return st.batches[batch]
+        return names

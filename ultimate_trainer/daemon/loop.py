@@ -301,7 +301,9 @@ class Daemon:
         log.info("training %d file(s) (run %s, attempt %d): %s", len(names), batch.batch, attempt, ", ".join(names))
         started = self.clock()
         if self.worker is not None:
-            proc = self.worker.launch(paths)
+            # The files queued after this run, for the worker to tokenize ahead (trainer/prefetch.py).
+            following = [self.spool.folder("waiting") / n for n in self.intake.peek()]
+            proc = self.worker.launch(paths, following)
         else:
             proc = self.runner.launch(self.trainer_cmd(paths, self._cfg_args()))
         self.snap.current = {"files": names, "started_at": now_iso(), "pid": proc.pid, "attempt": attempt,

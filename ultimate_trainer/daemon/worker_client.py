@@ -57,10 +57,13 @@ class WorkerClient:
         assert self.proc is not None
         return self.proc
 
-    def launch(self, files: list[Path]) -> subprocess.Popen:
-        """Hand ``files`` to the worker as one run, starting a worker first when none is running."""
+    def launch(self, files: list[Path], next_files: list[Path] | None = None) -> subprocess.Popen:
+        """Hand ``files`` to the worker as one run, starting a worker first when none is running.
+
+        ``next_files``: those of the run queued after it, which the worker may tokenize ahead (a hint).
+        """
         self.runner.adopt(self.start())
-        self.seq = worker_files.write_request(self.dir, files).seq
+        self.seq = worker_files.write_request(self.dir, files, next_files).seq
         return self.runner.proc  # type: ignore[return-value]
 
     def wait(self) -> int:

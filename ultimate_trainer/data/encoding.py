@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ultimate_trainer.data.chat_template import render as render_chat, tool_support
+from ultimate_trainer.data.chat_template import concatenation, render as render_chat, tool_support
 from ultimate_trainer.data.formats import BadLine, Example
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
         lacks = tool_support(tokenizer)
         if lacks:
             raise BadLine(f"{_tool_use(example)}, but the model's chat template has no tool support ({lacks})")
-    full = render_chat(tokenizer, example.messages, False, example.tools)
+    full = _render_full(tokenizer, example)
     shape = None if example.uses_tools else _turn_shape(tokenizer)
     fast = _spans_one_render(example, full, shape) if shape is not None else None
     if fast is None:
@@ -167,6 +167,26 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
                         "(%s): assistant spans come from prefix renders from now on", example.source or "example")
             return full, exact
     return full, fast
+
+
+def _render_full(tokenizer: Any, example: Example) -> str:
+    """The whole conversation as the chat template renders it: joined from the template's fixed pieces
+    (chat_template.Concatenation) where it has them, checked against the template itself on the first
+    ``VERIFY_FIRST`` conversations and one in ``VERIFY_EVERY`` after (a difference drops the pieces for
+    good); the template otherwise."""
+    pieces = None if example.tools else concatenation(tokenizer)
+    fast = pieces.render(example.messages) if pieces is not None else None
+    if fast is None:
+        return render_chat(tokenizer, example.messages, False, example.tools)
+    pieces.rendered += 1
+    if pieces.rendered <= VERIFY_FIRST or pieces.rendered % VERIFY_EVERY == 0:
+        exact = render_chat(tokenizer, example.messages, False, example.tools)
+        if exact != fast:
+            pieces.trusted = False
+            log.warning("the chat template renders a conversation differently from its fixed pieces (%s): "
+                        "rendered by the template from now on", example.source or "example")
+            return exact
+    return fast
 
 
 def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tuple[int, int]]:
@@ -216,66 +236,154 @@ def _mask_from_offsets(offsets: Sequence[Sequence[int]], spans: list[tuple[int, 
     return mask
 
 
-def _finish(
-    ids: list[int], mask: np.ndarray, max_len: int, overlong: str
-) -> tuple[list[int], list[int]]:
-    if len(ids) > max_len:
-        if overlong == "skip":
-            raise BadLine(f"over-long: {len(ids)} tokens > max_seq_length {max_len}")
-        ids, mask = ids[:max_len], mask[:max_len]
-    if not mask.any():
-        raise BadLine(
-            f"over-long: no assistant token within max_seq_length {max_len}" if len(mask) == max_len
-            else "no assistant token after tokenization"
-        )
-    labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-    return list(ids), labels
-
-
-def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
-    """Token ids and character offsets of ``texts``, in one call of the Rust tokenizer when there is one.
+def _encode(tokenizer: Any, texts: list[str]) -> Any:
+    """One call of the Rust tokenizer when there is one (its ``Encoding`` objects), else ``__call__``'s answer.
 
     A fast tokenizer's ``__call__`` is this same ``encode_batch`` plus a Python dict per text, a
-    tenth of the tokenization time; anything else goes through ``__call__``.
+    tenth of the tokenization time.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
-        encs = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encs], [e.offsets for e in encs]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [list(ids) for ids in enc["input_ids"]], list(enc["offset_mapping"])
+        return backend.encode_batch(texts, add_special_tokens=False)
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+
+
+def _ids_offsets(encodings: Any) -> tuple[list[list[int]], list[Any]]:
+    if isinstance(encodings, list):  # Rust Encoding objects
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    return [list(ids) for ids in encodings["input_ids"]], list(encodings["offset_mapping"])
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of ``texts``, in one call of the Rust tokenizer when there is one."""
+    return _ids_offsets(_encode(tokenizer, texts))
+
+
+@dataclass
+class Rendered:
+    """A chunk rendered, not yet tokenized: ``texts[j]`` with loss ``spans[j]`` is example ``where[j]``."""
+
+    examples: Sequence[Example]
+    results: list[Any]  # BadLine of an example that failed to render, else None until finished
+    texts: list[str]
+    spans: list[list[tuple[int, int]]]
+    where: list[int]
+
+
+def render_batch(tokenizer: Any, examples: Sequence[Example]) -> Rendered:
+    """Render a chunk (Python: template, spans); ``tokenize`` + ``finish_batch`` do the rest."""
+    out = Rendered(examples, [None] * len(examples), [], [], [])
+    for i, ex in enumerate(examples):
+        try:
+            text, sp = render(tokenizer, ex)
+        except BadLine as e:
+            out.results[i] = e
+            continue
+        out.texts.append(text)
+        out.spans.append(sp)
+        out.where.append(i)
+    return out
+
+
+def tokenize(tokenizer: Any, rendered: Rendered) -> Any:
+    """The tokenizer call for a rendered chunk. A fast tokenizer's Rust ``encode_batch`` releases the GIL,
+    so this may run in another thread while the next chunk is read and rendered (data/prepare.py)."""
+    return _encode(tokenizer, rendered.texts) if rendered.texts else []
+
+
+@dataclass
+class Finished:
+    """A tokenized chunk: every usable example's tokens side by side in ``ids`` and ``mask`` (True: trained).
+
+    ``results[i]`` is example ``i``'s ``(start, end)`` in those arrays, or the BadLine that skips it.
+    """
+
+    ids: np.ndarray  # int64
+    mask: np.ndarray  # bool
+    results: list[Any]
+
+    def pair(self, i: int) -> tuple[list[int], list[int]]:
+        """Example ``i`` as ``(input_ids, labels)`` lists, labels -100 where untrained."""
+        a, b = self.results[i]
+        ids = self.ids[a:b]
+        return ids.tolist(), np.where(self.mask[a:b], ids, IGNORE_INDEX).tolist()
+
+
+def _chunk_mask(all_offsets: list[Any], spans: list[list[tuple[int, int]]], lengths: np.ndarray,
+                longest_text: int) -> np.ndarray:
+    """Which tokens of a chunk start inside one of their example's spans (and are not empty).
+
+    Vectorized over the chunk: token starts rise within each example (checked), so a span's tokens are
+    one run, found by binary search; a chunk where they do not rise takes ``_mask_from_offsets`` per example.
+    """
+    total = int(lengths.sum())
+    pairs = np.fromiter(chain.from_iterable(chain.from_iterable(all_offsets)), dtype=np.int64,
+                        count=2 * total).reshape(-1, 2)
+    starts, ends = pairs[:, 0], pairs[:, 1]
+    rows = len(lengths)
+    stride = longest_text + 1  # row j's keys lie in [j * stride, (j + 1) * stride)
+    keys = np.repeat(np.arange(rows, dtype=np.int64) * stride, lengths) + starts
+    if total and not bool(np.all(keys[1:] >= keys[:-1])):
+        return np.concatenate([_mask_from_offsets(o, sp) for o, sp in zip(all_offsets, spans)] or
+                              [np.zeros(0, dtype=bool)])
+    counts = np.fromiter(map(len, spans), dtype=np.int64, count=rows)
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(spans)), dtype=np.int64,
+                       count=2 * int(counts.sum())).reshape(-1, 2)
+    base = np.repeat(np.arange(rows, dtype=np.int64) * stride, counts)
+    lo = np.searchsorted(keys, base + flat[:, 0], side="left")
+    hi = np.searchsorted(keys, base + flat[:, 1], side="left")
+    edges = np.zeros(total + 1, dtype=np.int64)
+    np.add.at(edges, lo, 1)
+    np.add.at(edges, hi, -1)
+    return (np.cumsum(edges[:-1]) > 0) & (ends > starts)
+
+
+def finish_chunk(tokenizer: Any, rendered: Rendered, encodings: Any, max_len: int, overlong: str) -> Finished:
+    """Token ids and loss mask of a rendered chunk, from ``tokenize``'s answer (``_finish``'s rules, per example)."""
+    results = list(rendered.results)
+    if not rendered.texts:
+        return Finished(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool), results)
+    all_ids, all_offsets = _ids_offsets(encodings)
+    lengths = np.fromiter(map(len, all_ids), dtype=np.int64, count=len(all_ids))
+    ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(lengths.sum()))
+    mask = _chunk_mask(all_offsets, rendered.spans, lengths, max(map(len, rendered.texts)))
+    eos = tokenizer.eos_token_id
+    texts = [j for j, i in enumerate(rendered.where) if rendered.examples[i].is_text] if eos is not None else []
+    if texts:
+        # So a model trained on raw text also learns where a document stops.
+        at = np.cumsum(lengths)[texts]
+        ids, mask = np.insert(ids, at, eos), np.insert(mask, at, True)
+        lengths[texts] += 1
+    trained = np.concatenate([[0], np.cumsum(mask)])
+    start = 0
+    for i, n in zip(rendered.where, lengths.tolist()):
+        a, start = start, start + n
+        if n > max_len:
+            if overlong == "skip":
+                results[i] = BadLine(f"over-long: {n} tokens > max_seq_length {max_len}")
+                continue
+            n = max_len
+        if trained[a + n] == trained[a]:
+            results[i] = BadLine(f"over-long: no assistant token within max_seq_length {max_len}" if n == max_len
+                                 else "no assistant token after tokenization")
+            continue
+        results[i] = (a, a + n)
+    return Finished(ids, mask, results)
+
+
+def finish_batch(tokenizer: Any, rendered: Rendered, encodings: Any, max_len: int,
+                 overlong: str) -> list[tuple[list[int], list[int]] | BadLine]:
+    """Token ids and labels of each example of a rendered chunk, from ``tokenize``'s answer."""
+    done = finish_chunk(tokenizer, rendered, encodings, max_len, overlong)
+    return [r if isinstance(r, BadLine) else done.pair(i) for i, r in enumerate(done.results)]
 
 
 def encode_batch(
     tokenizer: Any, examples: Sequence[Example], max_len: int, overlong: str
 ) -> list[tuple[list[int], list[int]] | BadLine]:
     """Encode many examples with one tokenizer call; a failing example yields its BadLine in place."""
-    results: list[Any] = [None] * len(examples)
-    texts, spans, where = [], [], []
-    for i, ex in enumerate(examples):
-        try:
-            text, sp = render(tokenizer, ex)
-        except BadLine as e:
-            results[i] = e
-            continue
-        texts.append(text)
-        spans.append(sp)
-        where.append(i)
-    if texts:
-        all_ids, all_offsets = _tokenize(tokenizer, texts)
-        eos = tokenizer.eos_token_id
-        for j, i in enumerate(where):
-            ids = all_ids[j]
-            mask = _mask_from_offsets(all_offsets[j], spans[j])
-            if examples[i].is_text and eos is not None:
-                # So a model trained on raw text also learns where a document stops.
-                ids.append(eos)
-                mask = np.append(mask, True)
-            try:
-                results[i] = _finish(ids, mask, max_len, overlong)
-            except BadLine as e:
-                results[i] = e
-    return results
+    rendered = render_batch(tokenizer, examples)
+    return finish_batch(tokenizer, rendered, tokenize(tokenizer, rendered), max_len, overlong)
 
 
 def encode(tokenizer: Any, example: Example, max_len: int, overlong: str) -> tuple[list[int], list[int]]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -32,7 +34,7 @@ import numpy as np
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.encoding import encode_batch
+from ultimate_trainer.data import encoding, tokcache
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
 from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
@@ -56,6 +58,8 @@ class Prepared:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
+    cache_hits: list[str] = field(default_factory=list)  # files whose tokens came from the cache (data/tokcache.py)
+    cache_used: list[str] = field(default_factory=list)  # those entries' keys, the eval file's excepted
 
     @property
     def bad_lines(self) -> int:
@@ -138,7 +142,8 @@ class _FileReader:
     """Reads one file into the shared writer / held-out lists; fills in its report."""
 
     def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
-                 seen_heldout: set[bytes], all_heldout: bool = False, never_heldout: bool = False):
+                 seen_heldout: set[bytes], pool: ThreadPoolExecutor, all_heldout: bool = False,
+                 never_heldout: bool = False):
         self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
         self.seen_heldout, self.all_heldout, self.never_heldout = seen_heldout, all_heldout, never_heldout
         self.report = _new_report(path)
@@ -146,6 +151,8 @@ class _FileReader:
         self.heldout_chosen = 0
         self.duplicates = 0
         self.warned: dict[str, list[int]] = {}  # warning kind -> [examples, first line]
+        self.pool = pool
+        self.pending: tuple[encoding.Rendered, Future] | None = None
 
     def where(self, n: int) -> str:
         """``file:3`` for a line, ``file:item 3`` for an array item."""
@@ -171,12 +178,28 @@ class _FileReader:
                 list(self.warned.items())[:MAX_WARNINGS]]
 
     def flush(self, chunk: list[Example]) -> None:
-        if not chunk:
+        """Render ``chunk`` and hand it to the tokenizer thread; finish the chunk handed over before it.
+
+        The Rust tokenizer releases the GIL: while it tokenizes one chunk, this thread reads, parses
+        and renders the next (at most two chunks are in flight, so memory stays flat).
+        """
+        if chunk:
+            rendered = encoding.render_batch(self.tokenizer, chunk)
+            job = self.pool.submit(encoding.tokenize, self.tokenizer, rendered)
+        self.drain()
+        if chunk:
+            self.pending = (rendered, job)
+
+    def drain(self) -> None:
+        """Finish the chunk in flight, if any: its examples go to the store or the held-out list."""
+        if self.pending is None:
             return
+        (rendered, job), self.pending = self.pending, None
         d = self.cfg.data
-        results = encode_batch(self.tokenizer, chunk, self.cfg.training.max_seq_length, d.overlong)
+        done = encoding.finish_chunk(self.tokenizer, rendered, job.result(), self.cfg.training.max_seq_length,
+                                     d.overlong)
         train = []
-        for ex, res in zip(chunk, results):
+        for i, (ex, res) in enumerate(zip(rendered.examples, done.results)):
             if isinstance(res, BadLine):
                 self.bad(ex.line, str(res))
                 continue
@@ -186,10 +209,10 @@ class _FileReader:
             if ex.extra.get("duplicate_of_heldout"):
                 self.duplicates += 1  # held out already: neither trained nor asked twice
             elif ex.heldout:
-                self.heldout_here.append((ex, res))
+                self.heldout_here.append((ex, done.pair(i)))
             else:
                 train.append(res)
-        self.writer.append(train)
+        self.writer.append_slices(done.ids, done.mask, train)
         self.report["train_examples"] += len(train)
 
     def _records(self, f: BinaryIO, digest: Any) -> Iterator[tuple[int, bytes, Any]]:
@@ -243,9 +266,15 @@ class _FileReader:
                         self.flush(chunk)
                         chunk = []
                 self.flush(chunk)
+                self.drain()
                 self.report["size_bytes"] = f.tell()
         except OSError as e:
             self.report["error"] = f"cannot read: {e.strerror or e}"
+            self.drain()  # what was read before the error counts, as a chunk flushed before it did
+        finally:
+            if self.pending is not None:  # an exception left a chunk in flight: let it end, drop it
+                self.pending[1].exception()
+                self.pending = None
         self.report["sha256"] = digest.hexdigest()
         self.report["warnings"] = self._warnings()
         self._settle_heldout()
@@ -288,7 +317,7 @@ class _FileReader:
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
-            status_dir: Path | None = None, replay_file: Path | None = None) -> Prepared:
+            status_dir: Path | None = None, replay_file: Path | None = None, cache_dir: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
@@ -297,19 +326,22 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
     they copy a held-out example of this run) and it gets no report.
+
+    ``cache_dir`` (data/tokcache.py): a file whose entry is there (what ``fill_cache`` left for this
+    run) is taken from it instead of being read and tokenized again; the result is the same.
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
-    inputs = [(Path(p), False) for p in files]
-    if cfg.data.eval_file:
-        # Read first, so that copies of its examples in the training files are held out too.
-        eval_path = Path(cfg.data.eval_file)
-        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    inputs = _inputs(files, cfg)
     seen_heldout: set[bytes] = set()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+    fp = tokcache.fingerprint(tokenizer, cfg) if cache_dir is not None else None
     try:
         for path, all_heldout in inputs:
-            log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
-            report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, all_heldout).run()
+            report = _from_cache(path, all_heldout, fp, Path(cache_dir), writer, out, seen_heldout) if fp else None
+            if report is None:
+                log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
+                report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout).run()
             out.reports[str(path)] = report
             if not report["usable"]:
                 reason = f"eval file: {report['error']}" if all_heldout else report["error"]
@@ -321,13 +353,97 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
             if status_dir is not None:
                 status.atomic_write_json(status.report_path(status_dir, path), report)
         if replay_file is not None:
-            rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, never_heldout=True).run()
+            rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, pool,
+                              never_heldout=True).run()
             out.replay_examples = rep["train_examples"]
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise
+    finally:
+        pool.shutdown()
     out.train = writer.close()
     return out
+
+
+def _from_cache(path: Path, all_heldout: bool, fp: str, cache_dir: Path, writer: TokenStoreWriter, out: Prepared,
+                seen_heldout: set[bytes]) -> dict[str, Any] | None:
+    """Add ``path``'s share from its cache entry, as ``_FileReader.run`` would have; None when there is none."""
+    sha = tokcache.file_sha256(path)
+    if sha is None:
+        return None
+    key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
+    entry = tokcache.load(cache_dir, key)
+    if entry is None:
+        return None
+    try:
+        store = TokenStore.open(cache_dir / key / tokcache.STORE)
+    except (OSError, ValueError):
+        return None
+    writer.append_store(store)
+    out.heldout.extend(entry["heldout"])
+    out.heldout_encoded.extend(entry["heldout_encoded"])
+    seen_heldout.clear()
+    seen_heldout.update(entry["seen_after"])
+    out.cache_hits.append(str(path))
+    if not all_heldout:
+        out.cache_used.append(key)
+    log.info("%s: tokens from the prefetch cache", path.name)
+    return {**entry["report"], "file": str(path), "created_at": now_iso()}
+
+
+def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) -> list[str]:
+    """Tokenize ``files`` (and ``data.eval_file`` first) as a run of them would, into cache entries that
+    ``prepare(files, ..., cache_dir=cache_dir)`` then takes (data/tokcache.py); the keys of new entries.
+
+    A file that changes while it is read, or cannot be read, gets no entry.
+    """
+    fp = tokcache.fingerprint(tokenizer, cfg)
+    if fp is None:
+        return []
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokcache.prune(cache_dir)
+    made: list[str] = []
+    seen_heldout: set[bytes] = set()
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        for path, all_heldout in _inputs(files, cfg):
+            sha = tokcache.file_sha256(path)
+            if sha is None:
+                return made  # the files after it would be keyed by held-out examples it never gave
+            key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
+            entry = tokcache.load(cache_dir, key)
+            if entry is not None:
+                seen_heldout = set(entry["seen_after"])
+                continue
+            tmp = tokcache.tmp_dir(cache_dir, key)
+            writer = TokenStoreWriter(tmp / tokcache.STORE)
+            part = Prepared(train=None)  # type: ignore[arg-type]
+            try:
+                report = _FileReader(path, tokenizer, cfg, writer, part, seen_heldout, pool, all_heldout).run()
+            except BaseException:
+                writer.abort()
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            writer.close()
+            if report["error"] is not None or report["sha256"] != sha:
+                shutil.rmtree(tmp, ignore_errors=True)  # unreadable, or changed while read: no entry
+                return made
+            if tokcache.commit(cache_dir, key, tmp, {"report": report, "heldout": part.heldout,
+                                                     "heldout_encoded": part.heldout_encoded,
+                                                     "seen_after": set(seen_heldout)}):
+                made.append(key)
+            log.info("%s: tokenized ahead for the next run", path.name)
+    return made
+
+
+def _inputs(files: list[Path], cfg: Config) -> list[tuple[Path, bool]]:
+    """The files a run reads, in order, each with whether it is the eval file (read first, all held out)."""
+    inputs = [(Path(p), False) for p in files]
+    if cfg.data.eval_file:
+        # Read first, so that copies of its examples in the training files are held out too.
+        eval_path = Path(cfg.data.eval_file)
+        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+    return inputs
 
 
 def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:

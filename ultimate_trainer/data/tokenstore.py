@@ -55,11 +55,35 @@ class TokenStoreWriter:
         # chain() walks the lists in C: no Python frame per token
         ids = np.fromiter(chain.from_iterable(ids for ids, _ in encoded), dtype=np.int32, count=total)
         labels = np.fromiter(chain.from_iterable(labels for _, labels in encoded), dtype=np.int64, count=total)
-        mask = (labels != IGNORE_INDEX).astype(np.uint8)
-        self._ids.write(ids.tobytes())
-        self._mask.write(mask.tobytes())
-        self._offsets.write((self.tokens + np.cumsum(lengths)).tobytes())
-        self.examples += len(encoded)
+        self._write(ids, labels != IGNORE_INDEX, lengths)
+
+    def append_slices(self, ids: np.ndarray, mask: np.ndarray, bounds: Sequence[tuple[int, int]]) -> None:
+        """Append the examples ``ids[a:b]`` (loss where ``mask[a:b]``) for each ``(a, b)`` of ``bounds``, in order."""
+        if not bounds:
+            return
+        edges = np.asarray(bounds, dtype=np.int64)
+        keep = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(keep, edges[:, 0], 1)
+        np.add.at(keep, edges[:, 1], -1)
+        keep = np.cumsum(keep[:-1]) > 0
+        self._write(ids[keep], mask[keep], edges[:, 1] - edges[:, 0])
+
+    def append_store(self, store: "TokenStore", block: int = 1 << 24) -> None:
+        """Append every example of a complete store (its own order), a block of tokens at a time."""
+        n, tokens = len(store._offsets), int(store._offsets[-1]) if len(store._offsets) else 0
+        for a in range(0, tokens, block):
+            self._ids.write(np.asarray(store._ids[a:a + block]).tobytes())
+            self._mask.write(np.asarray(store._mask[a:a + block]).tobytes())
+        for a in range(0, n, block):
+            self._offsets.write((self.tokens + np.asarray(store._offsets[a:a + block])).astype(np.int64).tobytes())
+        self.examples += n
+        self.tokens += tokens
+
+    def _write(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
+        self._ids.write(ids.astype(np.int32).tobytes())
+        self._mask.write(mask.astype(np.uint8).tobytes())
+        self._offsets.write((self.tokens + np.cumsum(lengths)).astype(np.int64).tobytes())
+        self.examples += len(lengths)
         self.tokens += len(ids)
 
     def abort(self) -> None:

@@ -347,9 +347,13 @@ def prepare_data(run: RunState, write_reports: bool) -> None:
     store_dir = run.world.rank_path(run.cfg.path("work") / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
     run.replay = replay_for(run, run.world.rank_path(run.cfg.path("work") / "current-replay.jsonl"))
+    session = run.session
     run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
                                    run.cfg.path("status") if write_reports and run.world.is_main else None,
-                                   replay_file=run.replay.path if run.replay else None)
+                                   replay_file=run.replay.path if run.replay else None,
+                                   cache_dir=session.cache_dir if session is not None else None)
+    if session is not None:  # the worker reports the hits and removes the entries once the run is over
+        session.cache_hits, session.cache_used = run.prepared.cache_hits, run.prepared.cache_used
     run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
     if run.replay:
         run.reporter.update(replay={"examples": run.prepared.replay_examples, "files": run.replay.sources})

@@ -58,6 +58,9 @@ class Session:
     shape: tuple[int, float] | None = None
     pristine: bool = False  # a fresh adapter nothing has trained yet: it serves a run that starts fresh
     loads: list[str] = field(default_factory=list)  # why each model load happened, for logs and tests
+    cache_dir: Path | None = None  # where a run takes files tokenized ahead (trainer/prefetch.py); None: off
+    cache_hits: list[str] = field(default_factory=list)  # the last run's files taken from there
+    cache_used: list[str] = field(default_factory=list)  # their cache entries (data/tokcache.py)
 
     def tokenizer_for(self, base_path: str) -> Any:
         from ultimate_trainer.model.loading import load_tokenizer

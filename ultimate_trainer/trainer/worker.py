@@ -8,6 +8,11 @@ does each with ``recipe.run`` (the same phases, status files, run ids and checkp
 they fit (trainer/session.py), and answers in ``DIR/results`` (core/worker_files.py). The
 configuration is read again for every run, as a new ``train.py`` would.
 
+A request may name the files of the run queued after it (``next``): with
+``daemon.prefetch_tokenize`` on (auto: training on a GPU), the worker starts a low-priority child
+that tokenizes them while this run trains (trainer/prefetch.py), and the next run takes them from
+that cache (data/tokcache.py) instead of tokenizing; its result says how many (``tokenized_ahead``).
+
 The worker ends, after writing the run's result, when:
 
 - SIGTERM/SIGINT arrived (the daemon stops, or died: PR_SET_PDEATHSIG sends SIGTERM): a run in
@@ -71,6 +76,18 @@ class MemoryBound:
 
 def serve(args: argparse.Namespace, stop: Any) -> int:
     """Take requests until told to stop or until a reason to end; the last run's exit code."""
+    from ultimate_trainer.trainer.prefetch import Prefetcher
+
+    ahead = Prefetcher(["--config", str(args.config), *(a for o in args.overrides for a in ("--set", o))])
+    try:
+        return _serve(args, stop, ahead)
+    finally:
+        ahead.stop()  # no child of a worker tokenizes on after it (what it finished stays cached)
+
+
+def _serve(args: argparse.Namespace, stop: Any, ahead: Any) -> int:
+    from ultimate_trainer.data import tokcache
+    from ultimate_trainer.trainer import prefetch
     from ultimate_trainer.trainer.recipe import preload, run
     from ultimate_trainer.trainer.session import Session
 
@@ -90,7 +107,15 @@ def serve(args: argparse.Namespace, stop: Any) -> int:
             code, why = Exit.CONFIG, "the configuration does not load"
         else:
             bound = bound or MemoryBound(cfg.daemon.worker_max_growth_mb)
+            ahead.settle(req.files, stop)  # files of this run being tokenized ahead: let that finish
+            on = prefetch.enabled(cfg, session.device)
+            session.cache_dir = prefetch.cache_dir(cfg) if on else None
+            session.cache_hits, session.cache_used = [], []
+            if on and req.next and session.base_path:
+                ahead.start(req.next, session.base_path, session.cache_dir)
             code = run(cfg, req.files, stop=stop, session=session)
+            if session.cache_dir is not None:
+                tokcache.remove(session.cache_dir, session.cache_used)
             gc.collect()  # the run's Trainer, optimizer and data go now, not at some later collection
             why = None
             if stop.requested:
@@ -101,7 +126,8 @@ def serve(args: argparse.Namespace, stop: Any) -> int:
         if why is None and bound is not None:
             why = bound.exceeded(mem)
         worker_files.write_result(worker_dir, req.seq, code=int(code), pid=os.getpid(), exiting=why is not None,
-                                  why=why, model_loaded=len(session.loads) > loads, **mem)
+                                  why=why, model_loaded=len(session.loads) > loads,
+                                  tokenized_ahead=len(session.cache_hits), **mem)
         if why is not None:
             log.info("worker %d ends: %s", os.getpid(), why)
             return int(code)

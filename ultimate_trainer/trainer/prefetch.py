@@ -1,0 +1,116 @@
+"""Tokenize the next run's files while the worker trains this one (docs/DAEMON.md, "The worker").
+
+    python -m ultimate_trainer.trainer.prefetch --cache DIR --base PATH [--config PATH] [--set ...] -- FILE ...
+
+The daemon names, with each run it hands the worker, the files of the run queued after it (the
+"next" hint of core/worker_files.py). The worker starts this process for them at the lowest CPU
+priority (nice 19), with the tokenizer of the base it is training on; it writes one cache entry per
+file (data/tokcache.py) that ``prepare`` takes when that run comes. It is a separate process, not a
+thread, so that it never competes with the training loop for the GIL nor shares its tokenizer; it
+dies with the worker (PR_SET_PDEATHSIG). A hint that turns out wrong costs only the CPU it used.
+
+``daemon.prefetch_tokenize``: ``auto`` (the default) prefetches when the worker trains on a GPU,
+where the CPU is otherwise idle; on a CPU it would take cores from training, so it does not unless
+set to ``on``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ultimate_trainer.core import config
+from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+NICE = 19
+
+
+def enabled(cfg: Config, device: str) -> bool:
+    """Whether to tokenize ahead: ``daemon.prefetch_tokenize`` (auto: when training on a GPU)."""
+    mode = cfg.daemon.prefetch_tokenize
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
+def cache_dir(cfg: Config) -> Path:
+    return cfg.path("work") / "tokcache"
+
+
+class Prefetcher:
+    """The worker's one prefetch child at a time."""
+
+    def __init__(self, cfg_args: list[str]):
+        self.cfg_args = cfg_args
+        self.proc: subprocess.Popen | None = None
+        self.files: list[Path] = []
+
+    def start(self, files: list[Path], base_path: str, cache: Path) -> None:
+        self.stop()
+        path = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+        cmd = [sys.executable, "-m", "ultimate_trainer.trainer.prefetch", "--cache", str(cache), "--base", base_path,
+               *self.cfg_args, "--", *map(str, files)]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"},
+                                     stdin=subprocess.DEVNULL)
+        self.files = list(files)
+        log.info("tokenizing ahead (pid %d): %s", self.proc.pid, ", ".join(Path(f).name for f in files))
+
+    def settle(self, files: list[Path], stop: Any) -> None:
+        """Before a run of ``files``: let a prefetch of those same files (by name) finish, end any other."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        if [Path(f).name for f in files] == [Path(f).name for f in self.files]:
+            log.info("waiting for the files of this run to be tokenized ahead (pid %d)", self.proc.pid)
+            while self.proc.poll() is None and not stop.requested:
+                time.sleep(0.05)
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ultimate_trainer.trainer.prefetch",
+                                     description="Tokenize files ahead of their run into the token cache.")
+    parser.add_argument("--cache", required=True, type=Path)
+    parser.add_argument("--base", required=True, help="the base model folder whose tokenizer to use")
+    config.add_arguments(parser)
+    parser.add_argument("files", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the worker
+    except OSError:
+        pass
+    os.nice(NICE)
+    setup_logging(logging.INFO)
+    cfg = config.config_or_none(args)
+    if cfg is None:
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ultimate_trainer.data.prepare import fill_cache
+    from ultimate_trainer.model.loading import load_tokenizer
+
+    made = fill_cache(args.files, load_tokenizer(args.base), cfg, args.cache)
+    log.info("tokenized ahead: %d new cache entr%s", len(made), "y" if len(made) == 1 else "ies")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
