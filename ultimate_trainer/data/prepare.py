@@ -56,6 +56,7 @@ class Prepared:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
+    rehearsal_examples: int = 0  # the base's own answers rehearsed (data/rehearsal.py), stored after the replay
 
     @property
     def bad_lines(self) -> int:
@@ -288,7 +289,8 @@ class _FileReader:
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
-            status_dir: Path | None = None, replay_file: Path | None = None) -> Prepared:
+            status_dir: Path | None = None, replay_file: Path | None = None,
+            rehearsal_file: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
@@ -296,7 +298,8 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
     name); the caller decides what to do (train.py exits 3).
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
-    they copy a held-out example of this run) and it gets no report.
+    they copy a held-out example of this run) and it gets no report; ``rehearsal_file``
+    (``data/rehearsal.py``) after it, the same way.
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
@@ -323,6 +326,9 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
         if replay_file is not None:
             rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, never_heldout=True).run()
             out.replay_examples = rep["train_examples"]
+        if rehearsal_file is not None:
+            rep = _FileReader(Path(rehearsal_file), tokenizer, cfg, writer, out, seen_heldout, never_heldout=True).run()
+            out.rehearsal_examples = rep["train_examples"]
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise
