@@ -166,3 +166,22 @@ def test_prepare_trains_the_rehearsal_after_the_run_files_without_holding_any_ou
 def test_config_refuses_rehearsal_and_replay_that_leave_the_run_nothing(tmp_path: Path) -> None:
     with pytest.raises(config_mod.ConfigError, match="training.rehearsal_fraction"):
         cfg_for(tmp_path, **{"training.rehearsal_fraction": 0.9, "training.replay_fraction": 0.1})
+
+
+def test_the_builtin_bases_shipped_answers_stand_in_for_generating_only_where_they_match(tmp_path: Path) -> None:
+    from ultimate_trainer.data.rehearsal import shipped_answers
+
+    cfg = cfg_for(tmp_path, **{"load_in_4bit": "true"})
+    prompts = load_prompts(cfg)
+    shipped = shipped_answers(cfg, prompts)
+    assert shipped is not None and shipped.name == "rehearsal.smollm2-135m-instruct.jsonl"
+    shipped_lines = shipped.read_bytes().splitlines()
+    asked = {json.loads(x)["messages"][-2]["content"] for x in shipped_lines}
+    assert len(shipped_lines) >= 300 and asked <= {m[-1]["content"] for m in prompts.messages}
+    gen = Answers()
+    path, lines = cached_lines(cfg, "/cache/smollm2-135m-instruct", prompts, gen, shipped)
+    assert gen.calls == 0 and lines == shipped_lines and path.read_bytes().splitlines() == shipped_lines
+    # Answers made under other settings are not these: then the base is asked.
+    assert shipped_answers(cfg_for(tmp_path, **{"load_in_4bit": "false"}), prompts) is None
+    assert shipped_answers(cfg_for(tmp_path, **{"training.rehearsal_max_new_tokens": 32}), prompts) is None
+    assert shipped_answers(cfg_for(tmp_path, **{"data.system_prompt": "Be brief."}), prompts) is None

@@ -19,7 +19,10 @@ of the answered prompts, another after it when more are wanted), so a resumed ru
 the same lines. They are written, raw, into a JSONL file that ``prepare`` reads after the run's files
 (and after the replay), the way replayed lines are.
 
-The model side (generating the answers) is the trainer's: this module takes a ``generate`` callable.
+The built-in base's answers ship with the package (``probes/rehearsal.smollm2-135m-instruct.jsonl``,
+generated the same way, 4-bit on a CPU), so the demo does not wait for them; they are used only where
+this run would generate exactly those (``shipped_answers``). The model side (generating the answers)
+is the trainer's: this module takes a ``generate`` callable.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from ultimate_trainer.core import status
-from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.config import BUILTIN_MODEL, Config
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +107,30 @@ def load_prompts(cfg: Config) -> Prompts | None:
     return Prompts(path, hashlib.sha256(data).hexdigest(), out)
 
 
+def answer_settings(cfg: Config, prompts: Prompts) -> dict[str, object]:
+    """What a base's answers depend on besides the base itself."""
+    return {"prompts": prompts.sha256, "system": cfg.data.system_prompt,
+            "max_new_tokens": cfg.training.rehearsal_max_new_tokens, "load_in_4bit": cfg.load_in_4bit}
+
+
 def cache_path(cfg: Config, base_path: str, prompts: Prompts) -> Path:
     """Where the answers of ``base_path`` to ``prompts`` are kept."""
-    key = {"base": str(base_path), "prompts": prompts.sha256, "system": cfg.data.system_prompt,
-           "max_new_tokens": cfg.training.rehearsal_max_new_tokens, "load_in_4bit": cfg.load_in_4bit}
+    key = {"base": str(base_path), **answer_settings(cfg, prompts)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cfg.path("work") / CACHE_DIR / f"{digest}.jsonl"
+
+
+def shipped_answers(cfg: Config, prompts: Prompts) -> Path | None:
+    """The built-in base's answers shipped with the package (``probes/rehearsal.<model>.jsonl``, made by
+    ``bench/forgetting.py``'s first rehearsing run), when they are the ones this run would generate:
+    the same prompts, system prompt, bound and 4-bit setting (the sidecar ``.json`` records them).
+    The caller says whether its base is the built-in one (not a consolidation of it)."""
+    answers = BUILTIN_PATH.with_name(f"rehearsal.{BUILTIN_MODEL}.jsonl")
+    try:
+        made_with = json.loads(answers.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return answers if made_with == answer_settings(cfg, prompts) and answers.is_file() else None
 
 
 def complete_sentences(answer: str, truncated: bool) -> str:
@@ -123,12 +144,14 @@ def complete_sentences(answer: str, truncated: bool) -> str:
 
 
 def cached_lines(cfg: Config, base_path: str, prompts: Prompts,
-                 generate: Callable[[list[Messages]], list[tuple[str, bool]]]) -> tuple[Path, list[bytes]]:
+                 generate: Callable[[list[Messages]], list[tuple[str, bool]]],
+                 shipped: Path | None = None) -> tuple[Path, list[bytes]]:
     """The cache file and its raw training lines, one per answered prompt; generated (and cached) when missing.
 
     ``generate`` answers every prompt with ``(text, hit the token bound)``; an empty answer (after
-    ``complete_sentences``) is left out. The cache is written atomically, so a crash leaves the old
-    file or none, never half of one.
+    ``complete_sentences``) is left out. ``shipped`` (``shipped_answers``), when given, stands in for
+    the generation. The cache is written atomically, so a crash leaves the old file or none, never
+    half of one.
     """
     path = cache_path(cfg, base_path, prompts)
     try:
@@ -137,6 +160,11 @@ def cached_lines(cfg: Config, base_path: str, prompts: Prompts,
         pass
     except OSError as e:
         log.warning("rehearsal: %s: cannot read (%s); answering again", path, e.strerror or e)
+    if shipped is not None:
+        lines = [line for line in shipped.read_bytes().splitlines() if line.strip()]
+        status.atomic_write_text(path, "".join(line.decode() + "\n" for line in lines))
+        log.info("rehearsal: the built-in base's %d shipped answers (%s), cached in %s", len(lines), shipped.name, path)
+        return path, lines
     log.info("rehearsal: the base answers %d general prompts once (cached in %s)", len(prompts.messages), path)
     answers = generate(prompts.messages)
     lines = []

@@ -3,6 +3,7 @@
 The answers come from the base alone: the worker's loaded model with its adapter switched off when
 it holds this base, else the base loaded for the purpose (4-bit when training is) and let go after.
 Greedy, at most ``training.rehearsal_max_new_tokens`` tokens, ``eval.batch_size`` prompts at a time.
+The built-in base (not a consolidation of it) takes its shipped answers instead, when they match.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.rehearsal import Messages, Rehearsal, cached_lines, load_prompts, write_rehearsal
+from ultimate_trainer.core.config import BUILTIN_MODEL, Config
+from ultimate_trainer.data.rehearsal import Messages, Rehearsal, cached_lines, load_prompts, shipped_answers, \
+    write_rehearsal
 
 log = logging.getLogger(__name__)
 
@@ -61,5 +63,8 @@ def rehearsal_for(cfg: Config, base_path: str, tokenizer: Any, new_lines: int, r
     prompts = load_prompts(cfg)
     if prompts is None:
         return None
-    answers, lines = cached_lines(cfg, base_path, prompts, generate or _generator(cfg, base_path, tokenizer, session))
+    builtin = cfg.base_model == BUILTIN_MODEL and \
+        Path(base_path).resolve() == (cfg.path("model_cache") / BUILTIN_MODEL).resolve()  # not a consolidation
+    answers, lines = cached_lines(cfg, base_path, prompts, generate or _generator(cfg, base_path, tokenizer, session),
+                                  shipped_answers(cfg, prompts) if builtin else None)
     return write_rehearsal(lines, answers, prompts, new_lines, run_id, cfg, out)
