@@ -40,7 +40,8 @@ def test_sigkilled_and_resumed_run_equals_the_uninterrupted_run(tiny_model_dir, 
 
     r = run_train(straight, data)
     assert r.returncode == 0, r.stderr
-    sigkill_when(spawn_train(resumed, data), lambda: newest_step(resumed.parent / "checkpoints") >= 8)
+    sigkill_when(spawn_train(resumed, data), lambda: newest_step(resumed.parent / "checkpoints") >= 8,
+                 timeout=600)  # a busy shared CPU can take minutes to start a run
     killed_at = newest_step(resumed.parent / "checkpoints")
     total = ck.newest_complete(straight.parent / "checkpoints").global_step
     assert 8 <= killed_at < total, "the run finished before it could be killed"
