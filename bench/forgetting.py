@@ -1,21 +1,26 @@
-"""Forgetting, measured: held-out accuracy with and without replay, and probe retention across a consolidation.
+"""Forgetting, measured: held-out accuracy and probe retention without and with rehearsal, and across a consolidation.
 
-    .venv/bin/python bench/forgetting.py [--replay 0.05] [--quick] [--device auto] [--model-cache DIR] [--out F]
+    .venv/bin/python bench/forgetting.py [--settings 0.05:0,0.05:0.3] [--only-demo] [--quick] [--device auto]
+        [--model-cache DIR] [--rehearsal-answers FILE] [--out F]
 
 Two tasks, trained one after the other the way the daemon would (each finished file moves to
 ``queue/done/``): first a task of our own design (``spell``: "Spell backwards: apple" -> "elppa",
-checkable with the normalized matcher), then the demo task (``ultimate_trainer/data/sample.py``
-bookings, with ``configs/demo.json``'s settings). For each replay setting (0, then ``--replay``) it
-runs the real ``train.py`` twice and the real consolidation child once, in a fresh project, and
-reports:
+checkable with the normalized matcher), then the demo task exactly as ``make demo`` drops it (two
+files of 300 ``ultimate_trainer/data/sample.py`` bookings, 568 trained, with ``configs/demo.json``'s
+settings). ``--only-demo`` trains the demo task alone (a first task: nothing to replay). Each
+setting is ``replay_fraction:rehearsal_fraction``; for each it runs the real ``train.py`` per task
+and the real consolidation child once, in a fresh project (``training.packing`` off: a step is 8
+examples, as the padding-free packing keeps it), and reports:
 
 - the demo task's held-out accuracy at the end of its run (``history/evals.jsonl``);
-- retention (probe score / the base's) at the last probe (``training_status.json``);
+- retention (probe score / the base's) at the last probe (``training_status.json``), and its lowest;
 - the consolidation gate's figures (``models/consolidated/*/manifest.json``): held-out accuracy over
-  both tasks' held-out lines and retention, of the base and of the merged candidate, and whether it
+  the tasks' held-out lines and retention, of the base and of the merged candidate, and whether it
   was adopted.
 
-It trains for real: minutes on a GPU, much longer on a busy CPU (``--quick`` halves the data).
+The base's rehearsal answers are generated once (the first setting that rehearses) and copied into
+the other projects; ``--rehearsal-answers`` hands in a file of them made before (the same base).
+It trains for real: minutes on a GPU, much longer on a busy CPU (``--quick`` halves the spell task).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,55 +63,100 @@ def run(cmd: list[str], cwd: Path) -> None:
         raise SystemExit(f"{cmd} failed")
 
 
-def one_setting(replay: float, quick: bool, device: str, root: Path, cache: str) -> dict:
+def seed_answers(cfg_path: Path, answers: Path) -> None:
+    """Put ``answers`` (the base's rehearsal answers) where this project's runs look for them."""
+    from ultimate_trainer.core import config
+    from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+    from ultimate_trainer.model.loading import resolve_base
+
+    cfg = config.load(str(cfg_path), [])
+    target = cache_path(cfg, resolve_base(cfg), load_prompts(cfg))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(answers, target)
+
+
+def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root: Path,
+                answers: Path | None) -> tuple[dict, Path | None]:
     from ultimate_trainer.data.sample import write_demo_data
 
     root.mkdir(parents=True)
     demo = json.loads((REPO / "configs" / "demo.json").read_text())
-    demo.setdefault("training", {})["replay_fraction"] = replay
-    demo["training"]["device"] = device
-    demo["paths"] = {"root": str(root), "model_cache": cache}
+    t = demo.setdefault("training", {})
+    t.update(replay_fraction=replay, rehearsal_fraction=rehearsal, device=args.device, packing="off")
+    demo["paths"] = {"root": str(root), "model_cache": args.model_cache}
     demo.setdefault("eval", {})["probe_every"] = 1
+    if args.eval_steps:
+        demo["eval_steps"] = args.eval_steps
+    demo.setdefault("daemon", {})["start_monitors"] = False
     (root / "config.json").write_text(json.dumps(demo, indent=2))
+    if answers is not None and rehearsal > 0:
+        seed_answers(root / "config.json", answers)
     done = root / "queue" / "done"
     done.mkdir(parents=True)
     data = root / "data"
     data.mkdir()
-    n = 150 if quick else 300
-    first = spell_task(data / "spell.jsonl", n)
-    demo_files = write_demo_data(data, n_files=1, examples_per_file=n)
+    tasks = [] if args.only_demo else [[spell_task(data / "spell.jsonl", 150 if args.quick else 300)]]
+    tasks.append(write_demo_data(data / "demo"))  # as make demo drops it: 2 files of 300 bookings
     py, cfg = sys.executable, ["--config", str(root / "config.json")]
-    for f in [first, *demo_files]:
-        run([py, str(REPO / "train.py"), str(f), *cfg], REPO)
-        f.rename(done / f.name)  # what the daemon does with a finished file
-    evals = [json.loads(x) for x in (root / "status/history/evals.jsonl").read_text().splitlines()]
+    demo_evals_from = 0
+    for files in tasks:
+        demo_evals_from = len(history(root, "evals.jsonl"))
+        run([py, str(REPO / "train.py"), *map(str, files), *cfg], REPO)
+        for f in files:
+            f.rename(done / f.name)  # what the daemon does with a finished file
+    evals = history(root, "evals.jsonl")
+    demo_probes = [p for p in history(root, "probe.jsonl") if p.get("global_step", 0) >= evals[demo_evals_from]["global_step"]]
     ts = json.loads((root / "status/training_status.json").read_text())
     run([py, "-m", "ultimate_trainer.trainer.consolidate", *cfg], REPO)
-    manifests = sorted((root / "models" / "consolidated").glob("**/manifest.json"))
+    manifests = sorted((root / "models").glob("**/manifest.json"), key=lambda p: p.stat().st_mtime)
     gate = json.loads(manifests[-1].read_text()).get("gate") or {}
-    return {"replay_fraction": replay, "demo_heldout_accuracy": evals[-1].get("accuracy"),
-            "retention_after_training": (ts.get("retention") or {}).get("ratio"),
-            "gate": {k: gate.get(k) for k in ("adopted", "reason", "heldout_prompts")},
-            "base": {k: (gate.get("base") or {}).get(k) for k in ("accuracy", "retention")},
-            "consolidated": {k: (gate.get("candidate") or {}).get(k) for k in ("accuracy", "retention")}}
+    cached = sorted((root / ".work" / "rehearsal").glob("*.jsonl"))
+    result = {"replay_fraction": replay, "rehearsal_fraction": rehearsal, "tasks": "demo" if args.only_demo else
+              "spell, then demo", "demo_heldout_accuracy": evals[-1].get("accuracy"),
+              "demo_heldout_accuracy_by_step": [[e.get("global_step"), e.get("accuracy")] for e in evals[demo_evals_from:]],
+              "retention_after_training": (ts.get("retention") or {}).get("ratio"),
+              "retention_by_step": [[p.get("global_step"), p.get("retention")] for p in demo_probes],
+              "rehearsal": ts.get("rehearsal"), "replay": ts.get("replay"),
+              "gate": {k: gate.get(k) for k in ("adopted", "reason", "heldout_prompts")},
+              "base": {k: (gate.get("base") or {}).get(k) for k in ("accuracy", "retention")},
+              "consolidated": {k: (gate.get("candidate") or {}).get(k) for k in ("accuracy", "retention")}}
+    return result, (cached[0] if cached else None)
+
+
+def history(root: Path, name: str) -> list[dict]:
+    path = root / "status" / "history" / name
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--replay", type=float, default=0.05)
-    ap.add_argument("--quick", action="store_true", help="150 examples per task instead of 300")
+    ap.add_argument("--settings", default="0.05:0,0.05:0.3",
+                    help="comma-separated replay_fraction:rehearsal_fraction pairs, one project each")
+    ap.add_argument("--only-demo", action="store_true", help="train the demo task alone (no spell task first)")
+    ap.add_argument("--quick", action="store_true", help="150 spell examples instead of 300")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-steps", type=int, default=None, help="evaluate (and probe) every N steps "
+                    "(default: configs/demo.json's); a run is evaluated at its end whatever N")
     ap.add_argument("--model-cache", default=str(REPO / "models" / "cache"), help="paths.model_cache to use")
+    ap.add_argument("--rehearsal-answers", default=None, help="the base's rehearsal answers, generated before")
+    ap.add_argument("--keep", default=None, help="keep the projects under this folder (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    settings = [tuple(float(x) for x in pair.split(":")) for pair in args.settings.split(",")]
+    answers = Path(args.rehearsal_answers) if args.rehearsal_answers else None
     results = []
     with tempfile.TemporaryDirectory(prefix="ut-forgetting-") as tmp:
-        for replay in (0.0, args.replay):
-            print(f"replay_fraction={replay}", flush=True)
-            results.append(one_setting(replay, args.quick, args.device, Path(tmp) / f"replay-{replay}", args.model_cache))
+        base = Path(args.keep) if args.keep else Path(tmp)
+        for replay, rehearsal in settings:
+            print(f"replay_fraction={replay} rehearsal_fraction={rehearsal}", flush=True)
+            result, cached = one_setting(replay, rehearsal, args, base / f"replay-{replay}-rehearsal-{rehearsal}",
+                                         answers)
+            answers = answers or cached
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 

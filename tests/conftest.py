@@ -172,7 +172,7 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             "training": {"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                          "warmup_steps": 0, "max_seq_length": 256, "gradient_checkpointing": False,
-                         "device": "cpu"},
+                         "device": "cpu", "rehearsal_fraction": 0.0},  # tests/trainer/test_rehearsal.py turns it on
             "data": {"heldout_fraction": 0.2, "heldout_max_per_file": 4},
             "eval": {"max_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
             "status": {"interval_seconds": 0.5},
@@ -188,6 +188,15 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+def seed_rehearsal(config_path: Path, lines: list[dict[str, Any]]) -> Path:
+    """Put ``lines`` where the project's runs find the base's rehearsal answers (none is generated then)."""
+    from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+    from ultimate_trainer.model.loading import resolve_base
+
+    cfg = config.load(str(config_path), [])
+    return write_jsonl(cache_path(cfg, resolve_base(cfg), load_prompts(cfg)), lines)
 
 
 def run_train(config_path: Path, *files: Path, extra: list[str] | None = None, timeout: float = 600,

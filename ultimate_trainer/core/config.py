@@ -43,7 +43,8 @@ class PathsConfig:
     status: str = _f("status", "Status and history files read by the monitors (schema: docs/STATUS.md).")
     models: str = _f("models", "Consolidated models: models/consolidated/<timestamp>/.")
     model_cache: str = _f("models/cache", "Where the built-in GGUF model is converted to safetensors once.")
-    work: str = _f(".work", "Scratch space: memory-mapped token stores of the current run (removed after it).")
+    work: str = _f(".work", "Scratch space: memory-mapped token stores of the current run (removed after it), and "
+                   "the base's rehearsal answers (rehearsal/, one file per base).")
 
 
 @dataclass
@@ -118,6 +119,16 @@ class TrainingConfig:
     replay_fraction: float = _f(
         0.05, "Share of each run's examples replayed from files trained before (queue/done/), chosen from the run "
         "id; never held-out lines; 0 disables (docs/TRAINING.md, Replay).", min=0.0, max=0.5)
+    rehearsal_fraction: float = _f(
+        0.3, "Share of each run's examples that are general prompts answered by the base itself (rehearsal: "
+        "self-distillation that keeps what the base knew), chosen from the run id; 0 disables "
+        "(docs/TRAINING.md, Rehearsal).", min=0.0, max=0.9)
+    rehearsal_file: str = _f(
+        "", "Rehearsal prompts: JSONL of {\"prompt\": ...}; empty = the shipped general set "
+        "(relative to paths.root).")
+    rehearsal_max_new_tokens: int = _f(
+        64, "Bound on each of the base's rehearsal answers (one generation per base, cached under paths.work); "
+        "an answer cut by it keeps its complete sentences.", min=1, max=4096)
 
 
 @dataclass
@@ -386,6 +397,9 @@ def _contradictions(cfg: Config) -> list[str]:
           if e not in NOTIFY_EVENTS]
     if not cfg.lora.target_modules:
         p.append("lora.target_modules: name at least one module")
+    if cfg.training.replay_fraction + cfg.training.rehearsal_fraction >= 0.95:
+        p.append("training.rehearsal_fraction: with training.replay_fraction it must leave at least 5% of a run "
+                 "to the run's own files")
     return p
 
 

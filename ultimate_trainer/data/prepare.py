@@ -58,6 +58,7 @@ class Prepared:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
+    rehearsal_examples: int = 0  # the base's own answers rehearsed (data/rehearsal.py), stored after the replay
     cache_hits: list[str] = field(default_factory=list)  # files whose tokens came from the cache (data/tokcache.py)
     cache_used: list[str] = field(default_factory=list)  # those entries' keys, the eval file's excepted
 
@@ -317,7 +318,8 @@ class _FileReader:
 
 
 def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
-            status_dir: Path | None = None, replay_file: Path | None = None, cache_dir: Path | None = None) -> Prepared:
+            status_dir: Path | None = None, replay_file: Path | None = None,
+            rehearsal_file: Path | None = None, cache_dir: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
 
     Reports go to ``status_dir/reports/<name>.report.json`` when ``status_dir`` is given. Files with
@@ -325,7 +327,8 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
     name); the caller decides what to do (train.py exits 3).
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
-    they copy a held-out example of this run) and it gets no report.
+    they copy a held-out example of this run) and it gets no report; ``rehearsal_file``
+    (``data/rehearsal.py``) after it, the same way.
 
     ``cache_dir`` (data/tokcache.py): a file whose entry is there (what ``fill_cache`` left for this
     run) is taken from it instead of being read and tokenized again; the result is the same.
@@ -356,6 +359,10 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
             rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, pool,
                               never_heldout=True).run()
             out.replay_examples = rep["train_examples"]
+        if rehearsal_file is not None:
+            rep = _FileReader(Path(rehearsal_file), tokenizer, cfg, writer, out, seen_heldout, pool,
+                              never_heldout=True).run()
+            out.rehearsal_examples = rep["train_examples"]
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise

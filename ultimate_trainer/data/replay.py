@@ -162,23 +162,30 @@ def done_files(done_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
 
 
-def write_replay(new_files: list[Path], cfg: Config, done_dir: Path, out: Path, seed: Callable[[list[str]], str],
-                 status_dir: Path | None = None) -> Replay | None:
-    """Draw the run's replay from ``done_dir`` into the JSONL ``out``; None when there is nothing to replay.
-
-    ``seed`` turns the SHA-256s of the run's files into the run's id (hex), which seeds the draw.
-    """
-    fraction = cfg.training.replay_fraction
-    if fraction <= 0 or not done_dir.is_dir():
-        return None
-    new_sha, new_lines = [], 0
-    for p in new_files:
+def digest_files(files: list[Path]) -> tuple[list[str], int]:
+    """(SHA-256 of each readable file, their lines in all): what the run's replay and rehearsal are sized by."""
+    shas, total = [], 0
+    for p in files:
         try:
             sha, lines = digest(Path(p))
         except OSError:
             continue  # prepare reports the unreadable file
-        new_sha.append(sha)
-        new_lines += lines
+        shas.append(sha)
+        total += lines
+    return shas, total
+
+
+def write_replay(new_files: list[Path], cfg: Config, done_dir: Path, out: Path, seed: Callable[[list[str]], str],
+                 status_dir: Path | None = None, digests: tuple[list[str], int] | None = None) -> Replay | None:
+    """Draw the run's replay from ``done_dir`` into the JSONL ``out``; None when there is nothing to replay.
+
+    ``seed`` turns the SHA-256s of the run's files into the run's id (hex), which seeds the draw;
+    ``digests`` is ``digest_files(new_files)`` when the caller has it already.
+    """
+    fraction = cfg.training.replay_fraction
+    if fraction <= 0 or not done_dir.is_dir():
+        return None
+    new_sha, new_lines = digests if digests is not None else digest_files(new_files)
     wanted = replay_count(new_lines, fraction)
     done = _done_files(done_dir, set(new_sha), status_dir)
     total = sum(n for _, n in done)

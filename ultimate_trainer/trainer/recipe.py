@@ -126,6 +126,7 @@ class RunState:
     device: str = "cpu"
     model: Any = None
     replay: Any = None  # data.replay.Replay: the earlier lines mixed into this run
+    rehearsal: Any = None  # data.rehearsal.Rehearsal: the base's own answers mixed into this run
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
     session: Any = None  # trainer.session.Session: a worker's loaded tokenizer and model, reused when they fit
@@ -145,8 +146,14 @@ class RunState:
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
             distributed=cfg.training.distributed if self.world.size > 1 else None,
-            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1)) | (
-            {"replay": {"examples": self.prepared.replay_examples, "files": self.replay.sources}} if self.replay else {})
+            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1)
+        ) | ({"replay": {"examples": self.prepared.replay_examples, "files": self.replay.sources}} if self.replay else {}
+             ) | ({"rehearsal": self.rehearsal_record()} if self.rehearsal else {})
+
+    def rehearsal_record(self) -> dict[str, Any]:
+        """What the checkpoint marker and training_status.json say of the run's rehearsal."""
+        return {"examples": self.prepared.rehearsal_examples, "answers": self.rehearsal.answers,
+                "prompts_file": self.rehearsal.prompts_file}
 
 
 def run_id_for(file_hashes: list[str], cfg: Config, layout: str = "grouped", step_scale: int = 1) -> str:
@@ -241,6 +248,7 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
         reporter.stop()
         shutil.rmtree(world.rank_path(cfg.path("work") / "current"), ignore_errors=True)
         world.rank_path(cfg.path("work") / "current-replay.jsonl").unlink(missing_ok=True)
+        world.rank_path(cfg.path("work") / "current-rehearsal.jsonl").unlink(missing_ok=True)
 
 
 def _recipe(run: RunState, dry_run: bool) -> int:
@@ -267,7 +275,7 @@ def _recipe(run: RunState, dry_run: bool) -> int:
 
     # 3. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
     reporter.set_state("tokenizing")
-    prepare_data(run, write_reports=not dry_run)
+    prepare_data(run, write_reports=not dry_run, rehearse=not dry_run)
     if dry_run:
         return print_dry_run(run)
     if run.prepared.unusable:
@@ -340,32 +348,49 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
     return resolve_base(cfg)
 
 
-def prepare_data(run: RunState, write_reports: bool) -> None:
+def prepare_data(run: RunState, write_reports: bool, rehearse: bool = True) -> None:
+    """Tokenize the run's files, its replay and (unless ``rehearse`` is off: a dry run loads no model) its rehearsal."""
     from ultimate_trainer.data import prepare
+    from ultimate_trainer.data.replay import digest_files
 
     # Each rank tokenizes into its own store (the same tokens: tokenizing is deterministic); rank 0 reports.
-    store_dir = run.world.rank_path(run.cfg.path("work") / "current")
+    work = run.cfg.path("work")
+    store_dir = run.world.rank_path(work / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
-    run.replay = replay_for(run, run.world.rank_path(run.cfg.path("work") / "current-replay.jsonl"))
+    digests = digest_files(run.files)
+    run.replay = replay_for(run, run.world.rank_path(work / "current-replay.jsonl"), digests)
+    if rehearse:
+        run.rehearsal = rehearsal_for(run, run.world.rank_path(work / "current-rehearsal.jsonl"), digests)
     session = run.session
     run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
                                    run.cfg.path("status") if write_reports and run.world.is_main else None,
                                    replay_file=run.replay.path if run.replay else None,
+                                   rehearsal_file=run.rehearsal.path if run.rehearsal else None,
                                    cache_dir=session.cache_dir if session is not None else None)
     if session is not None:  # the worker reports the hits and removes the entries once the run is over
         session.cache_hits, session.cache_used = run.prepared.cache_hits, run.prepared.cache_used
     run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
     if run.replay:
         run.reporter.update(replay={"examples": run.prepared.replay_examples, "files": run.replay.sources})
+    if run.rehearsal:
+        run.reporter.update(rehearsal=run.rehearsal_record())
 
 
-def replay_for(run: RunState, out: Path) -> Any:
+def replay_for(run: RunState, out: Path, digests: tuple[list[str], int] | None = None) -> Any:
     """This run's replay of earlier files (``data/replay.py``), drawn by the id of its files; None when off."""
     from ultimate_trainer.data.replay import write_replay
 
     cfg = run.cfg
     return write_replay(run.files, cfg, cfg.path("queue") / "done", out, lambda hashes: run_id_for(hashes, cfg),
-                        cfg.path("status"))
+                        cfg.path("status"), digests)
+
+
+def rehearsal_for(run: RunState, out: Path, digests: tuple[list[str], int]) -> Any:
+    """This run's rehearsal (``data/rehearsal.py``): the base's own answers, drawn by the id of its files."""
+    from ultimate_trainer.trainer.rehearsal import rehearsal_for as draw
+
+    shas, lines = digests
+    return draw(run.cfg, run.base_path, run.tokenizer, lines, run_id_for(shas, run.cfg), out, session=run.session)
 
 
 def print_dry_run(run: RunState) -> int:

@@ -81,6 +81,7 @@ class StatusReporter:
             "val_loss": None,
             "retention": None,  # trainer/probe.py
             "replay": None,  # data/replay.py, set by the recipe
+            "rehearsal": None,  # data/rehearsal.py, set by the recipe
             "stability": {"loss_slope": None, "score": None, "anomalies": self.anomalies_before,
                           "anomalies_this_run": 0, "last_anomaly": None},
             "diverged": None,
