@@ -47,7 +47,8 @@ def common_sets(batch: int, four_bit: bool, root: Path) -> list[str]:
             "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", f"training.batch_size={batch}",
             "training.gradient_accumulation_steps=1", "training.gradient_checkpointing=false",
             "training.max_seq_length=256", "training.warmup_steps=0", "eval_steps=0", "save_steps=100000",
-            "data.heldout_fraction=0.0", "training.device=cpu"]
+            "data.heldout_fraction=0.0", "training.device=cpu", "training.rehearsal_fraction=0",
+            "training.replay_fraction=0"]
 
 
 def baseline(data: Path, batch: int, steps: int, four_bit: bool) -> float:

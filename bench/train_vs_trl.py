@@ -118,7 +118,8 @@ def project_run(data: Path, root: Path, batch: int, max_len: int) -> dict:
             f"training.batch_size={batch}", "training.gradient_accumulation_steps=1", "training.learning_rate=2e-4",
             "training.lr_scheduler=constant", "training.gradient_checkpointing=false", "training.warmup_steps=0",
             f"training.max_seq_length={max_len}", "data.overlong=truncate", "eval_steps=0", "save_steps=100000",
-            "data.heldout_fraction=0.0", "training.device=cpu"]
+            "data.heldout_fraction=0.0", "training.device=cpu", "training.rehearsal_fraction=0",
+            "training.replay_fraction=0"]
     cmd = [sys.executable, str(REPO / "train.py"), str(data), "--config", str(REPO / "config.json")]
     for s in sets:
         cmd += ["--set", s]
