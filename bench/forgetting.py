@@ -9,8 +9,8 @@ checkable with the normalized matcher), then the demo task exactly as ``make dem
 files of 300 ``ultimate_trainer/data/sample.py`` bookings, 568 trained, with ``configs/demo.json``'s
 settings). ``--only-demo`` trains the demo task alone (a first task: nothing to replay). Each
 setting is ``replay_fraction:rehearsal_fraction``; for each it runs the real ``train.py`` per task
-and the real consolidation child once, in a fresh project (``training.packing`` off: a step is 8
-examples, as the padding-free packing keeps it), and reports:
+and the real consolidation child once, in a fresh project (``--packing``, default auto:
+padding-free, a step is 8 examples), and reports:
 
 - the demo task's held-out accuracy at the end of its run (``history/evals.jsonl``);
 - retention (probe score / the base's) at the last probe (``training_status.json``), and its lowest;
@@ -82,7 +82,9 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
     root.mkdir(parents=True)
     demo = json.loads((REPO / "configs" / "demo.json").read_text())
     t = demo.setdefault("training", {})
-    t.update(replay_fraction=replay, rehearsal_fraction=rehearsal, device=args.device, packing="off")
+    t.update(replay_fraction=replay, rehearsal_fraction=rehearsal, device=args.device, packing=args.packing)
+    if args.lr:
+        t["learning_rate"] = args.lr
     demo["paths"] = {"root": str(root), "model_cache": args.model_cache}
     demo.setdefault("eval", {})["probe_every"] = 1
     if args.eval_steps:
@@ -135,6 +137,8 @@ def main() -> int:
     ap.add_argument("--only-demo", action="store_true", help="train the demo task alone (no spell task first)")
     ap.add_argument("--quick", action="store_true", help="150 spell examples instead of 300")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--lr", type=float, default=None, help="training.learning_rate (default: configs/demo.json's)")
+    ap.add_argument("--packing", default="auto", help="training.packing (auto: padding-free, the same steps as off)")
     ap.add_argument("--eval-steps", type=int, default=None, help="evaluate (and probe) every N steps "
                     "(default: configs/demo.json's); a run is evaluated at its end whatever N")
     ap.add_argument("--model-cache", default=str(REPO / "models" / "cache"), help="paths.model_cache to use")
