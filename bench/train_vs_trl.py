@@ -190,7 +190,9 @@ def main() -> int:
         trl = json.loads(out.stdout.strip().splitlines()[-1])
         ours = project_run(train, tmp / "project", args.batch, args.max_len)
         state = json.loads((Path(ours["adapter"]) / "trainer_state.json").read_text())
-        ours["seconds"] = next((h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h), None)
+        # Every logged step carries the run's time so far: the last one is the whole run's.
+        ours["seconds"] = max((h["train_runtime"] for h in state.get("log_history", []) if "train_runtime" in h),
+                              default=None)
         if ours["seconds"] is None:  # fall back on the step log's clock (1 s resolution)
             from datetime import datetime
 
