@@ -28,6 +28,17 @@ def _trained(ids: list[int], labels: list[int]) -> list[list[int]]:
     return runs
 
 
+
+class _ChatmlWith:
+    """A ChatML-shaped template double that renders each message's content through ``transform``."""
+
+    def __init__(self, name: str, transform):
+        self.chat_template, self.transform = name, transform
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        body = "".join(f"<s>{m['role']}\n{self.transform(m['content'])}</s>\n" for m in messages)
+        return body + ("<s>assistant\n" if add_generation_prompt else "")
+
 def test_single_turn_only_answer_and_end_of_turn_are_trained():
     tok = smol_tokenizer()
     ids, labels = encode(tok, _ex(("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "It is 4.")),
@@ -114,16 +125,8 @@ def test_one_render_gives_the_same_spans_as_prefix_renders_and_renders_once(monk
 def test_a_template_that_rewrites_content_falls_back_to_prefix_renders():
     from ultimate_trainer.data import encoding
 
-    class Trimming:
-        """ChatML that strips the answer: the content is not verbatim in the rendering."""
-
-        chat_template = "trimming-chatml"
-
-        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-            body = "".join(f"<s>{m['role']}\n{m['content'].strip()}</s>\n" for m in messages)
-            return body + ("<s>assistant\n" if add_generation_prompt else "")
-
-    tok = Trimming()
+    # ChatML that strips the answer: the content is not verbatim in the rendering.
+    tok = _ChatmlWith("trimming-chatml", str.strip)
     ex = _ex(("user", "q"), ("assistant", "  spaced  "))
     full, spans = encoding.render(tok, ex)
     assert encoding._turn_shape(tok) is not None
@@ -223,16 +226,8 @@ def test_fixed_pieces_that_disagree_with_the_template_are_dropped(monkeypatch):
     from ultimate_trainer.data import encoding
     from ultimate_trainer.data.chat_template import concatenation
 
-    class Censoring:
-        """ChatML, except that one word is rendered as stars: no probe contains it."""
-
-        chat_template = "censoring-chatml"
-
-        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-            body = "".join(f"<s>{m['role']}\n{m['content'].replace('SECRET', '***')}</s>\n" for m in messages)
-            return body + ("<s>assistant\n" if add_generation_prompt else "")
-
-    tok = Censoring()
+    # ChatML, except that one word is rendered as stars: no probe contains it.
+    tok = _ChatmlWith("censoring-chatml", lambda text: text.replace("SECRET", "***"))
     assert concatenation(tok) is not None
     monkeypatch.setattr(encoding, "VERIFY_EVERY", 1)
     plain = _ex(("user", "q"), ("assistant", "a"))
