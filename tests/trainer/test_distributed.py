@@ -44,10 +44,13 @@ def status(root: Path) -> dict:
     return json.loads((root / "status" / "training_status.json").read_text())
 
 
-def test_two_processes_train_what_one_process_trains(tiny_model_dir, make_project, tmp_path):
+@pytest.mark.parametrize("packing", ["off", "on"])
+def test_two_processes_train_what_one_process_trains(tiny_model_dir, make_project, tmp_path, packing):
+    """Padded (``off``) and padding-free (``on``: each pass's examples back to back in one row)."""
     data = write_jsonl(tmp_path / "data.jsonl", records(48, "ddp"))  # 12 steps of 4 examples
-    one = make_project(tiny_model_dir, root=tmp_path / "one", **SAME_GLOBAL_BATCH)
-    two = make_project(tiny_model_dir, root=tmp_path / "two", **SAME_GLOBAL_BATCH)
+    layout = {**SAME_GLOBAL_BATCH, "training__packing": packing}
+    one = make_project(tiny_model_dir, root=tmp_path / "one", **layout)
+    two = make_project(tiny_model_dir, root=tmp_path / "two", **layout)
 
     r = run_train(one, data, extra=ONE)
     assert r.returncode == 0, r.stderr[-3000:]
