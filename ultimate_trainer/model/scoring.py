@@ -259,17 +259,23 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
 
 
 def _packed_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, max_tokens: int,
-                    pad_token_id: int) -> list[dict[str, Any]]:
-    """``encoded`` packed into rows of at most ``max_tokens`` (as training packs), ``batch_size`` rows a batch."""
+                    pad_token_id: int, flat: bool = False) -> list[dict[str, Any]]:
+    """``encoded`` laid out as training lays out its rows (data/packing.py), one collated batch each.
+
+    ``flat``: ``batch_size`` examples back to back in one row, a batch of one row (padding-free);
+    otherwise packed into rows of at most ``max_tokens``, ``batch_size`` rows a batch."""
     import numpy as np
 
     from ultimate_trainer.data.collate import PackedCollator, PackedRows
-    from ultimate_trainer.data.packing import pack_rows
+    from ultimate_trainer.data.packing import flat_rows, pack_rows
 
     examples = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
+    collate = PackedCollator(pad_token_id)
+    if flat:
+        rows = PackedRows(examples, flat_rows(range(len(examples)), batch_size))
+        return [collate([rows[r]]) for r in range(len(rows))]
     lengths = np.array([len(ids) for ids, _ in encoded])
     rows = PackedRows(examples, pack_rows(range(len(examples)), lengths, max_tokens, 0))
-    collate = PackedCollator(pad_token_id)
     return [collate([rows[r] for r in range(i, min(i + batch_size, len(rows)))])
             for i in range(0, len(rows), batch_size)]
 
@@ -278,13 +284,17 @@ def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batc
                     collator: Any, max_tokens: int | None = None) -> float | None:
     """Mean loss per trained token over ``encoded`` held-out examples; None when there are none.
 
-    With ``max_tokens``, the examples are packed padding-free into rows of that many tokens, each
-    isolated from the others (the training path, data/collate.py): fewer, fuller forward passes.
-    Without, they are padded by ``collator``, ``batch_size`` at a time.
+    With ``max_tokens``, padding-free, each example isolated from the others. When the model's
+    attention takes the examples' boundaries (``segmented_sdpa``, FlashAttention: model/attention.py),
+    as padding-free training does: ``batch_size`` examples back to back in one row a forward pass,
+    with ``cu_seq_lens``. Otherwise rows of at most ``max_tokens`` packed tokens, ``batch_size`` rows
+    a pass under a block-diagonal mask. Without ``max_tokens``, the examples are padded by
+    ``collator``, ``batch_size`` at a time.
     """
     import torch
 
     from ultimate_trainer.data.collate import packed_inputs
+    from ultimate_trainer.model.attention import takes_boundaries
     from ultimate_trainer.model.loading import inference_kernels
 
     if not encoded:
@@ -292,18 +302,19 @@ def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batc
     was_training = model.training
     device = _device(model)
     total, count = 0.0, 0
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    flat = bool(max_tokens) and takes_boundaries(attn)
     if max_tokens:
-        batches = _packed_batches(encoded, batch_size, max_tokens, collator.pad_token_id)
+        batches = _packed_batches(encoded, batch_size, max_tokens, collator.pad_token_id, flat)
     else:
         batches = [collator([{"input_ids": ids, "labels": labels} for ids, labels in encoded[i:i + batch_size]])
                    for i in range(0, len(encoded), batch_size)]
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     try:
         model.eval()
         with torch.inference_mode(), inference_kernels(model):
             for batch in batches:
                 batch = packed_inputs({k: v.to(device) for k, v in batch.items()}, attn,
-                                      getattr(model, "dtype", torch.float32))
+                                      getattr(model, "dtype", torch.float32), flat)
                 # The model shifts labels by one: the tokens that count are those after the first
                 # (a packed row's examples each start with an untrained label).
                 n = int((batch["labels"][:, 1:] != -100).sum())
