@@ -121,8 +121,18 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
               "rehearsal": ts.get("rehearsal"), "replay": ts.get("replay"),
               "gate": {k: gate.get(k) for k in ("adopted", "reason", "heldout_prompts")},
               "base": {k: (gate.get("base") or {}).get(k) for k in ("accuracy", "retention")},
-              "consolidated": {k: (gate.get("candidate") or {}).get(k) for k in ("accuracy", "retention")}}
+              "consolidated": {k: (gate.get("candidate") or {}).get(k) for k in ("accuracy", "retention")},
+              "gate_heldout_by_task": {side: by_task(gate.get(side)) for side in ("base", "candidate")}}
     return result, (cached[0] if cached else None)
+
+
+def by_task(scored: dict | None) -> dict[str, list[int]]:
+    """The gate's held-out ``[correct, total]`` per task (spell.jsonl; the demo's files together)."""
+    out: dict[str, list[int]] = {}
+    for name, (right, total) in (((scored or {}).get("heldout") or {}).get("by_file") or {}).items():
+        tally = out.setdefault("spell" if name.startswith("spell") else "demo", [0, 0])
+        tally[0], tally[1] = tally[0] + right, tally[1] + total
+    return out
 
 
 def history(root: Path, name: str) -> list[dict]:

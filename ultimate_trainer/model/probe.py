@@ -24,10 +24,18 @@ def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, b
 
 def score_examples(model: Any, tokenizer: Any, examples: list[Any], matcher: str, max_new_tokens: int,
                    batch_size: int) -> dict[str, Any]:
-    """Held-out accuracy (percent) of ``examples`` (``formats.Example``) under ``matcher``."""
+    """Held-out accuracy (percent) of ``examples`` (``formats.Example``) under ``matcher``, and per file.
+
+    ``by_file`` maps each example's file (its ``source`` less the line) to ``[correct, total]``, so a
+    gate that asks several tasks' files shows which one a candidate lost."""
     answers = generate_answers(model, tokenizer, [e.prompt_messages for e in examples], max_new_tokens, batch_size)
-    correct = sum(score(matcher, a, e.expected) for e, a in zip(examples, answers))
-    return {"correct": correct, "total": len(examples),
+    by_file: dict[str, list[int]] = {}
+    for e, a in zip(examples, answers):
+        tally = by_file.setdefault(e.source.rsplit(":", 1)[0], [0, 0])
+        tally[0] += bool(score(matcher, a, e.expected))
+        tally[1] += 1
+    correct = sum(c for c, _ in by_file.values())
+    return {"correct": correct, "total": len(examples), "by_file": by_file,
             "accuracy": round(100.0 * correct / len(examples), 2) if examples else None}
 
 
