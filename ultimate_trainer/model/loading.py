@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -173,6 +174,7 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
     """A causal LM from ``path``: NF4 4-bit (bitsandbytes) when ``quantize``, else full precision."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
 
     from ultimate_trainer.model import attention
 
@@ -191,6 +193,8 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
         )
     if device == "cuda" and not sharded:  # each DDP rank its own copy on its own GPU (set per LOCAL_RANK)
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if not sys.stderr.isatty():  # a log file (the daemon's, the worker's) gets no "Loading weights" bars
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*kernels.*")
