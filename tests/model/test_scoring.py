@@ -241,6 +241,32 @@ def test_validation_loss_packed_equals_padded(tiny_model):
     assert packed == pytest.approx(padded, rel=1e-4)
 
 
+def test_validation_loss_on_segmented_attention_is_one_padding_free_row_a_pass(tiny_model):
+    """As padding-free training runs: batch_size examples in one row, their boundaries as ``cu_seq_lens``."""
+    import copy
+
+    from ultimate_trainer.model.attention import SEGMENTED, use_segmented
+
+    tok = smol_tokenizer()
+    encoded = [([1, 5, 9, 14, 20], [-100, -100, 9, 14, 20]), ([1, 7, 3], [-100, -100, 3]),
+               ([4, 4, 4, 4], [-100, 4, 4, 4]), ([8, 2, 6, 6, 2, 9], [-100, -100, -100, 6, 2, 9])]
+    padded = validation_loss(tiny_model, encoded, batch_size=2, collator=Collator(tok))
+    model = copy.deepcopy(tiny_model)
+    use_segmented(model)
+    assert model.config._attn_implementation == SEGMENTED
+    passes = []
+    hook = model.model.register_forward_pre_hook(lambda mod, args, kw: passes.append(
+        (kw["input_ids"].shape, kw.get("cu_seq_lens_q") is not None, kw.get("attention_mask"))), with_kwargs=True)
+    try:
+        packed = validation_loss(model, encoded, batch_size=2, collator=Collator(tok), max_tokens=10)
+    finally:
+        hook.remove()
+    assert packed == pytest.approx(padded, rel=1e-4)
+    # batch_size (2) examples a row, one row a pass: 2 passes of 2 examples, no padding
+    assert [shape for shape, _, _ in passes] == [(1, 5 + 3), (1, 4 + 6)] and all(b for _, b, _ in passes)
+    assert all(mask is None or mask.dim() == 2 for _, _, mask in passes)  # no 4D block mask built
+
+
 def test_generation_uses_the_kv_cache_under_gradient_checkpointing_and_stops_at_end_of_turn(tiny_model):
     from ultimate_trainer.model.scoring import stop_token_ids
 
@@ -285,3 +311,22 @@ def test_an_evaluation_on_a_4bit_cpu_model_leaves_it_trainable(tiny_model_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_score_examples_counts_each_file_apart(tiny_model):
+    """The consolidation gate's held-out score: overall, and per file (so a lost task shows)."""
+    from ultimate_trainer.data.formats import Example
+    from ultimate_trainer.model.probe import score_examples
+
+    tok = smol_tokenizer()
+    said = generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert all(said)
+
+    def example(prompt, answer, source):
+        return Example(messages=[*prompt, {"role": "assistant", "content": answer}], fmt="chat", source=source)
+
+    examples = [example(PROMPTS[0], said[0], "a.jsonl:1"), example(PROMPTS[2], "not what it says", "b.jsonl:1"),
+                example(PROMPTS[1], said[1], "a.jsonl:2")]
+    got = score_examples(tiny_model, tok, examples, "exact", 6, 3)
+    assert got["by_file"] == {"a.jsonl": [2, 2], "b.jsonl": [0, 1]}
+    assert (got["correct"], got["total"], got["accuracy"]) == (2, 3, 66.67)
