@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import subprocess
 import sys
 import tempfile
@@ -58,14 +59,20 @@ def run_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     evals = list(iter_jsonl(root / "status" / "history" / "evals.jsonl"))
     steps = list(iter_jsonl(root / "status" / "history" / "steps.jsonl"))
     first, last = _ts(steps[0]["time"]), _ts(steps[-1]["time"])
-    inside = sum(sum(e["seconds"].values()) for e in evals if first < _ts(e["time"]) <= last)
+    probes = list(iter_jsonl(root / "status" / "history" / "probe.jsonl"))
+    inside = sum(sum(e["seconds"].values()) for e in evals if first < _ts(e["time"]) <= last) + \
+        sum(p.get("seconds", 0.0) for p in probes if first < _ts(p["time"]) <= last)
     n_steps = steps[-1]["global_step"] - steps[0]["global_step"]
     per_step = max(last - first - inside, 0.0) / max(n_steps, 1)
     train = per_step * (n_steps + 1)
     gen = sum(e["seconds"]["generation"] for e in evals)
     val = sum(e["seconds"]["val_loss"] for e in evals)
+    baseline = json.loads((root / "status" / "history" / "probe_baseline.json").read_text())
     return {"config": name, "steps": steps[-1]["global_step"], "evals": len(evals), "train": train,
-            "generation": gen, "val_loss": val, "wall": wall}
+            "generation": gen, "val_loss": val, "wall": wall, "probes": len(probes),
+            "probe": sum(p.get("seconds", 0.0) for p in probes), "probe_baseline": baseline.get("seconds"),
+            "per_evaluation": [[e["global_step"], e["seconds"]["generation"], e["seconds"]["val_loss"]] for e in evals],
+            "per_probe": [[p["global_step"], p.get("seconds")] for p in probes]}
 
 
 def main() -> int:
@@ -76,13 +83,17 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
         rows = [run_config(name, args, Path(tmp)) for name in args.configs.split(",")]
-    print("| config | steps | evaluations | train s | eval s (generation + val loss) | eval / train |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| config | steps | evaluations | train s | eval s (generation + val loss) | eval / train "
+          "| probes | probe s | probe / train | probe baseline s (once per base) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ev = r["generation"] + r["val_loss"]
         share = f"{ev / r['train']:.1%}" if r["train"] else "n/a (fewer than two logged steps)"
+        probe_share = f"{r['probe'] / r['train']:.1%}" if r["train"] else "n/a"
         print(f"| {r['config']} | {r['steps']} | {r['evals']} | {r['train']:.1f} | {ev:.1f} "
-              f"({r['generation']:.1f} + {r['val_loss']:.1f}) | {share} |")
+              f"({r['generation']:.1f} + {r['val_loss']:.1f}) | {share} | {r['probes']} | {r['probe']:.1f} "
+              f"| {probe_share} | {r['probe_baseline'] or 0:.1f} |")
+    print(json.dumps(rows))
     return 0
 
 

@@ -153,6 +153,8 @@ class EvalConfig:
     max_new_tokens: int = _f(64, "Bound on each generated answer.", min=1, max=4096)
     batch_size: int = _f(8, "Prompts generated together.", min=1)
     val_loss: bool = _f(True, "Also compute the loss on the held-out examples.")
+    val_loss_max_examples: int = _f(80, "Held-out examples the validation loss runs over (an even sample of them).",
+                                    min=1)
     recent_examples: int = _f(20, "Scored examples kept in training_status.json.", min=0, max=1000)
     margin_last_20: float = _f(5.0, "Points by which last-20 accuracy must differ from overall to be coloured.", min=0.0)
     margin_last_50: float = _f(3.0, "Points by which last-50 accuracy must differ from overall to be coloured.", min=0.0)

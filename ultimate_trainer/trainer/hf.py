@@ -141,9 +141,6 @@ class RunCallback(TrainerCallback):
                                 "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
 
 
-VAL_LOSS_PER_PROMPT = 4
-
-
 def interleave_by_file(examples: list[Any], limit: int) -> list[Any]:
     """Up to ``limit`` examples taken round-robin across their files, so every file is asked."""
     by_file: dict[str, list[Any]] = {}
@@ -168,7 +165,7 @@ class EvalCallback(TrainerCallback):
         self.cfg, self.reporter, self.tokenizer = cfg, reporter, tokenizer
         self.heldout = interleave_by_file(heldout, cfg.eval.max_prompts)
         # Validation loss over an even sample, so that 64 files x 50 held-out lines stay cheap.
-        cap = VAL_LOSS_PER_PROMPT * cfg.eval.max_prompts
+        cap = cfg.eval.val_loss_max_examples
         stride = max(1, -(-len(heldout_encoded) // cap))
         self.heldout_encoded, self.collator = heldout_encoded[::stride][:cap], collator
         self.tracker, self.run_id, self.stop = tracker, run_id, stop

@@ -63,9 +63,10 @@ class ProbeCallback(TrainerCallback):
         with self.reporter.phase("evaluating"):
             t0 = time.monotonic()
             result = score_probe(model, self.tokenizer, self.probe, ev.probe_max_new_tokens, ev.batch_size)
+            seconds = time.monotonic() - t0
             if self.throughput is not None:
-                self.throughput.exclude(time.monotonic() - t0)
-        return result
+                self.throughput.exclude(seconds)
+        return {**result, "seconds": round(seconds, 3)}
 
     def ensure_baseline(self, model: Any, global_step: int) -> dict[str, Any]:
         """The stored baseline of this probe file, or the base's score now (the adapter off), stored."""
