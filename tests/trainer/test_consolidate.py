@@ -158,3 +158,24 @@ def test_gate_decision_rules() -> None:
     v = decide(cfg, inputs, figures(90, 0.8), figures(95, 0.72))  # better at the task, forgot the base: refused
     assert not v["adopted"] and "retention fell from 1.00 to 0.90" in v["reason"]
     assert decide(cfg, inputs, figures(None, None), figures(None, None))["adopted"]  # nothing to ask: no block
+
+
+def test_gate_lets_one_answer_of_noise_pass_and_not_two() -> None:
+    """18 of 24 probe questions right at the baseline: one answer lost is 0.056 of retention, over 0.05."""
+    from ultimate_trainer.trainer.gate import GateInputs, decide
+
+    inputs = GateInputs(probe=None, examples=[1], baseline=18 / 24)
+
+    def figures(right_heldout: int, right_probe: int) -> dict:
+        return {"heldout": {"correct": right_heldout, "total": 32, "accuracy": round(100 * right_heldout / 32, 2)},
+                "probe": {"correct": right_probe, "total": 24, "score": round(right_probe / 24, 4)}}
+
+    cfg = config_mod.load(None, [])
+    assert cfg.consolidation.noise_answers == 1
+    v = decide(cfg, inputs, figures(32, 19), figures(31, 18))  # one answer fewer on each measure
+    assert v["adopted"] and v["noise_answers"] == 1
+    v = decide(cfg, inputs, figures(32, 19), figures(30, 17))  # two fewer on each: past both margins
+    assert not v["adopted"] and "held-out accuracy fell" in v["reason"] and "retention fell" in v["reason"]
+    strict = config_mod.load(None, ["consolidation.noise_answers=0"])
+    v = decide(strict, inputs, figures(32, 19), figures(32, 18))
+    assert not v["adopted"] and "retention fell from 1.06 to 1.00" in v["reason"]
