@@ -141,6 +141,18 @@ class RunCallback(TrainerCallback):
                                 "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
 
 
+def evaluation_due(step: int, max_steps: int, every: int) -> bool:
+    """Whether to evaluate after optimizer step ``step`` of a run ending at ``max_steps``.
+
+    At the end of every run, so that each run's result is known, and every ``every`` steps, except
+    a scheduled evaluation less than half an interval before the run's end: the end's evaluation
+    follows it too closely to tell anything new (a 106-step run evaluates at 25, 50, 75 and 106,
+    not also at 100). ``every`` 0: never."""
+    if not every:
+        return False
+    return step >= max_steps or (step % every == 0 and 2 * (max_steps - step) >= every)
+
+
 def interleave_by_file(examples: list[Any], limit: int) -> list[Any]:
     """Up to ``limit`` examples taken round-robin across their files, so every file is asked."""
     by_file: dict[str, list[Any]] = {}
@@ -182,9 +194,7 @@ class EvalCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: Any = None, **kw: Any):
-        every = self.cfg.eval_steps
-        # Every eval_steps, and at the end of a run, so that each run's result is known.
-        due = every and (state.global_step % every == 0 or state.global_step >= state.max_steps)
+        due = evaluation_due(state.global_step, state.max_steps, self.cfg.eval_steps)
         if due and not self.stop.requested and state.is_world_process_zero:
             self.model = model or self.model
             self.evaluate(state.global_step)
