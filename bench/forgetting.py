@@ -4,8 +4,8 @@
         [--model-cache DIR] [--rehearsal-answers FILE] [--out F]
 
 Two tasks, trained one after the other the way the daemon would (each finished file moves to
-``queue/done/``): first a task of our own design (``spell``: "Spell backwards: apple" -> "elppa",
-checkable with the normalized matcher), then the demo task exactly as ``make demo`` drops it (two
+``queue/done/``): first a task of our own design (``orders``: "Make the order code for 12 lamps."
+-> "ORD-12-LAMP", checkable with the normalized matcher), then the demo task exactly as ``make demo`` drops it (two
 files of 300 ``ultimate_trainer/data/sample.py`` bookings, 568 trained, with ``configs/demo.json``'s
 settings). ``--only-demo`` trains the demo task alone (a first task: nothing to replay). Each
 setting is ``replay_fraction:rehearsal_fraction``; for each it runs the real ``train.py`` per task
@@ -20,7 +20,7 @@ padding-free, a step is 8 examples), and reports:
 
 The base's rehearsal answers are generated once (the first setting that rehearses) and copied into
 the other projects; ``--rehearsal-answers`` hands in a file of them made before (the same base).
-It trains for real: minutes on a GPU, much longer on a busy CPU (``--quick`` halves the spell task).
+It trains for real: minutes on a GPU, much longer on a busy CPU (``--quick`` halves the orders task).
 """
 
 from __future__ import annotations
@@ -38,18 +38,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ("apple river stone cloud pencil garden window silver orange planet rabbit candle forest bridge "
-         "yellow market winter summer doctor camera guitar ticket island butter mirror rocket kitten "
-         "basket dragon violin helmet jacket lemon magnet needle pepper saddle tunnel wallet zipper").split()
+ITEMS = ("lamp chair table pencil bottle basket candle mirror helmet jacket ticket violin camera guitar "
+         "kettle ladder magnet needle pillow saddle tunnel wallet zipper rocket").split()
+PHRASES = ("Make the order code for {q} {item}s.", "{q} {item}s were ordered. What is the order code?",
+           "Order code for {q} x {item}?", "What code goes on an order of {q} {item}s?")
 
 
-def spell_task(path: Path, n: int, seed: int = 1) -> Path:
+def orders_task(path: Path, n: int, seed: int = 1) -> Path:
+    """Our second task: order codes, "Make the order code for 12 lamps." -> "ORD-12-LAMP".
+
+    Learnable from the prompt like the demo's bookings ("REF-42-SMITH") and close enough to them
+    that training on the bookings afterwards can overwrite it: what replay is there to prevent."""
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
-            w = "".join(rng.sample(WORDS, 1)) + rng.choice(["", "s", "er", "ly"])
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Spell backwards: {w}"},
-                                             {"role": "assistant", "content": w[::-1]}]}) + "\n")
+            q, item = rng.randint(1, 99), rng.choice(ITEMS)
+            prompt = rng.choice(PHRASES).format(q=q, item=item)
+            f.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": f"ORD-{q}-{item.upper()}"}]}) + "\n")
     return path
 
 
@@ -97,7 +103,7 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
     done.mkdir(parents=True)
     data = root / "data"
     data.mkdir()
-    tasks = [] if args.only_demo else [[spell_task(data / "spell.jsonl", 150 if args.quick else 300)]]
+    tasks = [] if args.only_demo else [[orders_task(data / "orders.jsonl", 150 if args.quick else 300)]]
     tasks.append(write_demo_data(data / "demo"))  # as make demo drops it: 2 files of 300 bookings
     py, cfg = sys.executable, ["--config", str(root / "config.json")]
     demo_evals_from = 0
@@ -107,6 +113,7 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
         for f in files:
             f.rename(done / f.name)  # what the daemon does with a finished file
     evals = history(root, "evals.jsonl")
+    first_task = evals[demo_evals_from - 1].get("accuracy") if demo_evals_from else None
     demo_probes = [p for p in history(root, "probe.jsonl") if p.get("global_step", 0) >= evals[demo_evals_from]["global_step"]]
     ts = json.loads((root / "status/training_status.json").read_text())
     run([py, "-m", "ultimate_trainer.trainer.consolidate", *cfg], REPO)
@@ -114,7 +121,8 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
     gate = json.loads(manifests[-1].read_text()).get("gate") or {}
     cached = sorted((root / ".work" / "rehearsal").glob("*.jsonl"))
     result = {"replay_fraction": replay, "rehearsal_fraction": rehearsal, "tasks": "demo" if args.only_demo else
-              "spell, then demo", "demo_heldout_accuracy": evals[-1].get("accuracy"),
+              "orders, then demo", "orders_heldout_accuracy_after_its_run": first_task,
+              "demo_heldout_accuracy": evals[-1].get("accuracy"),
               "demo_heldout_accuracy_by_step": [[e.get("global_step"), e.get("accuracy")] for e in evals[demo_evals_from:]],
               "retention_after_training": (ts.get("retention") or {}).get("ratio"),
               "retention_by_step": [[p.get("global_step"), p.get("retention")] for p in demo_probes],
@@ -127,10 +135,10 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
 
 
 def by_task(scored: dict | None) -> dict[str, list[int]]:
-    """The gate's held-out ``[correct, total]`` per task (spell.jsonl; the demo's files together)."""
+    """The gate's held-out ``[correct, total]`` per task (orders.jsonl; the demo's files together)."""
     out: dict[str, list[int]] = {}
     for name, (right, total) in (((scored or {}).get("heldout") or {}).get("by_file") or {}).items():
-        tally = out.setdefault("spell" if name.startswith("spell") else "demo", [0, 0])
+        tally = out.setdefault("orders" if name.startswith("orders") else "demo", [0, 0])
         tally[0], tally[1] = tally[0] + right, tally[1] + total
     return out
 
@@ -144,8 +152,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="0.05:0,0.05:0.3",
                     help="comma-separated replay_fraction:rehearsal_fraction pairs, one project each")
-    ap.add_argument("--only-demo", action="store_true", help="train the demo task alone (no spell task first)")
-    ap.add_argument("--quick", action="store_true", help="150 spell examples instead of 300")
+    ap.add_argument("--only-demo", action="store_true", help="train the demo task alone (no orders task first)")
+    ap.add_argument("--quick", action="store_true", help="150 orders examples instead of 300")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--lr", type=float, default=None, help="training.learning_rate (default: configs/demo.json's)")
     ap.add_argument("--packing", default="auto", help="training.packing (auto: padding-free, the same steps as off)")
