@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 
+import pytest
 
 from conftest import chat, optimizer_step, run_train, sigkill_when, spawn_train, wait_for, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
@@ -44,6 +45,27 @@ def test_second_run_continues_global_step_and_restores_optimizer(tiny_model_dir,
         ("a.jsonl", a.stat().st_size, first.meta["run_id"]), ("b.jsonl", b.stat().st_size, last.meta["run_id"])]
     assert all(f["examples"] > 0 and f["trained_at"] and f["sha256"] and not f["partial"] for f in files)
     assert last.meta["parent"] == {"kind": "checkpoint", "name": first.name}
+
+
+def test_a_changed_learning_rate_applies_to_the_next_run_that_resumes_a_checkpoint(tiny_model_dir, make_project,
+                                                                                     tmp_path):
+    """The checkpoint's scheduler carries the old rate; the configured one wins, the schedule's position stays."""
+    cfg = make_project(tiny_model_dir, eval_steps=0, training__warmup_steps=2)
+    root = cfg.parent
+    rates = {}
+    for name, lr in (("a", 0.01), ("b", 0.002)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", records(12, name))
+        r = run_train(cfg, data, extra=["--set", f"training.learning_rate={lr}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        rates[name] = [(s["global_step"], s["learning_rate"])
+                       for s in map(json.loads, (root / "status/history/steps.jsonl").read_text().splitlines())
+                       if s["files"] == [f"{name}.jsonl"]]
+    # run a warms up (0 at its first step, constant_with_warmup) and holds 0.01
+    assert rates["a"][0][1] == 0.0 and rates["a"][-1][1] == pytest.approx(0.01)
+    # run b resumes a's optimizer and schedule (no second warm-up) at the rate configured now
+    assert [lr for _, lr in rates["b"]] == pytest.approx([0.002] * len(rates["b"]))
+    assert rates["b"][0][0] == rates["a"][-1][0] + 1
+    assert "learning rate 0.002 from the configuration" in r.stderr
 
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tiny_model_dir, make_project, tmp_path):

@@ -56,6 +56,32 @@ class ContinuousTrainer(Trainer):
         return result
 
 
+class ConfiguredLearningRate(TrainerCallback):
+    """``training.learning_rate`` as configured now, also when a run resumes a checkpoint.
+
+    The scheduler saved in a checkpoint carries the learning rate of the run that saved it
+    (``base_lrs``, the optimizer's ``initial_lr``), and loading it would keep that rate for every
+    later run whatever the configuration says. At the start of a run the configured rate replaces
+    it; the schedule's position (warm-up done, the factor at this step) is kept."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       optimizer: Any = None, lr_scheduler: Any = None, **kw: Any):
+        sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, when there is one
+        lambdas = getattr(sched, "lr_lambdas", None)
+        if optimizer is None or lambdas is None or list(sched.base_lrs) == [self.learning_rate] * len(lambdas):
+            return
+        log.info("learning rate %s from the configuration (the checkpoint's schedule had %s)", self.learning_rate,
+                 sched.base_lrs[0])
+        sched.base_lrs = [self.learning_rate] * len(lambdas)
+        for group, factor in zip(optimizer.param_groups, lambdas):
+            group["initial_lr"] = self.learning_rate
+            group["lr"] = self.learning_rate * factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 class SealCallback(TrainerCallback):
     """Makes every checkpoint complete-or-absent and self-describing, and reports the ``saving`` state."""
 

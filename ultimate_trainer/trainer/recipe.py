@@ -512,6 +512,7 @@ def train(run: RunState) -> None:
     run_cb = hf.RunCallback(reporter, run.stop, start.global_step, p.done_steps, p.total_steps, p.steps_per_epoch,
                             [f.name for f in run.files], p.run_id, world)
     callbacks = [
+        hf.ConfiguredLearningRate(cfg.training.learning_rate),  # first: the others' on_train_begin see it
         hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
                         tracker, p.run_id, run.stop, run_cb.throughput),
         *filter(None, [probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id,
