@@ -247,7 +247,7 @@ def health(memory: dict[str, Any] | None, training: dict[str, Any] | None = None
             other.append(_reason("warning", "trainer", f"trainer stopped while {state} (pid {training.get('pid')} gone)"))
         ret = training.get("retention") if isinstance(training.get("retention"), dict) else {}
         if ret.get("forgetting") and isinstance(ret.get("ratio"), (int, float)):
-            other.append(_reason("warning", "retention", f"forgetting: the probe keeps {ret['ratio']:.0%} of the "
+            other.append(_reason("warning", "retention", f"forgetting: the probe keeps {ret['ratio']:.1%} of the "
                                  f"base's score (warns under {ret.get('warn_below', 0.95):.0%})"))
     if daemon:
         disk = daemon.get("disk") or {}
