@@ -263,6 +263,7 @@ def sub(text: str, subs: dict[str, str]) -> str:
     return text
 
 
+@pytest.mark.e2e  # two daemon starts with a real trainer worker: about 90 s on a busy 2-core machine
 def test_the_guide_runs_in_order(tmp_path: Path, tiny_model_dir: Path) -> None:
     root = tmp_path / "root"
     ports = {p: free_port() for p in (8080, 8081, 8082)}
