@@ -322,7 +322,7 @@ def test_the_guide_runs_in_order(tmp_path: Path, tiny_model_dir: Path) -> None:
                 url = f"http://127.0.0.1:{ports[8081]}/api/health"
                 wait_for(lambda: _answers(url), timeout=120, proc=None)
                 if starts == 2:  # after the upgrade: the stopped run goes on from its checkpoint
-                    wait_for(lambda: checkpoints()[-1].global_step > stopped_at.global_step, timeout=300)
+                    wait_for(lambda: len(checkpoints()) > 6, timeout=300)  # (and leaves the prune below work)
                     after = checkpoints()[-1]
                     assert after.meta["run_id"] == stopped_at.meta["run_id"]
                     assert after.meta["run_step"] - stopped_at.meta["run_step"] == after.global_step - stopped_at.global_step
