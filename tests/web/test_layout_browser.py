@@ -1,6 +1,6 @@
 """The monitor page's panel layout (static/layout.js) in a real headless Chromium.
 
-Panels hidden, shown and reordered with the keyboard alone (focus stays on the control that moved
+Panels hidden, shown, reordered and made wide or narrow with the keyboard alone (focus stays on the control that moved
 a panel), the layout kept across a reload, a card's own hide button, the default restored by one
 control, and a broken or older saved layout read safely. Screenshots go to artifacts/.
 """
@@ -24,6 +24,8 @@ DEFAULT = ["training", "loss", "stability", "accuracy", "examples", "ram", "gpu"
 ORDER = "[...document.querySelectorAll('main.grid > section.card')].map(c => c.id)"
 HIDDEN = "[...document.querySelectorAll('main.grid > section.card')].filter(c => c.hidden).map(c => c.id)"
 FOCUS = "document.activeElement.getAttribute('aria-label') || document.activeElement.id"
+WIDE = "[...document.querySelectorAll('main.grid > section.card.span2')].map(c => c.id)"
+DEFAULT_WIDE = ["training", "loss", "stability", "accuracy", "examples"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,8 @@ def test_keyboard_reorders_and_hides_panels_and_the_layout_survives_a_reload(bro
         page.keyboard.press("l")  # opens the Layout panel, focus on its first control
         assert page.is_visible("#layout-panel") and page.get_attribute("#layout", "aria-expanded") == "true"
         assert page.evaluate("document.activeElement.id") == "layout-show-training"
+        page.keyboard.press("Tab")
+        assert page.evaluate(FOCUS) == "Wide Training"
         page.keyboard.press("Tab")  # the first panel's ↑ is disabled: Tab lands on its ↓
         assert page.evaluate(FOCUS) == "Move Training down"
         page.keyboard.press("Enter")
@@ -82,6 +86,15 @@ def test_keyboard_reorders_and_hides_panels_and_the_layout_survives_a_reload(bro
         assert page.evaluate(HIDDEN) == ["gpu"] and not page.is_visible("#gpu")
         assert page.evaluate("document.activeElement.id") == "layout-show-gpu"
         assert page.text_content("#layout-count") == "1"
+        page.focus("#layout-wide-ram")  # RAM two columns wide, Loss one: pressed state and focus kept
+        page.keyboard.press("Space")
+        page.focus("#layout-wide-loss")
+        page.keyboard.press("Enter")
+        assert page.get_attribute("#layout-wide-ram", "aria-pressed") == "true"
+        assert page.get_attribute("#layout-wide-loss", "aria-pressed") == "false"
+        assert page.evaluate("document.activeElement.id") == "layout-wide-loss"
+        wide = ["training", "stability", "accuracy", "examples", "ram"]
+        assert sorted(page.evaluate(WIDE)) == sorted(wide)
         page.keyboard.press("Escape")
         assert not page.is_visible("#layout-panel") and page.evaluate("document.activeElement.id") == "layout"
         # Moving to the last place: the ↓ becomes disabled, the focus goes to the same panel's ↑.
@@ -97,9 +110,10 @@ def test_keyboard_reorders_and_hides_panels_and_the_layout_survives_a_reload(bro
 
         _reload(page)
         assert page.evaluate(ORDER) == expected and page.evaluate(HIDDEN) == ["gpu"]
+        assert sorted(page.evaluate(WIDE)) == sorted(wide)
         assert page.text_content("#layout-count") == "1"
         saved = json.loads(page.evaluate("localStorage.getItem('ut-layout')"))
-        assert saved == {"version": 1, "order": expected, "hidden": ["gpu"]}
+        assert saved == {"version": 1, "order": expected, "hidden": ["gpu"], "wide": wide}
         assert page.text_content("#bar-step") == "1,120"  # the page still fills its panels
         assert page.locator("#loss-chart path.line").count() >= 1
         assert not [p for p in problems if "page error" in p or "Content Security Policy" in p], problems
@@ -116,12 +130,15 @@ def test_a_cards_hide_button_and_the_default_coming_back(browser, server):
         page.click("#layout")
         page.click("#layout-list button[aria-label='Move Queue up']")
         page.click("#layout-show-ram")
+        page.click("#layout-wide-gpu")
         assert page.evaluate(HIDDEN) == ["loss", "ram"] and page.evaluate(ORDER).index("queue") == 6
+        assert "gpu" in page.evaluate(WIDE)
         _reload(page)
         assert page.evaluate(HIDDEN) == ["loss", "ram"] and page.evaluate(ORDER).index("queue") == 6
         page.click("#layout")
         page.click("#layout-reset")
         assert page.evaluate(ORDER) == DEFAULT and page.evaluate(HIDDEN) == []
+        assert sorted(page.evaluate(WIDE)) == sorted(DEFAULT_WIDE)
         assert page.evaluate("localStorage.getItem('ut-layout')") is None
         assert page.is_disabled("#layout-reset") and page.evaluate("document.activeElement.id") == "layout-show-training"
         assert page.text_content("#layout-count") == "" and not page.is_visible("#layout-count")
@@ -152,13 +169,20 @@ def test_a_broken_or_older_saved_layout_is_read_safely(browser, server):
         _reload(page)
         assert page.evaluate(ORDER) == DEFAULT and page.evaluate(HIDDEN) == []
         # Saved by another version of the page: a panel gone (dropped), panels it did not have (put back
-        # after the panel that precedes them by default), repeated ids (once).
+        # after the panel that precedes them by default, at their default width), repeated ids (once),
+        # no widths saved (the defaults).
         page.evaluate("localStorage.setItem('ut-layout', JSON.stringify("
                       "{order: ['ckpt', 'gone', 'loss', 'ckpt'], hidden: ['gone', 'ram', 'ram']}))")
         _reload(page)
         assert page.evaluate(ORDER) == ["training", "ckpt", "loss", "stability", "accuracy", "examples", "ram",
                                         "gpu", "queue"]
-        assert page.evaluate(HIDDEN) == ["ram"]
+        assert page.evaluate(HIDDEN) == ["ram"] and sorted(page.evaluate(WIDE)) == sorted(DEFAULT_WIDE)
+        # Widths saved for the panels that layout knew: Loss made narrow stays narrow, the panels it
+        # did not know (Training, Stability, ...) keep their default width.
+        page.evaluate("localStorage.setItem('ut-layout', JSON.stringify({order: ['loss', 'ram'], hidden: [],"
+                      " wide: ['ram']}))")
+        _reload(page)
+        assert sorted(page.evaluate(WIDE)) == sorted(["training", "ram", "stability", "accuracy", "examples"])
         assert not [p for p in problems if "page error" in p], problems
     finally:
         ctx.close()
@@ -173,7 +197,7 @@ def test_layout_screenshots(browser, server, theme, width, height, name):
             page.click("#theme")
         page.evaluate("localStorage.setItem('ut-layout', JSON.stringify("
                       "{order: ['accuracy', 'training', 'queue', 'ram', 'loss', 'stability', 'examples', 'gpu', 'ckpt'],"
-                      " hidden: ['gpu', 'examples']}))")
+                      " hidden: ['gpu', 'examples'], wide: ['accuracy', 'training', 'loss', 'stability', 'ckpt']}))")
         _reload(page)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
         ARTIFACTS.mkdir(exist_ok=True)

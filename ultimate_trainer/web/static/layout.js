@@ -1,5 +1,5 @@
-// The monitor page's panel layout: the cards of <main class="grid"> can be hidden, shown and
-// reordered, the choice is kept in this browser (localStorage "ut-layout", like the theme's
+// The monitor page's panel layout: the cards of <main class="grid"> can be hidden, shown, reordered
+// and made wide (two grid columns) or narrow, the choice is kept in this browser (localStorage "ut-layout", like the theme's
 // "ut-theme"), and one button restores the page's own layout.
 //
 // Keyboard first: every action is a labelled button or checkbox (no drag), the control that moved a
@@ -13,6 +13,7 @@ const UTLayout = (() => {
   const cards = () => [...grid.children].filter(e => e.matches("section.card[id]"));
   const byId = id => document.getElementById(id);
   const DEFAULT = cards().map(c => c.id);  // the page's own order, before any saved layout is applied
+  const DEFAULT_WIDE = cards().filter(c => c.classList.contains("span2")).map(c => c.id);
 
   // "📉 Loss" -> "Loss": the heading's own text, without the icon or the trend tag after it.
   function title(card) {
@@ -22,7 +23,7 @@ const UTLayout = (() => {
   }
 
   // A saved layout against the panels this page has: unknown ids dropped, panels it does not know
-  // (a newer page) put back after the panel that precedes them by default.
+  // (a newer page) put back after the panel that precedes them by default, at their default width.
   function normalize(saved) {
     const known = new Set(DEFAULT);
     const order = (Array.isArray(saved && saved.order) ? saved.order : []).filter(
@@ -33,19 +34,24 @@ const UTLayout = (() => {
       order.splice(before === undefined ? 0 : order.indexOf(before) + 1, 0, id);
     });
     const hidden = (Array.isArray(saved && saved.hidden) ? saved.hidden : []).filter(id => known.has(id));
-    return {order, hidden: [...new Set(hidden)]};
+    const savedOrder = Array.isArray(saved && saved.order) ? saved.order : [];
+    const wide = Array.isArray(saved && saved.wide)
+      ? DEFAULT.filter(id => saved.wide.includes(id) || (!savedOrder.includes(id) && DEFAULT_WIDE.includes(id)))
+      : [...DEFAULT_WIDE];
+    return {order, hidden: [...new Set(hidden)], wide};
   }
 
   function load() {
     try { return normalize(JSON.parse(localStorage.getItem(KEY))); } catch (e) { return normalize(null); }
   }
 
-  const isDefault = l => !l.hidden.length && l.order.every((id, i) => id === DEFAULT[i]);
+  const isDefault = l => !l.hidden.length && l.order.every((id, i) => id === DEFAULT[i])
+    && l.wide.length === DEFAULT_WIDE.length && l.wide.every(id => DEFAULT_WIDE.includes(id));
 
   function save(l) {
     try {
       if (isDefault(l)) localStorage.removeItem(KEY);
-      else localStorage.setItem(KEY, JSON.stringify({version: 1, order: l.order, hidden: l.hidden}));
+      else localStorage.setItem(KEY, JSON.stringify({version: 1, order: l.order, hidden: l.hidden, wide: l.wide}));
     } catch (e) { /* private mode: not remembered */ }
   }
 
@@ -54,7 +60,10 @@ const UTLayout = (() => {
 
   function apply() {
     for (const id of layout.order) grid.appendChild(byId(id));
-    for (const c of cards()) c.hidden = layout.hidden.includes(c.id);
+    for (const c of cards()) {
+      c.hidden = layout.hidden.includes(c.id);
+      c.classList.toggle("span2", layout.wide.includes(c.id));
+    }
     if (!empty) {
       empty = document.createElement("p");
       empty.id = "layout-empty";
@@ -100,6 +109,13 @@ const UTLayout = (() => {
            `${title(byId(id))} ${shown ? "shown" : "hidden"}`);
   }
 
+  function setWide(id, wide) {
+    change(() => { layout.wide = wide ? DEFAULT.filter(p => p === id || layout.wide.includes(p))
+                                      : layout.wide.filter(p => p !== id); },
+           `${title(byId(id))} ${wide ? "wide" : "narrow"}`);
+    byId("layout-wide-" + id).focus();
+  }
+
   function button(text, label, onClick) {
     const b = document.createElement("button");
     b.type = "button";
@@ -132,8 +148,13 @@ const UTLayout = (() => {
       down.dataset.move = "1";
       up.disabled = i === 0;
       down.disabled = i === layout.order.length - 1;
+      const isWide = layout.wide.includes(id);
+      const wide = button("⇔", `Wide ${name}`, () => setWide(id, !isWide));
+      wide.id = "layout-wide-" + id;
+      wide.setAttribute("aria-pressed", String(isWide));
+      wide.title = `${name}: ${isWide ? "wide (two columns); press for narrow" : "narrow (one column); press for wide"}`;
       li.classList.toggle("off", !box.checked);
-      li.append(box, label, up, down);
+      li.append(box, label, wide, up, down);
       return li;
     }));
     byId("layout-reset").disabled = isDefault(layout);
