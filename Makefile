@@ -28,11 +28,12 @@ $(VENV)/.stamp-setup: requirements.txt Makefile
 $(VENV)/.stamp-dev: $(VENV)/.stamp-setup requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	@# The browser tests drive Debian's Chromium (Playwright's own browser download is not used);
-	@# the metrics test checks /metrics with Debian's promtool (package prometheus; its service is not started).
-	@{ command -v chromium && command -v promtool; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	@# the metrics test checks /metrics with Debian's promtool (package prometheus; its service is not started);
+	@# the deploy tests check the systemd unit with systemd-analyze (package systemd; nothing is started).
+	@{ command -v chromium && command -v promtool && command -v systemd-analyze; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
-	    fonts-noto-color-emoji fonts-noto-cjk prometheus >/dev/null; } ; } || \
-	  echo "note: chromium or promtool not installed; those tests will be skipped (apt-get install chromium prometheus)"
+	    fonts-noto-color-emoji fonts-noto-cjk prometheus systemd >/dev/null; } ; } || \
+	  echo "note: chromium, promtool or systemd-analyze not installed; those tests will be skipped (apt-get install chromium prometheus systemd)"
 	@touch $@
 
 demo: setup

@@ -23,7 +23,7 @@ from ultimate_trainer.core.checkpoints import mark_complete
 from ultimate_trainer.core.status import pid_alive
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.daemon.loop import Daemon
-from ultimate_trainer.daemon.cli import prune_checkpoints
+from ultimate_trainer.daemon.cli import daemon_running, prune_checkpoints
 from ultimate_trainer.daemon.journal import RunRecord
 
 HELPER = REPO / "tests" / "_daemon_helpers.py"
@@ -248,6 +248,28 @@ def test_stop_file_stops_the_daemon(proj: Path) -> None:
     code, out = finish(p)
     assert code == 0, out
     assert not (proj / ".stop").exists() and (proj / "queue" / "processing" / "a.jsonl").exists()
+
+
+def test_stop_wait_returns_once_the_daemon_has_saved_and_exited(proj: Path) -> None:
+    (proj / "inbox" / "a.jsonl").write_text(lines(40, "a"))
+    p = start(proj, env={"FAKE_STEP_SECONDS": "0.1"})
+    wait_for(lambda: len(steps(proj)) >= 1)
+    r = subprocess.run(daemon_cmd(proj, "--stop", "--wait"), cwd=proj, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "the daemon has stopped" in r.stdout, r.stdout + r.stderr
+    # By the time --wait returns, the daemon wrote its last status and let go of the queue lock.
+    assert json.loads((proj / "status" / "daemon_status.json").read_text())["state"] == "stopped"
+    assert not daemon_running(config_mod.from_dict({"paths": {"root": str(proj)}}))
+    code, out = finish(p)
+    assert code == 0, out
+    assert (proj / "queue" / "processing" / "a.jsonl").exists() and len(steps(proj)) < 40
+    # Nothing to stop: one line, exit 1 (systemd's ExecStop runs it with '-', so that is no failure).
+    r = subprocess.run(daemon_cmd(proj, "--stop", "--wait"), cwd=proj, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no daemon is running here" in r.stdout
+
+
+def test_wait_without_stop_is_a_usage_error(proj: Path) -> None:
+    r = subprocess.run(daemon_cmd(proj, "--wait"), cwd=proj, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--wait goes with --stop" in r.stderr
 
 
 def test_crashing_trainer_backs_off_splits_then_fails_files(proj: Path) -> None:

@@ -152,7 +152,7 @@ def test_page_is_utf8_with_a_strict_csp_and_no_inline_script(live):
     scripts = re.findall(r"<script\b[^>]*>", html)
     assert scripts and all("src=" in s for s in scripts)
     assert "http://" not in html and "https://" not in html  # works offline: nothing from a CDN
-    for name in ("app.js", "charts.js", "style.css"):
+    for name in ("app.js", "charts.js", "layout.js", "style.css", "layout.css"):
         assert get(live, f"/static/{name}").status_code == 200
 
 

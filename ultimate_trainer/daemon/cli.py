@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,25 @@ def daemon_running(cfg: Config) -> bool:
         os.close(fd)
 
 
-def request_stop_file(cfg: Config) -> int:
-    """``daemon.py --stop``: ask a running daemon to stop gracefully (it polls for the file)."""
+WAIT_POLL_SECONDS = 0.5
+
+
+def request_stop_file(cfg: Config, wait: bool = False) -> int:
+    """``daemon.py --stop [--wait]``: ask a running daemon to stop gracefully (it polls for the file).
+
+    With ``wait``, return only once the daemon has exited (its queue lock is free): its run saved a
+    checkpoint and its servers stopped. systemd's ``ExecStop=`` uses this, so the unit is stopped
+    only when nothing is left to save; a caller's own time limit (``TimeoutStopSec=``) bounds it.
+    """
     if not daemon_running(cfg):
         print("no daemon is running here")
         return 1
     (cfg.path("root") / STOP_FILE).touch()
-    print(f"asked the daemon to stop ({cfg.path('root') / STOP_FILE}); it saves a checkpoint first")
+    print(f"asked the daemon to stop ({cfg.path('root') / STOP_FILE}); it saves a checkpoint first", flush=True)
+    if wait:
+        while daemon_running(cfg):
+            time.sleep(WAIT_POLL_SECONDS)
+        print("the daemon has stopped")
     return 0
 
 
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
     ap.add_argument("--once", action="store_true", help="process everything in the inbox, then exit")
     ap.add_argument("--consolidate-now", action="store_true", help="merge the adapter into the base at the first idle moment")
     ap.add_argument("--stop", action="store_true", help="ask the running daemon to stop gracefully, then exit")
+    ap.add_argument("--wait", action="store_true",
+                    help="with --stop: return only once the daemon has saved and exited")
     ap.add_argument("--prune-checkpoints", type=int, metavar="KEEP", default=None,
                     help="delete all but the newest KEEP checkpoints (never one a consolidation needs), then exit")
     ap.add_argument("--rollback-consolidation", action="store_true",
@@ -100,11 +115,13 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
                          "on the previous base, the global step going on; then exit")
     args = ap.parse_args(argv)
     setup_logging()
+    if args.wait and not args.stop:
+        ap.error("--wait goes with --stop")
     cfg = config_or_none(args)
     if cfg is None:
         return 2
     if args.stop:
-        return request_stop_file(cfg)
+        return request_stop_file(cfg, wait=args.wait)
     if args.rollback_consolidation:
         return rollback_consolidation(cfg)
     if args.prune_checkpoints is not None:

@@ -4,7 +4,7 @@ Routes:
 
 - ``GET /``                 the page (static HTML; its script and style are static files, so the CSP
                             needs no 'unsafe-inline')
-- ``GET /static/<file>``    app.js, charts.js, style.css, favicon.svg
+- ``GET /static/<file>``    app.js, charts.js, layout.js (the panel layout), style.css, layout.css, favicon.svg
 - ``GET /api/state``        the status files merged (see ``state.build_state``), with accuracy per skill
                             (``skills.py``) and the workbench's port for the link; polled every refresh
 - ``GET /api/history``      downsampled whole-history series for the loss and accuracy charts
