@@ -325,3 +325,32 @@ def test_no_read_route_answers_500_or_a_traceback(http, served):
             text = "" if "event-stream" in r.headers.get("content-type", "") else r.read().decode("utf-8", "replace")
             assert r.status_code < 500, (path, r.status_code, text[:200])
             assert "traceback" not in text.lower() and 'file "/' not in text.lower(), (path, text[:300])
+
+
+def test_a_failure_behind_the_guard_leaves_no_exception_text(tmp_path):
+    """Whatever fails behind the guard (an exception, a 5xx with a traceback in its body) answers a
+    short JSON error with its status, never the text."""
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    from ultimate_trainer.core.hosts import allowed_hosts
+    from ultimate_trainer.workbench.guard import Guard
+
+    inner = FastAPI()
+
+    @inner.post("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret detail")
+
+    @inner.get("/leak")
+    def leak() -> PlainTextResponse:
+        return PlainTextResponse('Traceback (most recent call last):\n  File "/secret.py"', status_code=503)
+
+    up = Uploads(tmp_path / "uploads")
+    up.prepare()
+    with UvicornThread(Guard(inner, allowed_hosts("127.0.0.1"), up, set(), set(), {"/boom"})) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/boom", json={})
+        assert r.status_code == 500 and r.json() == {"error": "internal server error", "status": 500}
+        r = c.get("/leak")
+        assert r.status_code == 503 and r.json() == {"error": "service unavailable", "status": 503}

@@ -343,7 +343,8 @@ def create_app(cfg: Config, status_dir: str | Path, bind_host: str = "127.0.0.1"
     own_writes = {r.path for r in api.routes if isinstance(r, APIRoute) and set(r.methods) - {"GET", "HEAD"}}
     app = gr.mount_gradio_app(api, ui, path="", server_name=bind_host, theme=theme, ssr_mode=False,
                               mcp_server=False, pwa=False, footer_links=["api"], run_history=False,
-                              max_file_size=MAX_UPLOAD_BYTES, enable_monitoring=False)
+                              max_file_size=MAX_UPLOAD_BYTES, enable_monitoring=False,
+                              show_error=False)  # an unexpected exception's text stays in the log
     fns = ui.fns.values()
     return Guard(app, allowed_hosts(bind_host, extra_hosts), uploads, {fn._id for fn in fns},
                  {fn.api_name for fn in fns if isinstance(fn.api_name, str)}, own_writes)

@@ -20,7 +20,7 @@ passes these checks first, in this order:
    else is refused before Gradio opens or copies it. ``/gradio_api/file=...`` serves only those
    uploads.
 6. Answers: CORS headers never leave (the page is same-origin and needs none); an exception or a
-   5xx from Gradio leaves as a short JSON error without its text (logged here instead).
+   5xx from Gradio leaves as a short JSON error with its status and without its text (logged here).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import shutil
 import threading
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,13 @@ HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-re
 
 def _error(status: int, message: str) -> tuple[int, bytes]:
     return status, json.dumps({"error": message, "status": status}).encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return "server error"
 
 
 class Refused(Exception):
@@ -393,7 +401,7 @@ class Guard:
                         log.warning("%s %s: Gradio answered %d", scope.get("method"), scope.get("path"),
                                     state["status"])
                         state["failed"] = False
-                        await self._respond(send, *_error(500, "internal error"))
+                        await self._respond(send, *_error(state["status"], _phrase(state["status"])))
                         state["started"] = True
                     return
                 if upload and state["status"] == 200:
@@ -407,7 +415,7 @@ class Guard:
         except Exception:
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if not state["started"]:
-                await self._respond(send, *_error(500, "internal error"))
+                await self._respond(send, *_error(500, _phrase(500)))
 
     def _record_upload(self, body: bytes) -> None:
         try:
