@@ -242,19 +242,22 @@ def test_old_uploads_and_strays_are_swept(tmp_path):
 def test_a_closed_session_s_uploads_are_removed(served, http, fns):
     _, srv, _ = served
     path = upload(http, b'{"prompt": "h?", "response": "h"}\n', "closing.jsonl").json()[0]
-    opened = threading.Event()
+    opened, used = threading.Event(), threading.Event()
 
     def heartbeat() -> None:  # the page keeps this stream open; closing the tab ends it
         with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("GET", "/gradio_api/heartbeat/closing") as r:
-            opened.set()
             next(r.iter_bytes())
+            opened.set()
+            used.wait(60)  # the tab closes once the session has used its upload
 
     t = threading.Thread(target=heartbeat)
     t.start()
     assert opened.wait(60)
     assert evaluate_join(http, fns, path, "closing").status_code == 200
+    assert os.path.exists(path)
+    used.set()
     t.join(60)
-    wait_for(lambda: not os.path.exists(path), timeout=60)
+    wait_for(lambda: not os.path.exists(path), timeout=120)
 
 
 # --------------------------------------------------------------------------- malformed requests

@@ -239,8 +239,9 @@ def _is_int(x: Any) -> bool:
 class Guard:
     """ASGI middleware in front of the workbench (see the module's docstring for the rules).
 
-    ``events``: Gradio's event ids (``fn_index``) and API names; ``own_writes``: the paths of the
-    workbench's own non-Gradio routes that accept writes (they get the Host and Origin rules too).
+    ``fn_ids``, ``api_names``: the page's Gradio events (``fn_index``) and API names; ``own_writes``:
+    the paths of the workbench's own non-Gradio routes that accept writes (they pass the Host and
+    same-origin rules and the body bound like the rest, and check their bodies themselves).
     """
 
     def __init__(self, app: Any, hosts: frozenset[str], uploads: Uploads, fn_ids: set[int],
