@@ -246,7 +246,8 @@ def test_a_closed_session_s_uploads_are_removed(served, http, fns):
 
     def heartbeat() -> None:  # the page keeps this stream open; closing the tab ends it
         with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream("GET", "/gradio_api/heartbeat/closing") as r:
-            next(r.iter_bytes())
+            chunks = r.iter_bytes()  # kept: a dropped iterator would close the stream at once
+            next(chunks)
             opened.set()
             used.wait(60)  # the tab closes once the session has used its upload
 
@@ -357,3 +358,16 @@ def test_a_failure_behind_the_guard_leaves_no_exception_text(tmp_path):
         assert r.status_code == 500 and r.json() == {"error": "internal server error", "status": 500}
         r = c.get("/leak")
         assert r.status_code == 503 and r.json() == {"error": "service unavailable", "status": 503}
+
+
+def test_uploads_unused_for_their_time_are_swept_while_the_server_runs(tmp_path, monkeypatch):
+    from ultimate_trainer.workbench import app as wb_app
+
+    monkeypatch.setattr(wb_app, "SWEEP_EVERY_S", 0.2)
+    cfg = load_config(light_project(tmp_path / "p", checkpoints=0))
+    guard = wb_app.create_app(cfg, cfg.path("status"))
+    with UvicornThread(guard) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        path = upload(c).json()[0]
+        assert os.path.exists(path)
+        guard.uploads.max_age = 0  # every upload is now past its time
+        wait_for(lambda: not os.path.exists(path), timeout=60)

@@ -40,6 +40,8 @@ from ultimate_trainer.workbench import models as wm
 
 log = logging.getLogger(__name__)
 
+SWEEP_EVERY_S = 600  # how often uploads unused for an hour are looked for
+
 SET_HELDOUT, SET_EVAL_FILE, SET_UPLOAD = "held-out (recorded by training)", "data.eval_file", "uploaded JSONL"
 
 
@@ -325,7 +327,16 @@ def create_app(cfg: Config, status_dir: str | Path, bind_host: str = "127.0.0.1"
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Any) -> Any:
+        import asyncio
+
+        async def sweeper() -> None:  # also swept at each upload
+            while True:
+                await asyncio.sleep(SWEEP_EVERY_S)
+                uploads.sweep()
+
+        task = asyncio.create_task(sweeper())
         yield
+        task.cancel()
         uploads.close()  # the server stops: no upload is needed any more
 
     api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
