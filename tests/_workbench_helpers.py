@@ -125,3 +125,20 @@ def raw_get(port: int, path: str, host_header: str) -> tuple[int, str]:
 
 def dumps(x: Any) -> str:
     return json.dumps(x, ensure_ascii=False)
+
+
+def light_project(root: Path, checkpoints: int = 2) -> Path:
+    """A project without any model: a base that does not exist and ``checkpoints`` sealed but empty
+    checkpoint folders (listed in the pickers; loading one fails). For the guard's tests, which need
+    the page and its routes, never an answer. Returns the config path."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.json"
+    config.write_text(json.dumps({"base_model": str(root / "no-model"), "load_in_4bit": False,
+                                  "paths": {"root": str(root)}, "training": {"device": "cpu"}}))
+    for step in range(1, checkpoints + 1):
+        path = root / "checkpoints" / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        ck.mark_complete(path, {"global_step": step, "run_id": "r1", "run_step": step, "run_total_steps": step,
+                                "run_complete": True, "files": [], "base_model": str(root / "no-model"),
+                                "load_in_4bit": False})
+    return config

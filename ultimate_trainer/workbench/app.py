@@ -12,9 +12,12 @@ Tabs, and the API names ``gradio_client`` drives them by:
 - **Lineage** (``/lineage``, ``/lineage_model``, ``/lineage_file``): the input files behind each
   checkpoint and consolidation, and the models behind each file (core/lineage.py).
 
-Served by uvicorn from a FastAPI app with the Gradio app mounted at ``/`` and wrapped in a Host-header
-guard (core/hosts.py): loopback by default, no share link, analytics off, no fonts or scripts from
-the network. Texts from data and models are shown as text (no Markdown or HTML rendering).
+Served by uvicorn from a FastAPI app with the Gradio app mounted at ``/``, behind ``guard.Guard``
+(the Host and same-origin rules of core/hosts.py, the routes and bodies Gradio may see, the files it
+may read and serve, short JSON errors): loopback by default, no share link, analytics off, no fonts
+or scripts from the network. Uploads go to ``<paths.work>/workbench/uploads/<pid>/`` (at most
+4 MiB each) and are deleted after an hour unused, when their session ends and when the server stops.
+Texts from data and models are shown as text (no Markdown or HTML rendering).
 """
 
 from __future__ import annotations
@@ -28,16 +31,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.core.hosts import allowed_hosts, bind_error, strip_port
+from ultimate_trainer.core.hosts import allowed_hosts, bind_error
 from ultimate_trainer.core.lineage import Lineage
 from ultimate_trainer.workbench import evaluate as ev
 from ultimate_trainer.workbench import history as hist
+from ultimate_trainer.workbench.guard import MAX_UPLOAD_BYTES, Guard, Uploads
 from ultimate_trainer.workbench import models as wm
 
 log = logging.getLogger(__name__)
 
-HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-           (b"x-frame-options", b"DENY")]
+SWEEP_EVERY_S = 600  # how often uploads unused for an hour are looked for
+
 SET_HELDOUT, SET_EVAL_FILE, SET_UPLOAD = "held-out (recorded by training)", "data.eval_file", "uploaded JSONL"
 
 
@@ -82,9 +86,11 @@ def _shown(conv: list[dict[str, str]]) -> list[dict[str, str]]:
 class Workbench:
     """The page's handlers, over one config, one status folder and one model pool."""
 
-    def __init__(self, cfg: Config, status_dir: Path, pool: wm.ModelPool | None = None):
+    def __init__(self, cfg: Config, status_dir: Path, pool: wm.ModelPool | None = None,
+                 uploads: Uploads | None = None):
         self.cfg, self.status_dir = cfg, Path(status_dir)
         self.pool = pool or wm.ModelPool(cfg)
+        self.uploads = uploads  # None: no uploaded set is ever read
 
     # ----------------------------------------------------------------- chat
     def model_choices(self) -> list[tuple[str, str]]:
@@ -127,6 +133,9 @@ class Workbench:
         if set_kind == SET_UPLOAD:
             if not upload:
                 return (*empty, "upload a JSONL file first")
+            if self.uploads is None or self.uploads.inside(upload) is None:
+                # Never opened: only a file the upload route stored (the guard checked whose it is).
+                return (*empty, "only a JSONL file uploaded through this page can be evaluated")
             evalset = ev.read_set(Path(upload), self.cfg, Path(upload).name)
         elif set_kind == SET_EVAL_FILE:
             evalset = ev.eval_file_set(self.cfg)
@@ -288,48 +297,52 @@ def build_ui(wb: Workbench) -> Any:
                 lineage_tab.select(wb.lineage, None, [models_table, pick_model, pick_file], api_name="lineage")
                 pick_model.change(wb.lineage_model, pick_model, model_files, api_name="lineage_model")
                 pick_file.change(wb.lineage_file, pick_file, file_models, api_name="lineage_file")
+
+        def session_closed(request: Any) -> None:
+            """The tab closed (its heartbeat ended): the files its session uploaded are not needed."""
+            if wb.uploads is not None and request is not None and request.session_hash:
+                wb.uploads.release(request.session_hash)
+
+        session_closed.__annotations__["request"] = gr.Request  # how Gradio knows to pass the request
+        ui.unload(session_closed)
     return ui
 
 
 # --------------------------------------------------------------------------- serving
 
-class HostGuard:
-    """ASGI middleware: refuse a Host header that names neither localhost nor the bound address (403),
-    for plain requests and websockets alike, and add the usual security headers."""
-
-    def __init__(self, app: Any, hosts: frozenset[str]):
-        self.app, self.hosts = app, hosts
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
-        host = strip_port(raw)
-        if host not in self.hosts:
-            if scope["type"] == "websocket":
-                return await send({"type": "websocket.close", "code": 1008})
-            body = ('{"error": "Host %s is not served here", "status": 403}' % repr(host)[:200]
-                    .replace('"', "'")).encode()
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"application/json"), *HEADERS]})
-            return await send({"type": "http.response.body", "body": body})
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *HEADERS]
-            await send(message)
-
-        return await self.app(scope, receive, send_with_headers)
-
-
 def create_app(cfg: Config, status_dir: str | Path, bind_host: str = "127.0.0.1",
                extra_hosts: list[str] | None = None, pool: wm.ModelPool | None = None) -> Any:
-    """The ASGI app: FastAPI with the Gradio page at ``/`` behind the Host guard."""
+    """The ASGI app: FastAPI with the Gradio page at ``/``, behind the guard (workbench/guard.py)."""
+    import contextlib
+
+    uploads = Uploads(cfg.path("work") / "workbench" / "uploads")
+    # Gradio's upload and cache folder: read when the Blocks and the app are built, so set first.
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads.prepare())
     gr = _gradio()
     from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.routing import APIRoute
 
-    wb = Workbench(cfg, Path(status_dir), pool)
-    api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    wb = Workbench(cfg, Path(status_dir), pool, uploads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> Any:
+        import asyncio
+
+        async def sweeper() -> None:  # also swept at each upload
+            while True:
+                await asyncio.sleep(SWEEP_EVERY_S)
+                uploads.sweep()
+
+        task = asyncio.create_task(sweeper())
+        yield
+        task.cancel()
+        uploads.close()  # the server stops: no upload is needed any more
+
+    api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, lifespan=lifespan)
+    # A CORSMiddleware that allows no origin: Gradio then adds none of its own (its documented switch;
+    # its own echoes a foreign Origin when the Host is not a localhost alias, e.g. [::1]).
+    api.add_middleware(CORSMiddleware, allow_origins=[])
 
     @api.get("/health")
     def health() -> dict[str, Any]:
@@ -337,9 +350,15 @@ def create_app(cfg: Config, status_dir: str | Path, bind_host: str = "127.0.0.1"
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # no Google Fonts: works offline
-    app = gr.mount_gradio_app(api, build_ui(wb), path="", server_name=bind_host, theme=theme, ssr_mode=False,
-                              mcp_server=False, pwa=False, footer_links=["api"])
-    return HostGuard(app, allowed_hosts(bind_host, extra_hosts))
+    ui = build_ui(wb)
+    own_writes = {r.path for r in api.routes if isinstance(r, APIRoute) and set(r.methods) - {"GET", "HEAD"}}
+    app = gr.mount_gradio_app(api, ui, path="", server_name=bind_host, theme=theme, ssr_mode=False,
+                              mcp_server=False, pwa=False, footer_links=["api"], run_history=False,
+                              max_file_size=MAX_UPLOAD_BYTES, enable_monitoring=False,
+                              show_error=False)  # an unexpected exception's text stays in the log
+    fns = ui.fns.values()
+    return Guard(app, allowed_hosts(bind_host, extra_hosts), uploads, {fn._id for fn in fns},
+                 {fn.api_name for fn in fns if isinstance(fn.api_name, str)}, own_writes)
 
 
 def bind(host: str, port: int) -> socket.socket | None:
