@@ -41,3 +41,21 @@ def bind_error(name: str, host: str, port: int, e: OSError) -> str:
     if e.errno == errno.EADDRINUSE:
         return f"{name}: {host}:{port} is already in use; choose another with --port"
     return f"{name}: cannot listen on {host}:{port}: {e.strerror or e}"
+
+
+def origin_allowed(origin: str | None, hosts: frozenset[str]) -> bool:
+    """Whether a request's ``Origin`` header may drive a server (POSTs): the cross-site guard.
+
+    No header: not a browser's cross-origin request (curl, SDKs), allowed. ``null`` (a sandboxed frame,
+    a file:// page) and any origin whose host is not one ``allowed_hosts`` names: refused, so a page on
+    another site cannot make this machine generate (or export) through the user's browser.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    if "://" not in origin:
+        return False  # "null" and anything that is not scheme://host[:port]
+    scheme, rest = origin.split("://", 1)
+    if scheme not in ("http", "https") or not rest or "/" in rest:
+        return False
+    return strip_port(rest) in hosts
