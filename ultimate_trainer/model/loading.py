@@ -331,12 +331,13 @@ def load_inference_model(cfg: Config, base_path: str, adapter_dir: str | None, d
     """A model to answer with: the base (4-bit only when asked and on a GPU), plus a checkpoint's
     adapter when ``adapter_dir`` is given, in eval mode with the KV cache on."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     model = load_base_model(cfg, base_path, quantize=quantize and device == "cuda", device=device)
     if adapter_dir is not None:
         try:
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # missing, mismatched or corrupt files
             raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = True
     model.eval()
@@ -352,6 +353,7 @@ def load_merged(cfg: Config, base_path: str, adapter_dir: str | None, *, quantiz
     adapter attached, unmerged. Without an adapter: the base alone, in ``dtype``.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     base = load_base_model(cfg, base_path, quantize=quantized, device=device)
     if quantized:
@@ -364,7 +366,7 @@ def load_merged(cfg: Config, base_path: str, adapter_dir: str | None, *, quantiz
         return base
     try:
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
     if before_merge is not None:
         before_merge(model)

@@ -282,6 +282,10 @@ def create_app(cfg: Config, pool: Any, bind_host: str, *, api_key: str | None = 
         except ModelError as e:
             raise ApiError(503, f"the model cannot be loaded now: {e}", "server_error",
                            code="model_unavailable") from None
+        except Exception as e:  # damaged files, out of memory: this model is unavailable, the server is fine
+            log.exception("cannot load %s", name)
+            raise ApiError(503, f"the model cannot be loaded now: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                           "server_error", code="model_unavailable") from None
 
     def _generate(req: ChatRequest, stats: dict[str, Any]) -> str:
         text = ""
