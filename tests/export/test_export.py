@@ -266,13 +266,67 @@ def test_unknown_names_and_impossible_formats_are_one_line_errors(project, tmp_p
     assert "already exists" in capsys.readouterr().err
 
 
-def test_a_failed_export_leaves_no_folder_behind(project, tmp_path, monkeypatch):
-    cfg, _own = project
+def test_a_failed_export_leaves_no_folder_behind(tmp_path):
+    """A model the GGUF writer refuses midway (linear rope scaling) leaves neither the export nor its temp folder."""
+    model_dir = tiny_model(tmp_path / "model", "llama")
+    conf = json.loads((model_dir / "config.json").read_text())
+    theta = (conf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    conf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": theta}
+    (model_dir / "config.json").write_text(json.dumps(conf))
+    cfg = _project(tmp_path / "p", model_dir)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(to_gguf.GGUFExportError, match="rope scaling 'linear' is not supported"):
+        exporter.export(cfg, "checkpoint-4", "gguf", out=tmp_path / "out" / "x")
+    assert list((tmp_path / "out").iterdir()) == []
 
-    def boom(*a, **k):
-        raise to_gguf.GGUFExportError("simulated failure while writing")
 
-    monkeypatch.setattr(to_gguf, "write_gguf", boom)
-    with pytest.raises(to_gguf.GGUFExportError):
-        exporter.export(cfg, "checkpoint-4", "gguf", out=tmp_path / "x")
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.e2e
+def test_the_builtin_model_exported_as_gguf_answers_like_the_trainer_in_a_gguf_reader(tmp_path, builtin_model_dir):
+    """The real SmolLM2-135M-Instruct with a LoRA checkpoint: f16 GGUF, read by llama.cpp when installed
+    (else transformers' GGUF loader), gives the trainer's greedy tokens on held-out prompts."""
+    import torch
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = _project(tmp_path / "p", builtin_model_dir)
+    # A trained adapter's size, not the helper's deliberately loud one: at that size (changes 100x the
+    # weights) attention saturates and any two correct kernels pick different positions.
+    weights = cfg.path("checkpoints") / "checkpoint-4" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    own = ModelPool(cfg, capacity=1, threads=2).get("checkpoint-4")
+    base = ModelPool(cfg, capacity=1, threads=2).get("base")
+    out = exporter.export(cfg, "checkpoint-4", "gguf", quant="f16", out=tmp_path / "g").path
+    path = next(out.glob("*.gguf"))
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    if llama_cpp is None:
+        from transformers import AutoModelForCausalLM
+
+        reader = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32)
+    else:
+        reader = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, logits_all=True,
+                                 type_k=0, type_v=0)  # a float32 KV cache: llama.cpp's f16 default rounds
+    for messages in PROMPTS:
+        text = own.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = own.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            ours = own.model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):]
+            assert not torch.equal(own.model(torch.tensor([ids])).logits, base.model(torch.tensor([ids])).logits)
+        if llama_cpp is None:
+            with torch.inference_mode():
+                theirs = reader.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):]
+            assert theirs.tolist() == ours.tolist()
+        else:
+            import numpy as np
+
+            assert reader.tokenize(text.encode(), add_bos=False, special=True) == ids
+            reader.reset()
+            reader.eval(ids)
+            got: list[int] = []
+            while len(got) < len(ours):
+                got.append(int(np.argmax(reader.scores[reader.n_tokens - 1])))
+                reader.eval([got[-1]])
+            assert got == ours.tolist()
