@@ -330,3 +330,35 @@ def test_the_builtin_model_exported_as_gguf_answers_like_the_trainer_in_a_gguf_r
                 got.append(int(np.argmax(reader.scores[reader.n_tokens - 1])))
                 reader.eval([got[-1]])
             assert got == ours.tolist()
+
+
+def test_a_checkpoint_trained_on_the_4bit_base_is_merged_into_the_weights_it_computed_with(tmp_path):
+    """load_in_4bit: the base is loaded in NF4 as training had it, dequantized, then merged; the hf export
+    answers like the 4-bit base + adapter that was trained, and unlike a merge into the unquantized base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ultimate_trainer.core.status import atomic_write_json
+    from ultimate_trainer.model.loading import load_base_model, load_tokenizer
+
+    model_dir = tiny_model(tmp_path / "model", "llama")
+    cfg = _project(tmp_path / "p", model_dir)
+    marker = cfg.path("checkpoints") / "checkpoint-4" / "ut_checkpoint.json"
+    atomic_write_json(marker, {**json.loads(marker.read_text()), "load_in_4bit": True})
+    trained = PeftModel.from_pretrained(load_base_model(cfg, str(model_dir), quantize=True, device="cpu"),
+                                        cfg.path("checkpoints") / "checkpoint-4").eval()
+    out = exporter.export(cfg, "checkpoint-4", "hf", dtype="f32", out=tmp_path / "hf").path
+    assert json.loads((out / exporter.MANIFEST).read_text())["trained_in_4bit"] is True
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = load_tokenizer(str(model_dir))
+    text = tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        ours, theirs = trained(ids).logits[0], exported(ids).logits[0]
+        unquantized = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                                cfg.path("checkpoints") / "checkpoint-4")(ids).logits[0]
+    err = ((theirs - ours).norm() / ours.norm()).item()
+    assert err < 0.01  # the 4-bit kernels vs the same weights dequantized: float rounding only
+    assert ((unquantized - ours).norm() / ours.norm()).item() > 10 * err  # the quantization does show
