@@ -59,10 +59,12 @@ def count_parameters(model_dir: str | Path) -> int:
     """Parameters in a model folder's safetensors files, read from their headers (no weights loaded)."""
     from safetensors import safe_open
 
+    from ultimate_trainer.model.loading import weights_bytes
+
     total = 0
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{model_dir} holds no .safetensors weights")
+    if not files:  # .bin weights: assume 16-bit, the usual case
+        return weights_bytes(model_dir) // 2
     for f in files:
         with safe_open(f, "np") as st:
             for k in st.keys():
