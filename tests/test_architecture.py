@@ -17,7 +17,7 @@ from conftest import REPO, chat, write_jsonl
 
 import ultimate_trainer
 
-PROCESS_PACKAGES = ("trainer", "daemon", "web", "workbench")
+PROCESS_PACKAGES = ("trainer", "daemon", "web", "workbench", "export", "serve")
 
 
 def all_modules() -> list[str]:

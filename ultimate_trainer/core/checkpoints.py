@@ -244,3 +244,73 @@ def start_point(checkpoints_dir: str | Path, models_dir: str | Path) -> StartPoi
     if ckpt is not None:
         return StartPoint("checkpoint", ckpt.global_step, ckpt.meta.get("base_model"), checkpoint=ckpt)
     return StartPoint("fresh", floor, None)
+
+
+# --------------------------------------------------------------------------- models by name
+
+BASE, LATEST, ADOPTED, CONSOLIDATED = "base", "latest", "adopted", "consolidated/"
+MODEL_NAMES_HELP = ("base | latest (what training continues from) | adopted (the newest consolidation the gate "
+                    "accepted; the base while there is none) | checkpoint-<step> | consolidated/<name> or <name>")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model name resolved to folders: the base weights and, for a checkpoint, its adapter.
+
+    The one resolution the workbench, ``export.py`` and ``serve.py`` share; no torch here.
+    """
+
+    key: str           # the concrete key (``latest`` and ``adopted`` resolved): base, checkpoint-N, consolidated/<name>
+    label: str
+    base: str | None   # base weights folder; None: resolve the configured base_model
+    adapter: str | None
+    fingerprint: str   # changes when the model's files are replaced (cache key for loads and evaluations)
+    quantized: bool = False  # the adapter was trained on the 4-bit base
+    global_step: int = 0
+    base_name: str | None = None  # the configured base_model name the weights descend from (a Hub id, say)
+
+
+def _fingerprint(*parts: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def resolve_model(checkpoints_dir: str | Path, models_dir: str | Path, base_model: str, load_in_4bit: bool,
+                  key: str) -> ModelSpec:
+    """The folders behind a model name (``MODEL_NAMES_HELP``); ValueError for a name that names nothing (any more).
+
+    ``latest`` is resolved again at every call, so it follows new checkpoints; ``adopted`` follows new
+    consolidations (the gate's refusals live beside them, in ``.refused/``, and are never served).
+    """
+    key = (key or "").strip()
+    if key == LATEST:
+        start = start_point(checkpoints_dir, models_dir)
+        if start.kind == "checkpoint" and start.checkpoint is not None:
+            key = start.checkpoint.name
+        elif start.kind == "consolidation" and start.consolidation is not None:
+            key = CONSOLIDATED + start.consolidation.path.name
+        else:
+            key = BASE
+    elif key == ADOPTED:
+        cons = newest_consolidation(models_dir)
+        key = CONSOLIDATED + cons.path.name if cons is not None else BASE
+    if key == BASE:
+        return ModelSpec(BASE, f"base model {base_model}", None, None, _fingerprint("base", base_model),
+                         load_in_4bit, 0, base_model)
+    if CHECKPOINT_RE.match(key):
+        for c in list_complete(checkpoints_dir):
+            if c.name == key:
+                base = c.meta.get("base_model")
+                base = base if base and Path(base).is_dir() else None  # moved: resolve by name at load time
+                return ModelSpec(key, f"{c.name} (step {c.global_step})", base, str(c.path),
+                                 _fingerprint(c.path, c.meta.get("created_at")), bool(c.meta.get("load_in_4bit")),
+                                 c.global_step, c.meta.get("base_model_name") or base_model)
+        raise ValueError(f"no complete checkpoint named {key}")
+    name = key[len(CONSOLIDATED):] if key.startswith(CONSOLIDATED) else key
+    for c in list_consolidations(models_dir):
+        if c.path.name == name:
+            return ModelSpec(CONSOLIDATED + name, f"consolidated {name} (step {c.global_step})", str(c.path), None,
+                             _fingerprint(c.path, c.manifest.get("created_at")), False, c.global_step,
+                             c.manifest.get("base_model_name") or base_model)
+    raise ValueError(f"no model named {key!r}: use {MODEL_NAMES_HELP}")

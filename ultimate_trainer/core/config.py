@@ -239,6 +239,7 @@ class MonitorConfig:
     stats_port: int = _f(8081, "Port of the memory/GPU stats API.", min=1, max=65535)
     workbench_port: int = _f(8082, "Port of the model workbench (chat, compare, evaluate, history, lineage).",
                              min=1, max=65535)
+    serve_port: int = _f(8083, "Port of serve.py, the OpenAI-compatible API (docs/SERVING.md).", min=1, max=65535)
     workbench_models: int = _f(2, "Models the workbench keeps loaded at once; the least recently used is evicted.",
                                min=1, max=4)
     workbench_threads: int = _f(2, "CPU threads the workbench generates with (at low priority, beside training).",
@@ -393,6 +394,8 @@ def _contradictions(cfg: Config) -> list[str]:
         p.append("monitor.stats_port: must differ from monitor.port")
     if cfg.monitor.workbench_port in (cfg.monitor.port, cfg.monitor.stats_port):
         p.append("monitor.workbench_port: must differ from monitor.port and monitor.stats_port")
+    if cfg.monitor.serve_port in (cfg.monitor.port, cfg.monitor.stats_port, cfg.monitor.workbench_port):
+        p.append("monitor.serve_port: must differ from monitor.port, monitor.stats_port and monitor.workbench_port")
     if cfg.daemon.retry_initial_seconds > cfg.daemon.retry_max_seconds:
         p.append("daemon.retry_initial_seconds: must not exceed daemon.retry_max_seconds")
     if cfg.eval.max_new_tokens >= cfg.training.max_seq_length:

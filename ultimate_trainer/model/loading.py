@@ -331,13 +331,45 @@ def load_inference_model(cfg: Config, base_path: str, adapter_dir: str | None, d
     """A model to answer with: the base (4-bit only when asked and on a GPU), plus a checkpoint's
     adapter when ``adapter_dir`` is given, in eval mode with the KV cache on."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     model = load_base_model(cfg, base_path, quantize=quantize and device == "cuda", device=device)
     if adapter_dir is not None:
         try:
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # missing, mismatched or corrupt files
             raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = True
     model.eval()
     return model
+
+
+def load_merged(cfg: Config, base_path: str, adapter_dir: str | None, *, quantized: bool, device: str, dtype: Any,
+                before_merge: Any = None) -> Any:
+    """Base as trained + an adapter, merged into full-precision ``dtype`` weights (the daily merge, exports).
+
+    A base trained in 4-bit is loaded in 4-bit and dequantized, so the merge equals what was trained
+    (an adapter is never merged into 4-bit weights). ``before_merge`` is handed the base with the
+    adapter attached, unmerged. Without an adapter: the base alone, in ``dtype``.
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    base = load_base_model(cfg, base_path, quantize=quantized, device=device)
+    if quantized:
+        base = base.dequantize(dtype=dtype)  # the exact weights the 4-bit layers computed with
+        if hasattr(base.config, "quantization_config"):
+            del base.config.quantization_config
+    base = base.to(dtype)
+    if adapter_dir is None:
+        base.config.use_cache = True
+        return base
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
+    if before_merge is not None:
+        before_merge(model)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True  # the loader switched it off for training
+    return merged

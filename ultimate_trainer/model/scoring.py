@@ -329,18 +329,21 @@ def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batc
 
 
 def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0) -> Iterator[str]:
+                 temperature: float = 0.0, top_p: float = 1.0, stats: dict[str, Any] | None = None) -> Iterator[str]:
     """The model's answer to a chat, yielded as it grows (the whole text so far each time).
 
-    Greedy at ``temperature`` 0, else sampled. Generation runs in a helper thread that a streamer
-    feeds; it is joined before returning, also when the caller stops iterating early.
+    Greedy at ``temperature`` 0, else sampled; it stops at EOS or the template's end of turn.
+    Generation runs in a helper thread that a streamer feeds; it is joined before returning, also when
+    the caller stops iterating early. ``stats``, when given, receives ``prompt_tokens``,
+    ``completion_tokens`` and ``finish_reason`` (``stop`` or ``length``) once the answer is complete.
     """
     import threading
 
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id or tokenizer.eos_token_id)
+    gc = _greedy_config(model, max_new_tokens, tokenizer.pad_token_id or tokenizer.eos_token_id,
+                        stop_token_ids(tokenizer))
     if temperature > 0:
         gc.do_sample, gc.temperature, gc.top_p = True, temperature, top_p
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -354,11 +357,14 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
+    produced: list[tuple[int, int]] = []  # (new tokens, the last one)
+
     def work() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**enc, generation_config=gc, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Stop()]))
+                out = model.generate(**enc, generation_config=gc, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Stop()]))
+            produced.append((int(out.shape[1] - enc["input_ids"].shape[1]), int(out[0, -1])))
         except BaseException as e:  # reported to the caller below
             failure.append(e)
             streamer.end()
@@ -375,3 +381,8 @@ def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max
         thread.join()
     if failure:
         raise failure[0]
+    if stats is not None and produced:
+        n, last = produced[0]
+        stopped = last in (gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id])
+        stats.update(prompt_tokens=int(enc["input_ids"].shape[1]), completion_tokens=n,
+                     finish_reason="stop" if stopped or n < max_new_tokens else "length")

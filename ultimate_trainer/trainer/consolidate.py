@@ -53,25 +53,13 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
     ``before_merge`` is handed the base with the adapter attached, unmerged (the gate scores the base
     with the adapter switched off there).
     """
-    from peft import PeftModel
-
-    from ultimate_trainer.model.loading import load_base_model, pick_device, resolve_base
+    from ultimate_trainer.model.loading import load_merged, pick_device, resolve_base
 
     device = device or pick_device(cfg)
     base_path = ckpt.meta.get("base_model") or resolve_base(cfg)
     quantized = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
-    dtype = _merged_dtype(device)
-    base = load_base_model(cfg, str(base_path), quantize=quantized, device=device)
-    if quantized:
-        base = base.dequantize(dtype=dtype)  # the exact weights the 4-bit layers computed with
-        if hasattr(base.config, "quantization_config"):
-            del base.config.quantization_config
-    base = base.to(dtype)
-    model = PeftModel.from_pretrained(base, str(ckpt.path), is_trainable=False)
-    if before_merge is not None:
-        before_merge(model)
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True  # the loader switched it off for training
+    merged = load_merged(cfg, str(base_path), str(ckpt.path), quantized=quantized, device=device,
+                         dtype=_merged_dtype(device), before_merge=before_merge)
     return merged, str(base_path)
 
 

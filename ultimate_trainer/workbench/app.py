@@ -34,6 +34,7 @@ from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.hosts import allowed_hosts, bind_error
 from ultimate_trainer.core.lineage import Lineage
 from ultimate_trainer.workbench import evaluate as ev
+from ultimate_trainer.workbench import exporting
 from ultimate_trainer.workbench import history as hist
 from ultimate_trainer.workbench.guard import MAX_UPLOAD_BYTES, Guard, Uploads
 from ultimate_trainer.workbench import models as wm
@@ -297,6 +298,7 @@ def build_ui(wb: Workbench) -> Any:
                 lineage_tab.select(wb.lineage, None, [models_table, pick_model, pick_file], api_name="lineage")
                 pick_model.change(wb.lineage_model, pick_model, model_files, api_name="lineage_model")
                 pick_file.change(wb.lineage_file, pick_file, file_models, api_name="lineage_file")
+            exporting.build_tab(gr, wb.cfg, wb.model_choices)
 
         def session_closed(request: Any) -> None:
             """The tab closed (its heartbeat ended): the files its session uploaded are not needed."""
