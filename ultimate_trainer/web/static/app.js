@@ -296,6 +296,8 @@ function renderCharts(h) {
   UTCharts.drawChart($("loss-chart"), [
     {points: steps.map(p => [p.global_step, p.loss]), cls: "s1"},
     {points: evals.map(p => [p.global_step, p.val_loss]), cls: "s2", dots: true},
+    // steps whose update the guard skipped (a non-finite loss has no point: it is null)
+    {points: steps.filter(p => p.skipped).map(p => [p.global_step, p.loss]), cls: "s5", dotsOnly: true},
   ], {empty: "no steps logged yet"});
   UTCharts.drawChart($("gn-chart"), [
     {points: steps.map(p => [p.global_step, p.grad_norm]), cls: "s1"},
