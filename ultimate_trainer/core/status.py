@@ -12,6 +12,7 @@ history/steps.jsonl         train.py            one line per logged optimizer st
 history/evals.jsonl         train.py            one line per evaluation (append)
 history/examples.jsonl      train.py            one line per scored held-out answer (append)
 history/anomalies.jsonl     train.py            one line per step the divergence guard skipped (append)
+history/guard_window.json   train.py            the guard's last accepted steps, judged from by the next run
 history/memory.jsonl        memory_stats_api    one RAM/GPU sample every 30 s (append)
 reports/<file>.report.json  train.py            per input file: counts and bad lines
 ==========================  ==================  ===========================================
@@ -49,6 +50,7 @@ EXAMPLES_HISTORY = "history/examples.jsonl"
 ANOMALIES_HISTORY = "history/anomalies.jsonl"
 PROBE_HISTORY = "history/probe.jsonl"
 PROBE_BASELINE = "history/probe_baseline.json"
+GUARD_WINDOW = "history/guard_window.json"  # the divergence guard's accepted steps, for the next run
 REPORTS_DIR = "reports"
 
 TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")
