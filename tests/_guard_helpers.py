@@ -8,6 +8,7 @@ token to it and word salad ~10, as a real model sees its own language and noise.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def salad_records(n: int, tokenizer: Any, seed: int = 1, words: int = 24) -> lis
     return [chat(salad() + "?", salad() + ".") for _ in range(n)]
 
 
-def pretrain_tiny(out: Path, tokenizer_dir: Path, steps: int = 300, seed: int = 0) -> Path:
+def pretrain_tiny(out: Path, tokenizer_dir: Path, steps: int = 60, seed: int = 0, batch: int = 8) -> Path:
     """A tiny Llama trained on ``normal_records`` (all weights), saved with the tokenizer to ``out``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -63,25 +64,30 @@ def pretrain_tiny(out: Path, tokenizer_dir: Path, steps: int = 300, seed: int = 
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred small steps: one thread beats oversubscribed cores
     model = LlamaForCausalLM(cfg)
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in normal_records(2000, seed=seed + 100)]
     ids = [tok(t)["input_ids"] for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = random.Random(seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.train()
     for _ in range(steps):
-        batch = rng.sample(ids, 16)
-        width = max(map(len, batch))
-        x = torch.full((len(batch), width), pad)
-        y = torch.full((len(batch), width), -100)
-        for i, b in enumerate(batch):
+        rows = rng.sample(ids, batch)
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), pad)
+        y = torch.full((len(rows), width), -100)
+        for i, b in enumerate(rows):
             x[i, :len(b)] = torch.tensor(b)
             y[i, :len(b)] = torch.tensor(b)
         loss = model(input_ids=x, attention_mask=(y != -100).long(), labels=y).loss
         loss.backward()
+        if os.environ.get("UT_PRETRAIN_VERBOSE"):
+            print("pretrain loss", round(loss.item(), 3), flush=True)
         opt.step()
         opt.zero_grad()
+    torch.set_num_threads(threads)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

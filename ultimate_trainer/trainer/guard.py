@@ -9,7 +9,7 @@ training loss (its micro-batches' losses summed, as the Trainer's ``compute_loss
 - so is a loss spike or growth (``stability.SpikeRule``): a loss far above what the step's mix of
   sources (this run's files, replay, rehearsal) predicts from the recent accepted steps, of this
   run and of earlier ones (``history/guard_window.json``), or more than ``guard.max_growth`` times
-  the lowest level of this run.
+  the lowest level of this run, or above 1.25 x ln(vocabulary): worse than a uniform guess.
 
 An anomalous step's update is skipped exactly: every gradient is set to ``None``, and PyTorch's
 optimizers (AdamW, and bitsandbytes' 8-bit ones) leave a parameter without a gradient untouched:
@@ -89,6 +89,12 @@ class GuardCallback(TrainerCallback):
         """One training micro-batch's loss (``hf.ContinuousTrainer.loss_observers``)."""
         loss = loss.float()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, **kw: Any):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 1:
+            self.rule.chance = math.log(vocab)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         self._loss_sum = None

@@ -13,7 +13,10 @@ shared sources and the spread come from earlier runs too (``history/guard_window
 is judged from its first steps; the level of this run's own files is known after
 ``guard.min_run_steps`` steps. Whatever the spread, a step whose loss is more than
 ``guard.max_growth`` times what the lowest levels of this run predict is an anomaly (a learning
-rate that makes the loss climb tenfold).
+rate that makes the loss climb tenfold), and from the very first step so is a loss above
+``CHANCE_MARGIN * ln(vocabulary size)``: a model that does worse than a uniform guess over its
+vocabulary has been broken, whatever data it reads (a pretrained model scores ordinary text far
+below that; a randomly initialised one sits at ``ln(vocabulary)``, under the margin).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def culprits(events: list[dict[str, Any]]) -> list[str]:
 USER = "user"  # this run's own files
 SOURCES = (USER, "replay", "rehearsal", "earlier")  # earlier: earlier runs' own files (from their history)
 HUBER = 1.5  # residuals beyond this many spreads weigh less in the fit (robust to a spike the window kept)
+CHANCE_MARGIN = 1.25  # a loss above 1.25 * ln(vocabulary) is worse than guessing: broken weights
 GROWTH_LEVEL_FLOOR = 0.1  # nats/token: below it a level is "memorised", and tenfold of it is not yet divergence
 
 
@@ -185,6 +189,7 @@ class SpikeRule:
     min_history: int
     min_run_steps: int
     max_growth: float
+    chance: float | None = None  # ln(vocabulary size): the loss of a uniform guess
     window: list[Observation] = field(default_factory=list)
     run_steps: float = 0.0  # this run's accepted steps' worth of its own files' tokens
     lowest: dict[str, float] = field(default_factory=dict)  # each source's lowest level seen in this run
@@ -195,16 +200,21 @@ class SpikeRule:
 
     def judge(self, loss: float, shares: dict[str, float]) -> Verdict:
         """Whether a finite step loss with these shares is a spike (or a growth), against the window."""
+        verdict = Verdict(None, None, None)
+        if self.chance:
+            verdict.threshold = CHANCE_MARGIN * self.chance
+            if loss > verdict.threshold:
+                verdict.kind = "loss above chance"
         fit = fit_levels(self.window)
         if fit is None:
-            return Verdict(None, None, None)
+            return verdict
         need = {USER: float(self.min_run_steps)}
-        expected = fit.predict(shares, need)
-        verdict = Verdict(None, None, expected)
+        expected = verdict.expected = fit.predict(shares, need)
         if expected is not None and len(self.window) >= max(1, self.min_history):
-            verdict.threshold = expected + self.k * max(fit.spread, RELATIVE_FLOOR * abs(expected))
-            if loss > verdict.threshold:
-                verdict.kind = "loss spike"
+            spike = expected + self.k * max(fit.spread, RELATIVE_FLOOR * abs(expected))
+            verdict.threshold = spike if verdict.threshold is None else min(verdict.threshold, spike)
+            if loss > spike:
+                verdict.kind = verdict.kind or "loss spike"
         floor = Fit(self.lowest, {k: math.inf for k in self.lowest}, 0.0).predict(shares)
         if floor is not None and self.run_steps >= self.min_run_steps:
             growth = self.max_growth * max(floor, GROWTH_LEVEL_FLOOR)
