@@ -91,3 +91,24 @@ def pretrain_tiny(out: Path, tokenizer_dir: Path, steps: int = 60, seed: int = 0
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+GUARD_MODEL_VERSION = "guard-tiny-v1"
+
+
+def cached_guard_model(cache_dir: Path, tokenizer_dir: Path) -> Path:
+    """``pretrain_tiny`` once per machine: kept under the model cache beside the built-in model."""
+    import shutil
+    import tempfile
+
+    out = cache_dir / GUARD_MODEL_VERSION
+    if (out / "config.json").exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{GUARD_MODEL_VERSION}.", dir=cache_dir))
+    pretrain_tiny(tmp, tokenizer_dir)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -191,6 +191,9 @@ class ConsolidationConfig:
                                   min=0.0, max=100.0)
     max_retention_drop: float = _f(0.05, "Retention (probe score / baseline) the candidate may lose against the "
                                    "current base.", min=0.0, max=1.0)
+    max_total_retention_drop: float = _f(0.1, "Retention the candidate may have lost since the original base, and "
+                                         "against the best base adopted since: a floor that thirty small "
+                                         "merges cannot ratchet down.", min=0.0, max=1.0)
     max_prompts: int = _f(40, "Held-out prompts (from queue/done/ and data.eval_file) the gate asks.", min=1)
     noise_answers: int = _f(1, "Answers the candidate may lose on each measure whatever the margins: on a small "
                             "probe or held-out set one answer is greedy decoding's noise, not forgetting.", min=0)
