@@ -168,12 +168,13 @@ class GuardCallback(TrainerCallback):
                 self.rule.accept(loss, shares)
                 self.run_losses.append(loss)
             self.flags.append(False)
-            self._publish(global_step)
+            self._publish(global_step, shares)
             return
         for p in params:  # an optimizer skips a parameter without a gradient: the update is not applied
             p.grad = None
         self.flags.append(True)
         self._record(global_step, kind, loss, gnorm, threshold, shares)
+        self._publish(global_step, shares)
 
     def _record(self, global_step: int, kind: str, loss: float | None, gnorm: float | None,
                 threshold: float | None, shares: dict[str, float]) -> None:
@@ -191,9 +192,8 @@ class GuardCallback(TrainerCallback):
             log.warning("step %d: %s (loss %s, grad norm %s%s): update skipped; files %s", global_step, kind,
                         event["loss"], event["grad_norm"], f", threshold {threshold:.4g}" if threshold else "",
                         ", ".join(described.get("files") or []) or "?")
-        self._publish(global_step)
 
-    def _publish(self, global_step: int) -> None:
+    def _publish(self, global_step: int, shares: dict[str, float]) -> None:
         recent = list(self.run_losses)[-self.cfg.slope_steps:]
         slope = loss_slope(recent)
         last = self.events[-1] if self.events else None
@@ -202,6 +202,7 @@ class GuardCallback(TrainerCallback):
             "score": stability_score(list(self.run_losses), sum(self.flags), self.cfg.window),
             "anomalies": self.reporter.anomalies_before + self.total,
             "anomalies_this_run": self.total,
+            "shares": {k: round(v, 4) for k, v in shares.items()},  # the last step's target tokens by source
             "last_anomaly": None if last is None else {k: last.get(k) for k in
                                                        ("global_step", "kind", "files", "loss", "grad_norm")},
         })

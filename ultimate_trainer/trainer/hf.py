@@ -178,7 +178,8 @@ class RunCallback(TrainerCallback):
         self.reporter.log_step({"global_step": state.global_step, "run_id": self.run_id,
                                 "epoch": round(self.run_step(state) / self.steps_per_epoch, 4),
                                 "files": self.files, **fields, **extra, "loss_slope": stability.get("loss_slope"),
-                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
+                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies"),
+                                "shares": stability.get("shares")})
 
 
 def evaluation_due(step: int, max_steps: int, every: int) -> bool:
