@@ -328,22 +328,25 @@ def test_a_guard_stop_under_torchrun_exits_5_and_records_each_anomaly_once(poiso
 
 # --------------------------------------------------------------------------- what a walked-away user drops in
 
-def test_word_salad_beside_normal_data_and_an_absurd_learning_rate_are_stopped(guard_model_dir, make_project,
-                                                                               tmp_path):
-    """With rehearsal mixed in (the shipped default), as the issue found it: the salad file trained at 0 anomalies."""
+def _walked_away_project(make_project, model_dir: Path, root: Path, lr: float, **lora) -> Path:
+    """The shipped mix (rehearsal 0.3 of each run), one example pair a step, the guard as shipped."""
+    from conftest import seed_rehearsal
+
+    cfg = make_project(model_dir, root=root, eval_steps=0, save_steps=1000, training__packing="off",
+                       training__learning_rate=lr, training__rehearsal_fraction=0.3, training__replay_fraction=0.0,
+                       data__heldout_fraction=0.0, **{f"lora__{k}": v for k, v in lora.items()})
+    seed_rehearsal(cfg, [chat("What colour is the apple?", "The apple is red.") for _ in range(30)])
+    return cfg
+
+
+def test_word_salad_beside_normal_data_fails_the_salad_file(guard_model_dir, make_project, tmp_path):
+    """As the issue found it (rehearsal mixed in, the shipped settings): the salad file trained at 0 anomalies."""
     from transformers import AutoTokenizer
 
     from _guard_helpers import normal_records, salad_records
-    from conftest import seed_rehearsal
 
-    def project(lr: float) -> Path:
-        return make_project(guard_model_dir, eval_steps=0, save_steps=1000, training__packing="off",
-                            training__learning_rate=lr, training__rehearsal_fraction=0.3,
-                            training__replay_fraction=0.0, data__heldout_fraction=0.0)
-
-    cfg = project(1e-3)
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1e-3)
     root = cfg.parent
-    seed_rehearsal(cfg, [chat("What colour is the apple?", "The apple is red.") for _ in range(30)])
     # 1. Ordinary varied lines: no alarm; the guard keeps its window for the next run.
     r = run_train(cfg, write_jsonl(tmp_path / "normal1.jsonl", normal_records(40, seed=11)))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -363,12 +366,27 @@ def test_word_salad_beside_normal_data_and_an_absurd_learning_rate_are_stopped(g
     assert len(events) == 3 and all("salad.jsonl" in e["files"] for e in events)
     steps = [json.loads(x) for x in (root / "status/history/steps.jsonl").read_text().splitlines()]
     skipped = [s for s in steps if s.get("skipped")]
-    assert {s["global_step"] for s in skipped} == {e["global_step"] for e in events}
+    # (the third anomaly stops the run in its own step, before the Trainer logs that step)
+    assert {s["global_step"] for s in skipped} == {e["global_step"] for e in events[:-1]}
     assert all(isinstance(s["loss"], float) and s["loss"] > 5 for s in skipped)  # the real loss, not 0.0
 
-    # 3. Learning rate 1.0 on ordinary lines: the loss leaves the model's range at once; the run stops.
-    cfg = project(1.0)
-    r = run_train(cfg, write_jsonl(tmp_path / "normal3.jsonl", normal_records(60, seed=13)))
+
+def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_model_dir, make_project, tmp_path):
+    """Learning rate 1.0 with a LoRA scaling of 32 (alpha 256, rank 8): the first update wrecks the model
+    (the loss of ordinary lines goes from ~3.5 to ~12-17), as 1.0 alone did to the issue's 135M model."""
+    from _guard_helpers import normal_records
+
+    lora = {"r": 8, "alpha": 256, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]}
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1e-3, **lora)
+    root = cfg.parent
+    r = run_train(cfg, write_jsonl(tmp_path / "normal1.jsonl", normal_records(40, seed=11)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = ck.newest_complete(root / "checkpoints")
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1.0, **lora)
+    r = run_train(cfg, write_jsonl(tmp_path / "normal2.jsonl", normal_records(40, seed=12)))
     assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
-    kinds = [json.loads(x)["kind"] for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()][3:]
+    kinds = [json.loads(x)["kind"] for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
     assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss growth", "loss above chance"}
+    # The wrecked adapter is neither saved nor continued from: the next run starts from run 1's checkpoint.
+    assert ck.newest_complete(root / "checkpoints").path == kept.path
