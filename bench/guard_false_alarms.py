@@ -1,7 +1,8 @@
 """The divergence guard's spike rules side by side: false alarms on ordinary varied data over a long run.
 
     .venv/bin/python bench/guard_false_alarms.py [--model guard-tiny | smollm2-135m-instruct | PATH]
-                                                 [--runs 4] [--lines 240] [--rehearsal 0.3] [--out DIR]
+                                                 [--runs 4] [--lines 240] [--rehearsal 0.3] [--batch 2]
+                                                 [--accumulation 1] [--out DIR]
 
 Trains ``--runs`` runs in a row through the real ``train.py`` (one file each, rehearsal mixed in at
 the shipped share), with the guard observing only (its thresholds set out of reach), so every step
@@ -60,6 +61,8 @@ def main() -> int:
     ap.add_argument("--lines", type=int, default=240, help="lines per run's file")
     ap.add_argument("--rehearsal", type=float, default=0.3)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--accumulation", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -75,12 +78,13 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model == "guard-tiny":
-        builtin = config.from_dict({"paths": {"model_cache": str(cache)}})
+        builtin = config.from_dict({"base_model": "smollm2-135m-instruct", "paths": {"model_cache": str(cache)}})
         model = str(cached_guard_model(cache, Path(resolve_base(builtin))))
     data = {"base_model": model, "load_in_4bit": False, "eval_steps": 0, "save_steps": 10**6,
             "paths": {"root": str(root), "model_cache": str(cache)},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "training": {"batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": args.lr,
+            "training": {"batch_size": args.batch, "gradient_accumulation_steps": args.accumulation,
+                         "learning_rate": args.lr,
                          "warmup_steps": 0, "max_seq_length": 256, "device": "cpu", "packing": "off",
                          "rehearsal_fraction": args.rehearsal, "replay_fraction": 0.05},
             "data": {"heldout_fraction": 0.0},
@@ -134,7 +138,7 @@ def main() -> int:
             earlier = list(rule.window)  # as the next run reads it (seed() makes this run's files "earlier")
         print(f"{k:>4.0f} {pooled:>6} ({100 * pooled / max(1, pooled_judged):.2f}%) {flags:>8} "
               f"({100 * flags / max(1, judged):.2f}%) {pooled_judged:>14} {judged:>17}")
-    print(f"(project: {root})")
+    print(f"(project: {root}; {args.batch * args.accumulation} examples a step)")
     return 0
 
 
