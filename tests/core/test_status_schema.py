@@ -49,3 +49,20 @@ def test_documented_example_file_matches_the_schema():
     fields = documented_fields()
     assert set(example) == set(fields)
     assert all(check_type(example[k], spec) for k, spec in fields.items())
+
+
+def test_no_non_finite_number_is_written_and_old_ones_read_as_null(tmp_path):
+    import math
+
+    from ultimate_trainer.core import status as st
+
+    record = {"loss": float("nan"), "grad_norm": float("inf"), "nested": [{"x": -math.inf}, 1.5], "n": 3}
+    st.atomic_write_json(tmp_path / "a.json", record)
+    st.append_jsonl(tmp_path / "h.jsonl", record)
+    for text in ((tmp_path / "a.json").read_text(), (tmp_path / "h.jsonl").read_text()):
+        assert "NaN" not in text and "Infinity" not in text
+        assert json.loads(text) == {"loss": None, "grad_norm": None, "nested": [{"x": None}, 1.5], "n": 3}
+    (tmp_path / "old.jsonl").write_text('{"loss": NaN, "grad_norm": -Infinity, "ok": 1}\n')
+    assert list(st.iter_jsonl(tmp_path / "old.jsonl")) == [{"loss": None, "grad_norm": None, "ok": 1}]
+    (tmp_path / "old.json").write_text('{"loss": NaN}')
+    assert st.read_json(tmp_path / "old.json") == {"loss": None}

@@ -105,6 +105,23 @@ def test_notifications_reach_a_local_json_webhook_rate_limited(endpoint):
     assert endpoint.received.empty() and n.delivered == 3 and n.failed == 0
 
 
+def test_what_the_rate_limit_held_back_is_delivered_at_close(endpoint):
+    # daemon.py --once exits right after its last run: no later message of that kind would carry the news.
+    clock = Clock()
+    n = Notifier([endpoint.url], min_interval=600, clock=clock, timeout=5)
+    n.observe(daemon(0), {}, {})
+    n.observe(daemon(1), {}, {})
+    assert "f1.jsonl" in endpoint.next()["message"]
+    n.observe(daemon(2), {}, {})  # held back by the rate limit
+    n.observe(daemon(3), {}, {})  # held back too
+    assert endpoint.received.empty() or endpoint.received.qsize() == 0
+    n.close()
+    last = endpoint.next()
+    assert last["title"] == "Ultimate Trainer: run done"
+    assert "f3.jsonl" in last["message"] and "+1 more since the last run_done message" in last["message"]
+    assert endpoint.received.empty() and n.delivered == 2
+
+
 def test_observe_never_waits_for_delivery(endpoint):
     endpoint.gate.clear()  # the endpoint takes the request but does not answer yet
     n = Notifier([endpoint.url], min_interval=0, timeout=20)

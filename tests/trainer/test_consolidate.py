@@ -179,3 +179,37 @@ def test_gate_lets_one_answer_of_noise_pass_and_not_two() -> None:
     strict = config_mod.load(None, ["consolidation.noise_answers=0"])
     v = decide(strict, inputs, figures(32, 19), figures(32, 18))
     assert not v["adopted"] and "retention fell from 1.06 to 1.00" in v["reason"]
+
+
+def test_gate_floors_stop_a_month_of_small_losses_from_ratcheting_down() -> None:
+    """Each merge loses one probe answer against the current base: within every per-merge margin, but the
+    original base's score (and the best adopted one's) is a floor that does not move down."""
+    from ultimate_trainer.trainer.gate import GateInputs, decide
+
+    cfg = config_mod.load(None, ["consolidation.max_retention_drop=0.05", "consolidation.max_total_retention_drop=0.1",
+                                 "consolidation.noise_answers=1"])
+    total = 100
+
+    def figures(right: int) -> dict:
+        return {"heldout": None, "probe": {"correct": right, "total": total, "score": right / total}}
+
+    current, best, adopted = 80, None, 0
+    for _ in range(30):  # a month of daily merges
+        inputs = GateInputs(probe=None, examples=[], baseline=0.8, baseline_correct=80, best=best)
+        v = decide(cfg, inputs, figures(current), figures(current - 2))  # 2 answers = 0.025 of retention
+        if not v["adopted"]:
+            break
+        adopted += 1
+        current -= 2
+        if best is None or v["candidate"]["retention"] > best["retention"]:
+            best = {"retention": v["candidate"]["retention"], "correct": current, "path": f"/m/c{adopted}"}
+    assert not v["adopted"] and "below the original base's 1.00" in v["reason"]
+    assert v["retention_since_original"] < 0.9 and 1 - (current / 80) <= 0.1
+    assert adopted == 4  # 0.975, 0.95, 0.925 and 0.9 (at the floor) adopted; 0.875 is not
+    # A base that once improved on the original (1.05) is a floor too: a candidate at 0.9375 loses one
+    # answer against the current base (0.95) and keeps 94 % of the original, but 0.11 of the best.
+    best = {"retention": 1.05, "correct": 84, "path": "/m/x"}
+    inputs = GateInputs(probe=None, examples=[], baseline=0.8, baseline_correct=80, best=best)
+    v = decide(cfg, inputs, figures(76), figures(75))
+    assert not v["adopted"] and "best adopted base (x)'s 1.05" in v["reason"]
+    assert "original" not in v["reason"] and "retention fell" not in v["reason"]

@@ -7,15 +7,21 @@ The poison is real: a tiny random model (untied embeddings) whose embedding row 
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import chat, run_train, write_jsonl
+from conftest import MODEL_CACHE, REPO, chat, run_train, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import config
 from ultimate_trainer.core.exitcodes import Exit
-from ultimate_trainer.trainer.stability import culprits, loss_slope, spike_threshold, stability_score
+from ultimate_trainer.trainer.distributed import free_port
+from ultimate_trainer.trainer.stability import (Observation, SpikeRule, culprits, loss_slope, spike_threshold,
+                                                stability_score)
 
 POISON_WORD = " Poison"  # one token of the built-in tokenizer
 
@@ -40,6 +46,85 @@ def test_loss_slope_and_stability_score():
     assert rising < falling
     assert stability_score([1.0] * 10, 5, 10) == 50.0  # half the window anomalous
     assert stability_score([], 0, 10) is None
+
+
+def _rule(**kw) -> SpikeRule:
+    return SpikeRule(**{"k": 10.0, "window_size": 50, "min_history": 20, "min_run_steps": 4, "max_growth": 10.0,
+                        **kw})
+
+
+def _mixed_steps(n: int, rng: random.Random) -> list[tuple[float, dict[str, float]]]:
+    """Steps of a run with rehearsal: the base's own answers (loss ~0.5), the user's lines (~3), and mixes."""
+    out = []
+    for i in range(n):
+        share = (0.0, 1.0, 0.2, 0.9)[i % 4]  # the user's share of the step's target tokens
+        loss = share * rng.gauss(3.0, 0.15) + (1 - share) * rng.gauss(0.5, 0.03)
+        out.append((loss, {k: v for k, v in (("user", share), ("rehearsal", 1 - share)) if v}))
+    return out
+
+
+def test_the_spike_rule_by_source_catches_salad_that_one_spread_over_mixed_steps_lets_through():
+    rng = random.Random(0)
+    steps = _mixed_steps(40, rng)
+    rule = _rule()
+    for loss, shares in steps:
+        assert rule.judge(loss, shares).kind is None  # normal mixed data: no false alarm
+        rule.accept(loss, shares)
+    salad = 12.7  # the lowest word-salad step loss the issue measured
+    # One median and spread over all steps: rehearsal beside user lines widens the spread past the salad.
+    assert spike_threshold([x for x, _ in steps], k=10, min_history=20) > salad
+    verdict = rule.judge(salad, {"user": 1.0})
+    assert verdict.kind == "loss spike" and verdict.threshold < 6.0 and verdict.expected == pytest.approx(3.0, abs=0.2)
+    assert rule.judge(3.4, {"user": 1.0}).kind is None  # an ordinary user step
+    assert rule.judge(0.6, {"rehearsal": 1.0}).kind is None
+
+
+def test_a_run_is_judged_from_its_first_steps_with_the_earlier_runs_history():
+    rng = random.Random(1)
+    earlier = [Observation(loss, shares) for loss, shares in _mixed_steps(50, rng)]
+    fresh, seeded = _rule(), _rule()
+    seeded.seed(earlier)
+    assert all(o.shares.get("user") is None for o in seeded.window)  # earlier runs' files: "earlier", not "user"
+    # A new file is harder than the last one (loss 4.5 against 3): its first steps are not judged by the old level.
+    # (guard.min_run_steps = 4 steps' worth of the file's tokens: 6 steps of 70 % of it)
+    first = [(4.5 + 0.1 * (i % 3), {"user": 0.7, "rehearsal": 0.3}) for i in range(6)]
+    for loss, shares in first:
+        assert seeded.judge(loss, shares).kind is None
+        seeded.accept(loss, shares)
+        fresh.accept(loss, shares)
+    # Its seventh step is judged against its own level and the earlier runs' spread; without history, it is not.
+    salad_step = 0.7 * 13.0 + 0.3 * 0.5
+    assert seeded.judge(salad_step, {"user": 0.7, "rehearsal": 0.3}).kind == "loss spike"
+    assert fresh.judge(salad_step, {"user": 0.7, "rehearsal": 0.3}).kind is None
+
+
+def test_a_tenfold_growth_is_caught_whatever_the_spread_and_a_loss_worse_than_chance_at_once():
+    rule = _rule(min_history=5)
+    rng = random.Random(2)
+    for _ in range(6):  # a very noisy start: the spread rule alone would allow almost anything
+        loss = rng.choice([1.0, 2.8, 6.0])
+        rule.accept(loss, {"user": 1.0})
+    flagged = None
+    loss = 2.8
+    while flagged is None and loss < 1000:
+        loss *= 1.3  # a learning rate of 1.0: the loss climbs step after step
+        v = rule.judge(loss, {"user": 1.0})
+        if v.kind:
+            flagged = (loss, v.kind)
+        else:
+            rule.accept(loss, {"user": 1.0})
+    assert flagged is not None and flagged[0] < 10 * 6.0 * 1.3
+    # From the first step of a first run: above 1.25 x ln(vocabulary) is worse than a uniform guess.
+    first = _rule(chance=11.93)
+    assert first.judge(86.5, {"user": 1.0}).kind == "loss above chance"
+    assert first.judge(11.0, {"user": 1.0}).kind is None  # a random model sits at ln(vocabulary): not flagged
+
+
+def test_observations_round_trip_through_json():
+    o = Observation(2.5, {"user": 0.75, "replay": 0.25})
+    assert Observation.from_json(json.loads(json.dumps(o.to_json()))) == o
+    assert Observation.from_json({"loss": None}) is None and Observation.from_json({"loss": "nan"}) is None
+    assert o.earlier().shares == {"earlier": 0.75, "replay": 0.25}
 
 
 def test_culprits_are_the_files_in_every_anomalous_step():
@@ -174,3 +259,134 @@ def test_one_bad_example_is_skipped_and_the_run_completes(poisoned_model_dir, ma
     status = json.loads((cfg.parent / "status/training_status.json").read_text())
     assert status["stability"]["anomalies_this_run"] == 1 and status["stability"]["last_anomaly"]["files"] == [
         "mixed.jsonl"]
+
+
+# --------------------------------------------------------------------------- several processes
+
+@pytest.fixture(scope="module")
+def guard_model_dir(builtin_model_dir: Path) -> Path:
+    """A tiny model trained on ordinary lines (tests/_guard_helpers.py): salad costs it ~2-10x their loss."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _guard_helpers import cached_guard_model
+
+    return cached_guard_model(MODEL_CACHE, builtin_model_dir)
+
+
+def _torchrun(script_args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=0", str(REPO / "tests" / "_guard_ranks.py"),
+           *script_args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.distributed
+def test_two_ranks_skip_a_step_together_when_only_one_saw_the_spike(guard_model_dir, tmp_path):
+    import torch
+
+    runs = {}
+    for mode in ("poisoned", "never"):
+        r = _torchrun([str(guard_model_dir), str(tmp_path / mode), mode])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[mode] = [torch.load(tmp_path / mode / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
+    r0, r1 = runs["poisoned"]
+    # Only rank 1 saw the salad: its own loss of step 3 is a spike, rank 0's is not ...
+    assert r1["seen"][2] > 3 * max(r1["seen"][:2]) and r0["seen"][2] < 2 * max(r0["seen"][:2])
+    # ... and both skipped step 3, nothing else.
+    assert r0["skipped"] == r1["skipped"] == [3]
+
+    def same(a: dict, b: dict) -> bool:
+        return (a["adapter"].keys() == b["adapter"].keys() and all(torch.equal(a["adapter"][k], b["adapter"][k])
+                                                                   for k in a["adapter"])
+                and len(a["optimizer"]) == len(b["optimizer"]) > 0
+                and all(sa.keys() == sb.keys() and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k]))
+                                                       for k in sa)
+                        for sa, sb in zip(a["optimizer"], b["optimizer"])))
+
+    assert same(r0, r1), "the replicas differ after the skipped step"
+    assert same(r0, runs["never"][0]) and same(runs["never"][0], runs["never"][1]), \
+        "the adapter or optimizer differs from a run that never saw the step"
+
+
+@pytest.mark.distributed
+def test_a_guard_stop_under_torchrun_exits_5_and_records_each_anomaly_once(poisoned_model_dir, make_project,
+                                                                           tmp_path):
+    cfg = make_project(poisoned_model_dir, eval_steps=0, save_steps=1000, training__batch_size=1,
+                       training__packing="off", data__heldout_fraction=0.0, guard__max_anomalies=2)
+    good = write_jsonl(tmp_path / "good.jsonl", [chat(f"Question {i}?", f"Answer {i}.") for i in range(6)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat(f"Is{POISON_WORD} {i} here?", "Yes.") for i in range(4)])
+    root = cfg.parent
+    r = run_train(cfg, good, bad, extra=["--set", "training.num_processes=2"])
+    assert "launching through torchrun" in r.stderr
+    assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]  # the guard's code, not torchrun's 1
+    events = [json.loads(x) for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
+    status = json.loads((root / "status/training_status.json").read_text())
+    assert len(events) == 2 == status["stability"]["anomalies"] == status["stability"]["anomalies_this_run"]
+    assert len({e["global_step"] for e in events}) == 2  # once each: rank 0 alone writes
+    assert status["diverged"]["files"] == ["bad.jsonl"]
+
+
+# --------------------------------------------------------------------------- what a walked-away user drops in
+
+def _walked_away_project(make_project, model_dir: Path, root: Path, lr: float, **lora) -> Path:
+    """The shipped mix (rehearsal 0.3 of each run), one example pair a step, the guard as shipped."""
+    from conftest import seed_rehearsal
+
+    cfg = make_project(model_dir, root=root, eval_steps=0, save_steps=1000, training__packing="off",
+                       training__learning_rate=lr, training__rehearsal_fraction=0.3, training__replay_fraction=0.0,
+                       data__heldout_fraction=0.0, **{f"lora__{k}": v for k, v in lora.items()})
+    seed_rehearsal(cfg, [chat("What colour is the apple?", "The apple is red.") for _ in range(30)])
+    return cfg
+
+
+def test_word_salad_beside_normal_data_fails_the_salad_file(guard_model_dir, make_project, tmp_path):
+    """As the issue found it (rehearsal mixed in, the shipped settings): the salad file trained at 0 anomalies."""
+    from transformers import AutoTokenizer
+
+    from _guard_helpers import normal_records, salad_records
+
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1e-3)
+    root = cfg.parent
+    # 1. Ordinary varied lines: no alarm; the guard keeps its window for the next run.
+    r = run_train(cfg, write_jsonl(tmp_path / "normal1.jsonl", normal_records(40, seed=11)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (root / "status/history/anomalies.jsonl").exists()
+    window = json.loads((root / "status/history/guard_window.json").read_text())
+    assert {"user", "rehearsal"} <= {k for s in window["steps"] for k in s["shares"]}
+
+    # 2. A file of word salad beside an ordinary one: the salad steps are skipped and the salad file is blamed.
+    tok = AutoTokenizer.from_pretrained(guard_model_dir)
+    normal2 = write_jsonl(tmp_path / "normal2.jsonl", normal_records(40, seed=12))
+    salad = write_jsonl(tmp_path / "salad.jsonl", salad_records(10, tok))
+    r = run_train(cfg, normal2, salad)
+    assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
+    status = json.loads((root / "status/training_status.json").read_text())
+    assert status["diverged"]["files"] == ["salad.jsonl"]
+    events = [json.loads(x) for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
+    assert len(events) == 3 and all("salad.jsonl" in e["files"] for e in events)
+    steps = [json.loads(x) for x in (root / "status/history/steps.jsonl").read_text().splitlines()]
+    skipped = [s for s in steps if s.get("skipped")]
+    # (the third anomaly stops the run in its own step, before the Trainer logs that step)
+    assert {s["global_step"] for s in skipped} == {e["global_step"] for e in events[:-1]}
+    assert all(isinstance(s["loss"], float) and s["loss"] > 5 for s in skipped)  # the real loss, not 0.0
+
+
+def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_model_dir, make_project, tmp_path):
+    """Learning rate 1.0 with a LoRA scaling of 32 (alpha 256, rank 8): the first update wrecks the model
+    (the loss of ordinary lines goes from ~3.5 to ~12-17), as 1.0 alone did to the issue's 135M model."""
+    from _guard_helpers import normal_records
+
+    lora = {"r": 8, "alpha": 256, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]}
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1e-3, **lora)
+    root = cfg.parent
+    r = run_train(cfg, write_jsonl(tmp_path / "normal1.jsonl", normal_records(40, seed=11)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = ck.newest_complete(root / "checkpoints")
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1.0, **lora)
+    r = run_train(cfg, write_jsonl(tmp_path / "normal2.jsonl", normal_records(40, seed=12)))
+    assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
+    kinds = [json.loads(x)["kind"] for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
+    assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss growth", "loss above chance"}
+    # The wrecked adapter is neither saved nor continued from: the next run starts from run 1's checkpoint.
+    assert ck.newest_complete(root / "checkpoints").path == kept.path

@@ -157,3 +157,30 @@ def test_empty_status_dir_shows_waiting(browser, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "monitor-waiting.png"), full_page=True)
         finally:
             ctx.close()
+
+
+def test_a_nan_step_in_the_history_keeps_the_page_refreshing(browser, tmp_path):
+    """Issue 23: one ``NaN`` in history/steps.jsonl made every refresh fail ("Monitor server not reachable")."""
+    from ultimate_trainer.core import status
+
+    sd = live_status_dir(tmp_path / "status")
+    with open(sd / status.STEPS_HISTORY, "a") as f:  # as old versions wrote a skipped non-finite step
+        f.write('\n{"global_step": 1121, "loss": 0.0, "grad_norm": NaN, "skipped": true}\n')
+    status.append_jsonl(sd / status.STEPS_HISTORY, {"global_step": 1122, "loss": None, "loss_text": "nan",
+                                                    "grad_norm": None, "skipped": True})
+    ds = json.loads((sd / status.DAEMON_STATUS).read_text())
+    ds["consolidation"]["retention_since_original"] = {"ratio": 0.962, "best": 1.0, "global_step": 900,
+                                                       "consolidations": 3}
+    status.atomic_write_json(sd / status.DAEMON_STATUS, ds)
+    with ServerThread(create_app(sd, refresh_seconds=0.5)) as srv:
+        ctx, page, problems = _open(browser, srv.url, 1400, 1000)
+        try:
+            page.wait_for_timeout(1500)  # three more refreshes
+            assert not page.is_visible("#waiting")
+            assert "bad" not in (page.get_attribute("#conn", "class") or "")
+            assert page.locator("#loss-chart path.line").count() >= 1
+            assert page.locator("#loss-chart circle.s5").count() >= 1  # the skipped step is marked
+            assert page.text_content("#co-kept") == "96.2% (best 100.0%)"  # retention since the original base
+            assert not [p for p in problems if "page error" in p], problems
+        finally:
+            ctx.close()

@@ -213,3 +213,29 @@ def test_state_and_page_carry_the_world_size_and_each_ranks_memory(live):
     page = get(live, "/").get_data(as_text=True)
     script = (STATIC_DIR / "app.js").read_text()
     assert 'id="ranks"' in page and 'setText("ranks", ranksText(t))' in script
+
+
+def _strict(text: str):
+    """Parse as a browser does: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_in_old_history_files_is_served_as_null(live):
+    # (after the fixture's torn last line) A line as versions before issue 23 wrote it for a skipped non-finite step: bare NaN, loss 0.0.
+    with open(live / status.STEPS_HISTORY, "a") as f:
+        f.write('\n{"global_step": 1121, "loss": 0.0, "grad_norm": NaN, "learning_rate": Infinity}\n')
+    status.append_jsonl(live / status.STEPS_HISTORY, {"global_step": 1122, "loss": None, "loss_text": "nan",
+                                                      "grad_norm": float("nan"), "skipped": True})
+    app = create_app(live).test_client()
+    for path in ("/api/history", "/api/state", "/api/export.json"):
+        r = app.get(path)
+        assert r.status_code == 200, path
+        _strict(r.get_data(as_text=True))  # every answer parses in a browser
+    doc = _strict(app.get("/api/export.json").get_data(as_text=True))
+    assert doc["steps"][-2]["grad_norm"] is None and doc["steps"][-2]["learning_rate"] is None
+    assert doc["steps"][-1]["loss"] is None and doc["steps"][-1]["skipped"] is True
+    points = _strict(app.get("/api/history").get_data(as_text=True))["steps"]["points"]
+    assert points[-1]["skipped"] == 1 and points[-1]["loss"] is None  # no 0.0 dip on the chart

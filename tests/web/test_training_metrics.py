@@ -88,3 +88,21 @@ def test_promtool_accepts_the_metrics(status_dir, tmp_path):
     r = subprocess.run([promtool, "check", "metrics"], input=scrape(status_dir), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+
+
+def test_retention_since_the_original_base_is_exported(status_dir):
+    from ultimate_trainer.daemon.snapshot import retention_since_original
+
+    # Manifests as the consolidation gate writes them: the newest adopted base and the best one.
+    hist = [{"global_step": 100, "gate": {"retention_since_original": 1.02}},
+            {"global_step": 200, "gate": {"retention_since_original": None}},  # no probe that day
+            {"global_step": 300, "gate": {"retention_since_original": 0.96}}]
+    kept = retention_since_original(hist)
+    assert kept == {"ratio": 0.96, "global_step": 300, "best": 1.02, "consolidations": 2}
+    assert retention_since_original([{"global_step": 1}]) is None
+    ds = json.loads((status_dir / status.DAEMON_STATUS).read_text())
+    ds.setdefault("consolidation", {})["retention_since_original"] = kept
+    status.atomic_write_json(status_dir / status.DAEMON_STATUS, ds)
+    v = values(scrape(status_dir))
+    assert v[("ut_consolidation_retention_since_original_ratio", ())] == 0.96
+    assert v[("ut_consolidation_best_retention_ratio", ())] == 1.02

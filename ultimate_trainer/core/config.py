@@ -172,9 +172,14 @@ class EvalConfig:
 @dataclass
 class GuardConfig:
     enabled: bool = _f(True, "Check every optimizer step before its update; skip the update of an anomalous one.")
-    spike_k: float = _f(10.0, "A loss above median + k * max(1.4826 * MAD, 0.05 * median) of the window is a spike.", min=0.0)
-    window: int = _f(50, "Accepted step losses the spike rule and the stability score look at.", min=2)
-    min_history: int = _f(20, "Losses needed before spikes are judged (non-finite values are always caught).", min=1)
+    spike_k: float = _f(10.0, "A loss above the loss its mix of sources predicts + k * max(1.4826 * MAD of the fit's "
+                         "residuals, 0.05 * that loss) is a spike.", min=0.0)
+    window: int = _f(50, "Accepted steps (of this run and, at its start, of earlier ones) the spike rule fits.", min=2)
+    min_history: int = _f(20, "Accepted steps needed in the window before spikes are judged (non-finite values are "
+                          "always caught).", min=1)
+    min_run_steps: int = _f(4, "Steps of this run's own files before their loss level is known and judged.", min=1)
+    max_growth: float = _f(10.0, "A loss more than this many times the lowest level of this run is an anomaly "
+                           "whatever the spread.", min=1.0)
     max_anomalies: int = _f(3, "Anomalies in one run after which it stops and its files are failed (not retried).", min=1)
     slope_steps: int = _f(20, "Steps over which the loss slope is fitted.", min=2)
 
@@ -186,6 +191,9 @@ class ConsolidationConfig:
                                   min=0.0, max=100.0)
     max_retention_drop: float = _f(0.05, "Retention (probe score / baseline) the candidate may lose against the "
                                    "current base.", min=0.0, max=1.0)
+    max_total_retention_drop: float = _f(0.1, "Retention the candidate may have lost since the original base, and "
+                                         "against the best base adopted since: a floor that thirty small "
+                                         "merges cannot ratchet down.", min=0.0, max=1.0)
     max_prompts: int = _f(40, "Held-out prompts (from queue/done/ and data.eval_file) the gate asks.", min=1)
     noise_answers: int = _f(1, "Answers the candidate may lose on each measure whatever the margins: on a small "
                             "probe or held-out set one answer is greedy decoding's noise, not forgetting.", min=0)

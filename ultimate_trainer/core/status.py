@@ -12,9 +12,15 @@ history/steps.jsonl         train.py            one line per logged optimizer st
 history/evals.jsonl         train.py            one line per evaluation (append)
 history/examples.jsonl      train.py            one line per scored held-out answer (append)
 history/anomalies.jsonl     train.py            one line per step the divergence guard skipped (append)
+history/guard_window.json   train.py            the guard's last accepted steps, judged from by the next run
 history/memory.jsonl        memory_stats_api    one RAM/GPU sample every 30 s (append)
 reports/<file>.report.json  train.py            per input file: counts and bad lines
 ==========================  ==================  ===========================================
+
+No file holds a non-finite number: JSON has no NaN or Infinity, and a browser's ``JSON.parse``
+rejects the whole document for one of them. Writers pass every value through :func:`finite`
+(a non-finite float becomes ``null``) and ``allow_nan=False``; readers (:func:`loads`) read the
+``NaN``/``Infinity`` of files written before this rule as ``null``.
 
 JSON files are replaced atomically (temp file beside the target, fsync, ``os.replace``), so a reader
 sees the old or the new file, never half of one. History files are append-only JSONL; a process
@@ -26,6 +32,7 @@ This module must stay light: the web servers import it, and they never import to
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import deque
@@ -43,6 +50,7 @@ EXAMPLES_HISTORY = "history/examples.jsonl"
 ANOMALIES_HISTORY = "history/anomalies.jsonl"
 PROBE_HISTORY = "history/probe.jsonl"
 PROBE_BASELINE = "history/probe_baseline.json"
+GUARD_WINDOW = "history/guard_window.json"  # the divergence guard's accepted steps, for the next run
 REPORTS_DIR = "reports"
 
 TRAINING_STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "error")
@@ -81,15 +89,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-Infinity) replaced by None, in nested dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(data: Any, **kw: Any) -> str:
+    """Strict JSON (``allow_nan=False``) of ``data`` made :func:`finite`; other types as ``str``."""
+    return json.dumps(finite(data), allow_nan=False, ensure_ascii=False, default=str, **kw)
+
+
+def _no_constant(name: str) -> None:
+    return None  # NaN, Infinity, -Infinity in an old file: unknown
+
+
+def loads(text: str | bytes) -> Any:
+    """JSON, with the non-standard ``NaN``/``Infinity`` of old files read as None."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(path, dumps(data, indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing, empty, half-written or not an object."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = loads(f.read())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -102,7 +135,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any], *, fsync: bool = Fals
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    line = dumps(record) + "\n"
     with open(path, "a+b") as f:
         if f.tell() > 0:
             f.seek(-1, os.SEEK_END)
@@ -125,7 +158,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             if not raw.endswith(b"\n"):
                 break
             try:
-                rec = json.loads(raw)
+                rec = loads(raw)
             except ValueError:
                 continue
             if isinstance(rec, dict):

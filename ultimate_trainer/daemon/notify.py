@@ -23,7 +23,8 @@ event                       when
 
 The first observation only records the starting point: a restart does not repeat old news. Each
 event kind is sent at most once per ``notify.min_interval_seconds``; what is held back is counted
-and mentioned in the next message of that kind. Delivery runs on one background thread: ``observe``
+and mentioned in the next message of that kind; when the daemon exits (``--once`` included) the
+newest held-back message of each kind is sent before it goes, so nothing it knew is lost. Delivery runs on one background thread: ``observe``
 never waits for the network, and a notification that cannot be delivered is logged, never raised.
 """
 
@@ -134,6 +135,7 @@ class Notifier:
         self._last: dict[str, dict[str, Any]] | None = None
         self._sent_at: dict[str, float] = {}
         self._held: dict[str, int] = {}
+        self._held_last: dict[str, str] = {}  # the newest message held back per kind, sent at close if no other is
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue(maxsize=QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
         self.delivered = 0
@@ -161,9 +163,11 @@ class Notifier:
         now = self.clock()
         if now - self._sent_at.get(event, -1e18) < self.min_interval:
             self._held[event] = self._held.get(event, 0) + 1
+            self._held_last[event] = message
             return
         self._sent_at[event] = now
         held = self._held.pop(event, 0)
+        self._held_last.pop(event, None)
         if held:
             message += f" (+{held} more since the last {event} message)"
         self._put((f"{TITLE}: {event.replace('_', ' ')}", message))
@@ -199,8 +203,20 @@ class Notifier:
                 self.failed += 1
                 log.warning("notify: could not deliver %r", title)
 
+    def flush_held(self) -> None:
+        """Queue the newest held-back message of each kind (the rate limit has no later message to ride on)."""
+        for event, message in list(self._held_last.items()):
+            more = self._held.pop(event, 1) - 1
+            self._held_last.pop(event)
+            if more:
+                message += f" (+{more} more since the last {event} message)"
+            self._put((f"{TITLE}: {event.replace('_', ' ')}", message))
+
     def close(self, timeout: float = 15.0) -> None:
-        """Deliver what is queued (waiting at most ``timeout`` seconds), then stop the thread."""
+        """Send what the rate limit held back, deliver what is queued (waiting at most ``timeout`` seconds),
+        then stop the thread."""
+        if self.enabled:
+            self.flush_held()
         if self._thread is None:
             return
         try:

@@ -45,6 +45,16 @@ def consolidation_history(consolidated_dir: Path) -> list[dict[str, Any]]:
     return [{**c.manifest, "path": str(c.path)} for c in list_consolidations(consolidated_dir.parent)]
 
 
+def retention_since_original(hist: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the gate measured of the base in use: its probe retention since the original base, and the best."""
+    measured = [(h, (h.get("gate") or {}).get("retention_since_original")) for h in hist]
+    measured = [(h, r) for h, r in measured if isinstance(r, (int, float))]
+    if not measured:
+        return None
+    return {"ratio": measured[-1][1], "global_step": measured[-1][0].get("global_step"),
+            "best": max(r for _, r in measured), "consolidations": len(measured)}
+
+
 def last_refused(cfg: Config) -> dict[str, Any] | None:
     """The newest candidate the consolidation gate refused: ``path``, ``global_step``, ``reason``, ``created_at``."""
     refused = list_refused(cfg.path("models"))
@@ -131,6 +141,7 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
             "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
                         for h in hist[-RECENT_DONE:]],
             "last_refused": last_refused(cfg),
+            "retention_since_original": retention_since_original(hist),
         },
         "disk": snap.disk,
         "monitors": snap.monitors,

@@ -160,6 +160,12 @@ class TokenStore:
         labels = np.where(np.asarray(self._mask[a:b]) != 0, ids, IGNORE_INDEX)
         return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
+    def target_count(self, i: int) -> int:
+        """How many of example ``i``'s tokens are trained (have a label), without building the example."""
+        j = int(self._order[i]) if self._order is not None else int(i)
+        a, b = self._bounds(j)
+        return int(np.count_nonzero(np.asarray(self._mask[a:b])))
+
     def select(self, indices: Sequence[int] | np.ndarray) -> "TokenStore":
         """A view in the given order (e.g. a shuffled, resumed-past-N order); shares the mapped files."""
         idx = np.asarray(indices, dtype=np.int64)

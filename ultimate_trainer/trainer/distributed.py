@@ -8,7 +8,8 @@ FSDP and DeepSpeed through the Trainer's own options); this module only decides 
   so the daemon and users keep one command. A stop (SIGTERM, ^C) is forwarded to the workers, not
   to the agent: torchrun answers a signal by killing its workers after 30 s, which may be mid-save.
 - exit codes cross torchrun through files: torchrun turns any failing worker into exit 1, but the
-  daemon needs 2 (configuration), 3 (data), 4 (model); each worker writes its code to
+  daemon needs 2 (configuration), 3 (data), 4 (model), 5 (the guard stopped the run: every rank
+  stops at the same step, trainer/guard.py); each worker writes its code to
   ``UT_EXIT_DIR/rank-<r>.code`` and the launcher returns rank 0's. A rank that left no code was
   killed or died hard, and says so.
 - rank 0 alone writes ``status/``, the history, reports and checkpoint markers and evaluates;
@@ -188,7 +189,7 @@ def _run_exit(agent_code: int, exit_dir: Path, nproc: int) -> int:
     missing = sorted(set(range(nproc)) - set(codes))
     if agent_code == 0:
         return codes.get(0, Exit.OK)
-    if codes.get(0) in SETUP_ERRORS or codes.get(0) == Exit.DATA:
+    if codes.get(0) in SETUP_ERRORS or codes.get(0) in (Exit.DATA, Exit.DIVERGED):
         return codes[0]
     if missing:
         print(f"error: rank {', '.join(map(str, missing))} of {nproc} ended without an exit code (killed, out of "

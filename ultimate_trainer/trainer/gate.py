@@ -16,6 +16,14 @@ right than the base. That floor is there because the sets are small: with the bu
 (24 questions, 18 of them right), one answer is 0.056 of retention, more than the 0.05 margin, and
 the same base answers one question more or less between precisions and kernels (docs/PERFORMANCE.md).
 A measure with nothing to ask (no held-out prompt, no probe) does not block.
+
+Against the current base alone, every adopted merge may lose up to the margin plus one noisy
+answer, and a month of merges compounds it. So the probe also has floors that do not move down:
+the candidate's retention since the original base (the baseline) and against the best retention
+of any adopted consolidation may not fall more than ``consolidation.max_total_retention_drop``
+below 1 and below that best (with the same noise floor, counted against the original's and the
+best one's right answers). The manifest records ``retention_since_original``, which the daemon's
+status and ``/metrics`` show.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ class GateInputs:
     examples: list[Any]  # formats.Example
     baseline: float | None  # the original base's probe score, when recorded
     sources: list[str] = field(default_factory=list)
+    baseline_correct: int | None = None  # the original base's right answers on the probe
+    best: dict[str, Any] | None = None  # the adopted consolidation with the best retention: retention, correct, path
 
 
 def gate_inputs(cfg: Config) -> GateInputs:
@@ -52,8 +62,26 @@ def gate_inputs(cfg: Config) -> GateInputs:
     stored = st.read_json(cfg.path("status") / st.PROBE_BASELINE) or {}
     baseline = stored.get("score") if probe and stored.get("sha256") == probe.sha256 else None
     examples = heldout_examples(files, cfg, cfg.consolidation.max_prompts)
+    correct = stored.get("correct") if baseline is not None else None
     return GateInputs(probe, examples, baseline if isinstance(baseline, (int, float)) else None,
-                      sorted({e.source.rsplit(":", 1)[0] for e in examples}))
+                      sorted({e.source.rsplit(":", 1)[0] for e in examples}),
+                      correct if isinstance(correct, int) else None, best_adopted(cfg, probe))
+
+
+def best_adopted(cfg: Config, probe: Probe | None) -> dict[str, Any] | None:
+    """The adopted consolidation whose gate measured the best retention with this probe file, if any."""
+    from ultimate_trainer.core.checkpoints import list_consolidations
+
+    best = None
+    for c in list_consolidations(cfg.path("models")):
+        g = c.manifest.get("gate") or {}
+        cand = g.get("candidate") or {}
+        ret, probe_rec = cand.get("retention"), cand.get("probe") or {}
+        if not isinstance(ret, (int, float)) or (probe and g.get("probe_sha256") not in (None, probe.sha256)):
+            continue
+        if best is None or ret > best["retention"]:
+            best = {"retention": float(ret), "correct": probe_rec.get("correct"), "path": str(c.path)}
+    return best
 
 
 def score_model(model: Any, tokenizer: Any, cfg: Config, inputs: GateInputs) -> dict[str, Any]:
@@ -93,9 +121,23 @@ def decide(cfg: Config, inputs: GateInputs, base: dict[str, Any], candidate: dic
             and _answers_lost(base, candidate, "probe") > c.noise_answers:
         reasons.append(f"retention fell from {ret_b:.2f} to {ret_c:.2f} (more than "
                        f"consolidation.max_retention_drop={c.max_retention_drop})")
+    right_c = (candidate.get("probe") or {}).get("correct")
+    floors = []  # (what, its retention, its right answers): floors that never move down
+    if inputs.baseline:
+        floors.append(("the original base", 1.0, inputs.baseline_correct))
+    if inputs.best and inputs.baseline:  # its retention is against the original's score too
+        floors.append((f"the best adopted base ({Path(inputs.best['path']).name})", inputs.best["retention"],
+                       inputs.best.get("correct")))
+    for what, ret_f, right_f in floors:
+        lost = right_f - right_c if isinstance(right_f, int) and isinstance(right_c, int) else float("inf")
+        if ret_c is not None and ret_f - ret_c > c.max_total_retention_drop and lost > c.noise_answers:
+            reasons.append(f"retention {ret_c:.2f} is more than consolidation.max_total_retention_drop="
+                           f"{c.max_total_retention_drop} below {what}'s {ret_f:.2f}")
     return {"adopted": not reasons, "reason": "; ".join(reasons) or None,
             "base": {"accuracy": acc_b, "retention": ret_b, **base},
             "candidate": {"accuracy": acc_c, "retention": ret_c, **candidate},
-            "probe_baseline": baseline, "heldout_prompts": len(inputs.examples), "heldout_files": inputs.sources,
+            "probe_baseline": baseline, "retention_since_original": ret_c if inputs.baseline else None,
+            "best_adopted": inputs.best, "probe_sha256": inputs.probe.sha256 if inputs.probe else None,
+            "max_total_retention_drop": c.max_total_retention_drop, "heldout_prompts": len(inputs.examples), "heldout_files": inputs.sources,
             "max_accuracy_drop": c.max_accuracy_drop, "max_retention_drop": c.max_retention_drop,
             "noise_answers": c.noise_answers}

@@ -156,15 +156,30 @@ class RunCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_second": round(tps, 1) if tps else self.reporter.get("tokens_per_second"),
         }
-        self.reporter.update(**fields)
-        log.info("step %d (run %d/%d) loss %.4f lr %.3g grad_norm %s tok/s %s", state.global_step,
-                 self.run_step(state), self.total_steps, fields["loss"], fields["learning_rate"] or 0.0,
-                 None if fields["grad_norm"] is None else round(fields["grad_norm"], 3), fields["tokens_per_second"])
         stability = self.reporter.get("stability") or {}  # kept current by the guard (trainer/guard.py)
+        skipped = stability.get("last_anomaly") or {}
+        extra: dict[str, Any] = {}
+        if skipped.get("global_step") == state.global_step:
+            # The guard skipped this step's update. The Trainer logs a non-finite loss as 0.0 (or an average):
+            # the record gets the real one, null when it is not a number (its text beside it).
+            extra = {"skipped": True, "anomaly": skipped.get("kind")}
+            for k in ("loss", "grad_norm"):
+                real = skipped.get(k)
+                fields[k] = real if isinstance(real, (int, float)) else None
+                if isinstance(real, str):
+                    extra[f"{k}_text"] = real
+        self.reporter.update(**fields)
+        log.info("step %d (run %d/%d) loss %s lr %.3g grad_norm %s tok/s %s%s", state.global_step,
+                 self.run_step(state), self.total_steps,
+                 extra.get("loss_text") or (None if fields["loss"] is None else round(fields["loss"], 4)),
+                 fields["learning_rate"] or 0.0,
+                 None if fields["grad_norm"] is None else round(fields["grad_norm"], 3), fields["tokens_per_second"],
+                 " (update skipped)" if extra else "")
         self.reporter.log_step({"global_step": state.global_step, "run_id": self.run_id,
                                 "epoch": round(self.run_step(state) / self.steps_per_epoch, 4),
-                                "files": self.files, **fields, "loss_slope": stability.get("loss_slope"),
-                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies")})
+                                "files": self.files, **fields, **extra, "loss_slope": stability.get("loss_slope"),
+                                "stability_score": stability.get("score"), "anomalies": stability.get("anomalies"),
+                                "shares": stability.get("shares")})
 
 
 def evaluation_due(step: int, max_steps: int, every: int) -> bool:

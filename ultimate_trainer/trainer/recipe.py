@@ -496,7 +496,7 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.loading import compute_dtype
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import distributed, hf, speed
-    from ultimate_trainer.trainer.guard import GuardCallback, step_describer
+    from ultimate_trainer.trainer.guard import GuardCallback, step_describer, step_sources
     from ultimate_trainer.trainer.probe import probe_callback
 
     cfg, start, p, reporter, world = run.cfg, run.start, run.plan, run.reporter, run.world
@@ -520,7 +520,8 @@ def train(run: RunState) -> None:
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
         speed.ThreadGovernor(),
-        guard := GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id),  # last: it may stop the run
+        guard := GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id, step_sources(run),
+                               cfg.path("status") / st.GUARD_WINDOW, world),  # last: it may stop the run
     ]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     problem = distributed.optimizer_state_problem(start.checkpoint.meta, world.size, cfg.training.distributed) \

@@ -166,6 +166,8 @@ class StatusReporter:
         st.append_jsonl(self.dir / st.STEPS_HISTORY, {"time": now_iso(), **record})
 
     def log_anomaly(self, event: dict[str, Any]) -> None:
+        if not self.live:  # a dry run, or a rank other than 0: rank 0 records each anomaly once
+            return
         st.append_jsonl(self.dir / st.ANOMALIES_HISTORY, {"time": now_iso(), **event})
 
     def log_evaluation(self, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:

@@ -1,11 +1,29 @@
 """The divergence guard's rules, as pure functions (no torch): spikes, loss slope, stability score.
 
 ``trainer/guard.py`` applies them at every optimizer step; ``docs/TRAINING.md`` explains them.
+
+The spike rule (``SpikeRule``) knows where a step's examples come from. A run mixes the user's
+new lines with replayed earlier lines and the base's own rehearsed answers, whose losses differ
+several-fold (rehearsal ~0.5 beside new lines ~3): one median and one spread over all steps would
+make the spread so wide that a file of word salad passes as noise. So a step is described by the
+share of its target tokens from each source, and the window's step losses are fitted as
+``loss = sum(share_s * level_s)`` (robust least squares, one level per source); a step is judged
+against the loss its own mix predicts, with the spread of the fit's residuals. The levels of the
+shared sources and the spread come from earlier runs too (``history/guard_window.json``), so a run
+is judged from its first steps; the level of this run's own files is known after
+``guard.min_run_steps`` steps. Whatever the spread, a step whose loss is more than
+``guard.max_growth`` times what the lowest levels of this run predict is an anomaly (a learning
+rate that makes the loss climb tenfold), and from the very first step so is a loss above
+``CHANCE_MARGIN * ln(vocabulary size)``: a model that does worse than a uniform guess over its
+vocabulary has been broken, whatever data it reads (a pretrained model scores ordinary text far
+below that; a randomly initialised one sits at ``ln(vocabulary)``, under the margin).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 MAD_TO_SIGMA = 1.4826  # MAD * this estimates the standard deviation of normally distributed values
@@ -66,3 +84,158 @@ def culprits(events: list[dict[str, Any]]) -> list[str]:
         return []
     common = set.intersection(*sets)
     return sorted(common or set.union(*sets))
+
+
+# --------------------------------------------------------------------------- the spike rule by source
+
+USER = "user"  # this run's own files
+SOURCES = (USER, "replay", "rehearsal", "earlier")  # earlier: earlier runs' own files (from their history)
+HUBER = 1.5  # residuals beyond this many spreads weigh less in the fit (robust to a spike the window kept)
+CHANCE_MARGIN = 1.25  # a loss above 1.25 * ln(vocabulary) is worse than guessing: broken weights
+GROWTH_LEVEL_FLOOR = 0.1  # nats/token: below it a level is "memorised", and tenfold of it is not yet divergence
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One accepted step: its loss and the share of its target tokens from each source (summing to 1)."""
+
+    loss: float
+    shares: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loss": round(self.loss, 6), "shares": {k: round(v, 4) for k, v in self.shares.items() if v}}
+
+    @classmethod
+    def from_json(cls, rec: Any) -> Observation | None:
+        try:
+            loss = float(rec["loss"])
+            shares = {str(k): float(v) for k, v in (rec.get("shares") or {USER: 1.0}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return cls(loss, shares) if math.isfinite(loss) and shares else None
+
+    def earlier(self) -> Observation:
+        """As seen from a later run: its own files are that run's ``earlier`` source."""
+        shares = dict(self.shares)
+        if USER in shares:
+            shares["earlier"] = shares.get("earlier", 0.0) + shares.pop(USER)
+        return Observation(self.loss, shares)
+
+
+def shares_of(tokens: dict[str, float]) -> dict[str, float]:
+    """Token counts by source -> shares (``{user: 1}`` when nothing is known)."""
+    total = sum(v for v in tokens.values() if v > 0)
+    if total <= 0:
+        return {USER: 1.0}
+    return {k: v / total for k, v in tokens.items() if v > 0}
+
+
+@dataclass
+class Fit:
+    levels: dict[str, float]  # the fitted loss of each source
+    support: dict[str, float]  # steps' worth of tokens each level rests on
+    spread: float  # 1.4826 * MAD of the residuals
+
+    def predict(self, shares: dict[str, float], min_support: dict[str, float] | None = None) -> float | None:
+        """The loss this mix predicts; None when a source of the step has no (well enough supported) level."""
+        total = 0.0
+        for k, w in shares.items():
+            if w <= 0:
+                continue
+            need = (min_support or {}).get(k, 1.0)
+            if k not in self.levels or self.support.get(k, 0.0) < need:
+                return None
+            total += w * self.levels[k]
+        return total
+
+
+def fit_levels(window: Sequence[Observation], iterations: int = 4) -> Fit | None:
+    """Per-source loss levels of ``window`` by Huber-weighted least squares; None on an empty window."""
+    import numpy as np
+
+    if not window:
+        return None
+    names = sorted({k for o in window for k, v in o.shares.items() if v > 0})
+    a = np.array([[o.shares.get(k, 0.0) for k in names] for o in window], dtype=np.float64)
+    b = np.array([o.loss for o in window], dtype=np.float64)
+    w = np.ones(len(b))
+    mu = np.zeros(len(names))
+    spread = 0.0
+    for _ in range(iterations):
+        sw = np.sqrt(w)[:, None]
+        mu = np.linalg.lstsq(a * sw, b * sw[:, 0], rcond=None)[0]
+        mu = np.maximum(mu, 0.0)
+        r = b - a @ mu
+        spread = MAD_TO_SIGMA * float(np.median(np.abs(r - np.median(r))))
+        scale = max(spread, 1e-6)
+        w = np.minimum(1.0, HUBER * scale / np.maximum(np.abs(r), 1e-12))
+    support = {k: float(a[:, i].sum()) for i, k in enumerate(names)}
+    return Fit({k: float(mu[i]) for i, k in enumerate(names)}, support, spread)
+
+
+@dataclass
+class Verdict:
+    kind: str | None  # None: accepted; "loss spike" or "loss growth"
+    threshold: float | None  # the loss above which this step would have been an anomaly (None: not judged)
+    expected: float | None  # the loss its mix predicts
+
+
+@dataclass
+class SpikeRule:
+    """The guard's memory across steps: the window of accepted steps and this run's lowest levels."""
+
+    k: float
+    window_size: int
+    min_history: int
+    min_run_steps: int
+    max_growth: float
+    chance: float | None = None  # ln(vocabulary size): the loss of a uniform guess
+    window: list[Observation] = field(default_factory=list)
+    run_steps: float = 0.0  # this run's accepted steps' worth of its own files' tokens
+    lowest: dict[str, float] = field(default_factory=dict)  # each source's lowest level seen in this run
+
+    def seed(self, earlier: Sequence[Observation]) -> None:
+        """Earlier runs' accepted steps (their own files become the ``earlier`` source)."""
+        self.window = [o.earlier() for o in earlier][-self.window_size:]
+
+    def judge(self, loss: float, shares: dict[str, float]) -> Verdict:
+        """Whether a finite step loss with these shares is a spike (or a growth), against the window."""
+        verdict = Verdict(None, None, None)
+        if self.chance:
+            verdict.threshold = CHANCE_MARGIN * self.chance
+            if loss > verdict.threshold:
+                verdict.kind = "loss above chance"
+        fit = fit_levels(self.window)
+        if fit is None:
+            return verdict
+        need = {USER: float(self.min_run_steps)}
+        expected = verdict.expected = fit.predict(shares, need)
+        if expected is not None and len(self.window) >= max(1, self.min_history):
+            spike = expected + self.k * max(fit.spread, RELATIVE_FLOOR * abs(expected))
+            verdict.threshold = spike if verdict.threshold is None else min(verdict.threshold, spike)
+            if loss > spike:
+                verdict.kind = verdict.kind or "loss spike"
+        floor = Fit(self.lowest, {k: math.inf for k in self.lowest}, 0.0).predict(shares)
+        if floor is not None and self.run_steps >= self.min_run_steps:
+            growth = self.max_growth * max(floor, GROWTH_LEVEL_FLOOR)
+            if loss > growth:
+                verdict.kind = verdict.kind or "loss growth"
+                verdict.threshold = growth if verdict.threshold is None else min(verdict.threshold, growth)
+        return verdict
+
+    def accept(self, loss: float, shares: dict[str, float]) -> None:
+        """Keep an accepted step; update this run's lowest levels once they are known."""
+        self.window.append(Observation(loss, dict(shares)))
+        del self.window[:-self.window_size]
+        self.run_steps += shares.get(USER, 0.0)
+        fit = fit_levels(self.window)
+        if fit is None:
+            return
+        for k, level in fit.levels.items():
+            enough = self.min_run_steps if k == USER else 1.0
+            if fit.support.get(k, 0.0) >= enough and (k != USER or self.run_steps >= self.min_run_steps):
+                self.lowest[k] = min(self.lowest.get(k, math.inf), level)
+
+    @property
+    def losses(self) -> list[float]:
+        return [o.loss for o in self.window]

@@ -1,5 +1,8 @@
 """What both servers share: Host-header check, security headers, JSON errors, command line, waitress.
 
+Every JSON answer is strict JSON: a non-finite number (a NaN loss read from an old history file)
+is served as ``null``, never as ``NaN``, which would make the page's ``JSON.parse`` reject it all.
+
 The servers are read-only views of ``status/``: every route is GET/HEAD, debug is never on, and a
 request whose Host header names neither the served host nor localhost is refused (a DNS-rebinding
 page on another site cannot read the figures).
@@ -14,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.hosts import allowed_hosts, bind_error, strip_port
 
@@ -26,8 +31,19 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "font-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+class FiniteJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with every non-finite float as ``null`` and ``allow_nan=False``."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return super().dumps(st.finite(obj), allow_nan=False, **kwargs)
+
+
 def secure(app: Flask, bind_host: str, extra_hosts: list[str] | None = None) -> Flask:
-    """Install the Host check, security headers and JSON error pages on ``app``."""
+    """Install the Host check, security headers, strict JSON and JSON error pages on ``app``."""
+    settings = {"sort_keys": app.json.sort_keys, "ensure_ascii": app.json.ensure_ascii}
+    app.json = FiniteJSONProvider(app)
+    for k, v in settings.items():
+        setattr(app.json, k, v)
     hosts = allowed_hosts(bind_host, extra_hosts)
     app.config["ALLOWED_HOSTS"] = hosts
 

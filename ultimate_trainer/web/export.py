@@ -20,7 +20,7 @@ from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.times import epoch_seconds
 
 CSV_COLUMNS = (
-    "time", "global_step", "run_id", "loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch",
+    "time", "global_step", "run_id", "loss", "skipped", "learning_rate", "grad_norm", "tokens_per_second", "epoch",
     "eval_step", "eval_accuracy", "accuracy_overall", "accuracy_last_20", "accuracy_last_50", "accuracy_trend",
     "val_loss", "ram_percent", "ram_used_gb", "training_process_gb", "gpu_memory_used_gb", "oom_risk",
 )
@@ -56,6 +56,7 @@ def _row(step: dict[str, Any], j: _Joiner) -> dict[str, Any]:
     return {
         **{k: step.get(k) for k in ("time", "global_step", "run_id", "loss", "learning_rate", "grad_norm",
                                     "tokens_per_second", "epoch")},
+        "skipped": bool(step.get("skipped")),  # the guard skipped the step's update (its loss may be null)
         "eval_step": ev.get("global_step"), "eval_accuracy": ev.get("accuracy"),
         "accuracy_overall": ev.get("overall"), "accuracy_last_20": ev.get("last_20"),
         "accuracy_last_50": ev.get("last_50"), "accuracy_trend": ev.get("trend"), "val_loss": ev.get("val_loss"),
@@ -93,9 +94,9 @@ def iter_json(status_dir: str | Path, current: dict[str, Any]) -> Iterator[str]:
     sd = Path(status_dir)
     j = _Joiner(sd)
     yield '{"schema_version": 1, "exported_at": ' + json.dumps(now_iso())
-    yield ', "current": ' + json.dumps(current, ensure_ascii=False, default=str)
+    yield ', "current": ' + status.dumps(current)
     yield ', "steps": ['
     for i, step in enumerate(status.iter_jsonl(sd / status.STEPS_HISTORY)):
-        yield ("," if i else "") + json.dumps(_row(step, j), ensure_ascii=False, default=str)
-    yield '], "evals": ' + json.dumps(j.evals, ensure_ascii=False, default=str)
-    yield ', "memory": ' + json.dumps(j.mem, ensure_ascii=False, default=str) + "}\n"
+        yield ("," if i else "") + status.dumps(_row(step, j))
+    yield '], "evals": ' + status.dumps(j.evals)
+    yield ', "memory": ' + status.dumps(j.mem) + "}\n"

@@ -8,7 +8,6 @@ bucket width when full), so memory and answer size stay fixed however long train
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ class JsonlFollower:
         records = []
         for raw in chunk[: end + 1].splitlines():
             try:
-                rec = json.loads(raw)
+                rec = status.loads(raw)
             except ValueError:
                 continue  # a torn line repaired by the next append: skipped, as every reader does
             if isinstance(rec, dict):
@@ -83,13 +82,15 @@ class Downsampler:
     def add(self, rec: dict[str, Any]) -> None:
         self.count += 1
         if not self.buckets or self.buckets[-1]["n"] >= self.width:
-            self.buckets.append({"n": 0, "sums": {}, "counts": {}, "global_step": None, "time": None})
+            self.buckets.append({"n": 0, "sums": {}, "counts": {}, "global_step": None, "time": None,
+                                 "skipped": 0})
         b = self.buckets[-1]
         b["n"] += 1
+        b["skipped"] += 1 if rec.get("skipped") else 0  # steps whose update the guard skipped
         b["global_step"], b["time"] = rec.get("global_step"), rec.get("time")
         for f in self.fields:
             v = rec.get(f)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 b["sums"][f] = b["sums"].get(f, 0.0) + v
                 b["counts"][f] = b["counts"].get(f, 0) + 1
         if len(self.buckets) > self.cap:
@@ -105,6 +106,7 @@ class Downsampler:
                 b["sums"][f] = a["sums"].get(f, 0.0) + b["sums"].get(f, 0.0)
                 b["counts"][f] = a["counts"].get(f, 0) + b["counts"].get(f, 0)
             b["n"] += a["n"]
+            b["skipped"] += a["skipped"]
             merged.append(b)
         self.buckets = merged
         self.width *= 2
@@ -112,7 +114,8 @@ class Downsampler:
     def points(self) -> list[dict[str, Any]]:
         out = []
         for b in self.buckets:
-            p: dict[str, Any] = {"global_step": b["global_step"], "time": b["time"], "n": b["n"]}
+            p: dict[str, Any] = {"global_step": b["global_step"], "time": b["time"], "n": b["n"],
+                                 "skipped": b["skipped"]}
             for f in self.fields:
                 c = b["counts"].get(f, 0)
                 p[f] = b["sums"][f] / c if c else None
@@ -127,7 +130,7 @@ def loss_trend(recent: list[dict[str, Any]], window: int = TREND_WINDOW) -> str 
     ``TREND_MIN_CHANGE`` and than the noise (twice the standard error of the difference of the two
     means): a converged loss jittering between 0.0005 and 0.0013 is flat, not "rising" by 50 %.
     """
-    losses = [r["loss"] for r in recent if isinstance(r.get("loss"), (int, float))]
+    losses = [r["loss"] for r in recent if isinstance(r.get("loss"), (int, float)) and not r.get("skipped")]
     if len(losses) < 2 * window:
         return None
     older, newer = losses[-2 * window:-window], losses[-window:]

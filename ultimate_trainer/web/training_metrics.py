@@ -84,6 +84,14 @@ class TrainingCollector:
         yield from gauge("ut_checkpoint_last_age_seconds", "Seconds since the newest complete checkpoint was written.",
                          _age(last.get("created_at"), now))
 
+        cons = ds.get("consolidation") if isinstance(ds.get("consolidation"), dict) else {}
+        kept = cons.get("retention_since_original") if isinstance(cons.get("retention_since_original"), dict) else {}
+        yield from gauge("ut_consolidation_retention_since_original_ratio", "Probe retention of the adopted base "
+                         "against the original base, as the consolidation gate measured it (1 = nothing lost).",
+                         kept.get("ratio"))
+        yield from gauge("ut_consolidation_best_retention_ratio", "Best probe retention of any adopted base "
+                         "against the original base (a floor of the gate).", kept.get("best"))
+
         if ds:
             queue = GaugeMetricFamily("ut_queue_files", "Files in the daemon's queue, by state.", labels=["state"])
             items = ds.get("queue") if isinstance(ds.get("queue"), list) else []

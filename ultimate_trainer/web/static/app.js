@@ -285,6 +285,9 @@ function renderCheckpoints(st) {
   const t = st.training || {}, d = st.daemon || {}, c = d.consolidation || {};
   setText("ck-last", t.last_checkpoint || "none yet");
   setText("co-next", c.running ? "running now" : c.enabled === false ? "disabled" : c.next_at ? clock(c.next_at) : "–");
+  const kept = c.retention_since_original || {};
+  setText("co-kept", isNum(kept.ratio) ? `${(100 * kept.ratio).toFixed(1)}% (best ${(100 * kept.best).toFixed(1)}%)` : "–",
+          isNum(kept.ratio) && kept.ratio < 0.95 ? "bad" : "");
   const disk = d.disk;
   setText("disk", disk ? `${num(disk.free_gb, 1)} / ${num(disk.total_gb, 0)} GB` : "–", disk ? "lvl-" + disk.level : "");
   fillList("ck-list", (t.checkpoints || []).slice(-8).reverse(), k => el("li", `${k.name} · step ${k.global_step} · ${clock(k.created_at)}`), "none yet");
@@ -296,6 +299,8 @@ function renderCharts(h) {
   UTCharts.drawChart($("loss-chart"), [
     {points: steps.map(p => [p.global_step, p.loss]), cls: "s1"},
     {points: evals.map(p => [p.global_step, p.val_loss]), cls: "s2", dots: true},
+    // steps whose update the guard skipped (a non-finite loss has no point: it is null)
+    {points: steps.filter(p => p.skipped).map(p => [p.global_step, p.loss]), cls: "s5", dotsOnly: true},
   ], {empty: "no steps logged yet"});
   UTCharts.drawChart($("gn-chart"), [
     {points: steps.map(p => [p.global_step, p.grad_norm]), cls: "s1"},
