@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ultimate_trainer.data.chat_template import concatenation, render as render_chat, tool_support
+from ultimate_trainer.data import reasoning
 from ultimate_trainer.data.formats import BadLine, Example
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def end_of_turn(tokenizer: Any) -> str | None:
 
 def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tuple[int, int]] | None:
     """The assistant spans read off ``full`` with the template's turn shape; None when it does not apply."""
+    if example.extra.get("reasoning_field"):
+        return None  # reasoning rendered by the template: placed (and checked) by the prefix renders
     spans, cursor = [], 0
     for i, m in enumerate(example.messages):
         target = example.target(i)
@@ -145,6 +148,7 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
         return example.messages[0]["content"], [(0, len(example.messages[0]["content"]))]
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; only {\"text\"} examples can be used with it")
+    example = reasoning.for_template(tokenizer, example)
     if example.uses_tools:
         lacks = tool_support(tokenizer)
         if lacks:
@@ -191,22 +195,37 @@ def _render_full(tokenizer: Any, example: Example) -> str:
 
 def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tuple[int, int]]:
     msgs = example.messages
+    field = example.extra.get("reasoning_field")
     spans = []
     for i, m in enumerate(msgs):
         target = example.target(i)
         if not target:
             continue
         start, end = _span(tokenizer, example, full, i)
-        if target is True and m["role"] == "assistant":
+        thought = m.get(field) if field else None  # reasoning the template renders itself
+        after = start
+        if thought:
+            at = full.find(thought, start, end)
+            if at < 0:
+                raise BadLine(f"message {i + 1}'s reasoning is not in the model's chat template's rendering of it "
+                              f"(the template leaves it out here), so the answer would be trained without it")
+            after = at + len(thought)
+        thought_on = bool(thought) and i not in example.reasoning_off
+        if target is True and m["role"] == "assistant" and (not thought or thought_on):
             spans.append((start, end))
             continue
-        # A trained non-assistant turn (Axolotl's train: true) or character ranges (train_detail): place
-        # the turn's own text inside its rendering, so the role header stays untrained.
+        # A trained non-assistant turn (Axolotl's train: true), character ranges (train_detail, content parts
+        # with a train flag) or untrained reasoning: place the turn's own text inside its rendering, so the
+        # role header (and the reasoning, unless trained) stays untrained.
         content = m["content"]
-        at = full.find(content, start, end) if content else -1
+        at = full.find(content, after, end) if content else -1
         if at < 0:
+            if thought and not content:
+                continue  # reasoning alone, not trained
             raise BadLine(f"a trained {m['role']} turn ({content[:30]!r}) does not appear verbatim in the chat "
                           f"template's rendering, so its trained part cannot be placed")
+        if thought_on:
+            spans.append((start, at))
         if target is True:
             spans.append((at, end))
             continue
