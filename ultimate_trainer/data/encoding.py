@@ -229,7 +229,9 @@ def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tupl
         if target is True:
             spans.append((at, end))
             continue
-        spans.extend((at + a, at + b) for a, b in target)
+        # A range that starts a word after a space takes that space: tokenizers fold one leading space into
+        # the word's token (" It"), which would otherwise start outside the range and go untrained.
+        spans.extend((at + a - (a > 0 and content[a - 1] == " "), at + b) for a, b in target)
         if target and target[-1][1] == len(content):
             spans.append((at + len(content), end))  # the last character is trained: so is the end of turn
     return spans

@@ -33,8 +33,8 @@ from typing import Any
 
 from ultimate_trainer.data.errors import BadLine
 from ultimate_trainer.data.turns import (
-    MEDIA_PLACEHOLDER, TEMPLATE_PLACEHOLDER, Target, Turn, content_text, describe, media_field, read_turn, text,
-    tools_list,
+    MEDIA_PLACEHOLDER, TEMPLATE_PLACEHOLDER, Target, Turn, content_text, describe, media_field, need, read_turn,
+    text, tools_list,
 )
 
 __all__ = ["BadLine", "Example", "FORMATS", "decode_line", "detect_format", "parse_line", "parse_record"]
@@ -225,15 +225,25 @@ def _from_preference(obj: dict) -> Turns:
         return _context(_from_chat(obj)) + _answer_turns(obj["chosen"], "chosen")
     if "conversations" in obj:  # LLaMA-Factory ShareGPT: conversations + chosen/rejected turns
         return _context(_from_sharegpt(obj)) + _answer_turns(obj["chosen"], "chosen", "from", "value")
+    if "chosen_response" in obj:  # Axolotl chatml.argilla: instruction + chosen_response
+        return [Turn({"role": "user", "content": text(need(obj, "instruction", "the line"), "instruction")}, False),
+                read_turn({"role": "assistant", "content": obj["chosen_response"]}, "chosen_response", "role",
+                          "content")]
     if "instruction" in obj:  # LLaMA-Factory's Alpaca preference variant
         p = _history(obj, trained=False) + [Turn({"role": "user", "content": _alpaca_user(obj)}, False)]
     elif "question" in obj:  # Axolotl chatml.intel
         p = [Turn({"role": "user", "content": text(obj["question"], "question")}, False)]
-    elif "prompt" in obj:
+    elif "prompt" in obj and not _is_conversation(obj["chosen"]):
         p = _prompt_turns(obj["prompt"], "prompt")
-    else:  # implicit prompt (TRL): chosen holds the whole conversation
+    else:  # implicit prompt (TRL), or chosen repeats the prompt (UltraFeedback): chosen holds the whole conversation
         return _whole_conversation("chosen", "rejected", obj)
     return p + _answer_turns(obj["chosen"], "chosen")
+
+
+def _is_conversation(value: Any) -> bool:
+    """A list of messages with a non-assistant turn in it: a whole conversation, not just an answer."""
+    return isinstance(value, list) and any(isinstance(m, dict) and m.get("role", m.get("from")) not in
+                                           ("assistant", "gpt", "model") for m in value)
 
 
 def _alpaca_user(obj: dict) -> str:
@@ -288,7 +298,7 @@ def detect_format(obj: dict) -> str:
         return "chat"
     if "conversations" in obj:
         return "sharegpt"
-    if "chosen" in obj:
+    if "chosen" in obj or "chosen_response" in obj:
         return "preference"
     if "prompt" in obj and ("response" in obj or "completion" in obj):
         return "prompt_response"
@@ -308,7 +318,7 @@ def _unknown_shape(obj: dict) -> str:
         return f'unknown shape (keys: {_keys(obj)}): a preference pair with "{given}" needs "{wanted}"'
     best, score = None, 0
     for name, required, optional in SHAPES:
-        s = sum(k in obj for k in required + optional)
+        s = 2 * sum(k in obj for k in required) + sum(k in obj for k in optional)
         if s > score:
             best, score = (name, required), s
     if best is None:
@@ -323,8 +333,10 @@ def _unknown_shape(obj: dict) -> str:
             f"which needs {' and '.join(missing)}")
 
 
-def _label(obj: dict) -> None:
-    """KTO-style labels, in any shape: false marks an answer its authors judged bad; such a line is skipped."""
+def _label(obj: dict) -> bool:
+    """KTO-style labels, in any shape: false marks an answer its authors judged bad; such a line is skipped.
+    True when the line carries a label (true): the label judges its last answer, the rest is its prompt."""
+    labelled = False
     for key in ("label", "kto_tag"):
         if key not in obj or obj[key] is None:
             continue
@@ -335,6 +347,8 @@ def _label(obj: dict) -> None:
         if value is False:
             what = "completion" if "completion" in obj else "answer"
             raise BadLine(f"KTO line with {key} false (the {what} is marked as bad): not trained on")
+        labelled = True
+    return labelled
 
 
 def _check_turns(turns: Turns) -> Turns:
@@ -409,7 +423,7 @@ def parse_record(obj: Any, system_prompt: str) -> Example:
         ex = Example([{"role": "text", "content": content}], fmt, metadata, skill=skill)
         ex.warnings = _scan_content([{"role": "text", "content": content}])
         return ex
-    _label(obj)
+    labelled = _label(obj)
     turns = {
         "chat": _from_chat,
         "sharegpt": _from_sharegpt,
@@ -417,6 +431,9 @@ def parse_record(obj: Any, system_prompt: str) -> Example:
         "prompt_response": _from_prompt_response,
         "alpaca": _from_alpaca,
     }[fmt](obj)
+    if labelled:  # KTO: the label is about the last answer; earlier turns, answers included, are its prompt
+        last = max((i for i, t in enumerate(turns) if t.message["role"] == "assistant"), default=0)
+        _context(turns[:last])
     tools_field = obj.get("input") if "preferred_output" in obj else obj  # OpenAI preference: input.tools
     tools = tools_list(tools_field.get("tools"), "tools") if "tools" in tools_field \
         else tools_list(tools_field.get("functions"), "functions")

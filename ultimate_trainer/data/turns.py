@@ -315,8 +315,9 @@ def read_turn(t: Any, what: str, role_key: str, content_key: str) -> Turn:
         msg["tool_calls"] = tool_calls(calls, f"{what} function_call")
     elif role == "assistant":
         calls = t.get("tool_calls") or t.get("function_call")
-        if raw is None and content_key not in t and not calls and not _reasoning_field(t, what):
-            raise BadLine(f'{what} has no "{content_key}"')
+        if raw is None and not calls and not _reasoning_field(t, what):
+            raise BadLine(f'{what} has no "{content_key}"' if content_key not in t
+                          else f"{where} is null (an answer without text needs tool calls)")
         c = read_content(raw, where, allow_none=True)
         if calls:
             name = "tool_calls" if t.get("tool_calls") else "function_call"
