@@ -43,7 +43,7 @@ ROLE_NAMES = {
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 REASONING_PART_TYPES = ("reasoning", "thinking")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-MEDIA_PART_TYPES = ("image", "image_url", "input_image", "audio", "input_audio", "video", "video_url", "file",
+MEDIA_PART_TYPES = ("image", "image_url", "input_image", "audio", "audio_url", "input_audio", "video", "video_url", "file",
                     "input_file")
 MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
 MEDIA_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
