@@ -3,7 +3,7 @@
 LLaMA-Factory (data/README.md and dataset_info.json conventions: KTO tags, ranking data in ShareGPT and
 Alpaca columns, the v1 format with typed content parts and loss_weight), TRL (dataset formats page:
 preference with explicit and implicit prompts, unpaired preference), OpenAI (chat and preference
-fine-tuning), Axolotl (DPO types, per-part train flags) and reasoning traces as exporters write them.
+fine-tuning), Axolotl (DPO types, per-part train flags, template-free segments) and reasoning traces as exporters write them.
 
 For every record the test states the whole tokenized text split into what is trained (``T(...)``)
 and what is untrained context, decoded from the token store's labels, or the reason it is skipped;
@@ -140,6 +140,14 @@ EXPECTED: dict[str, tuple[str, dict[int, list[str] | str]]] = {
         6: flat(sys_(), "<|im_start|>user\nRepeat after me:", T(" blue sky" + END), "\n", answer("blue sky")),
         7: 'message 2 content part 1 train is a string ("no"), not true or false',
         8: "message 2 has both train_detail and content parts with a train flag",
+    }),
+    # Axolotl input_output: no template and no EOS added; the space between two segments goes with the word
+    # its token starts
+    "axolotl_input_output.jsonl": ("smol", {
+        1: ["Q: capital of France?\nA:", T(" Paris." + END)],
+        2: [T("hello there!"), " goodbye now", T(" farewell")],
+        3: 'segment 1 label is a string ("yes"), not true or false',
+        4: "no trained segment (every segment has label false or no text)",
     }),
     "reasoning.jsonl": ("smol", reasoning_expected(CONVENTION)),
     "llamafactory_v1.jsonl": ("tools", {

@@ -145,7 +145,8 @@ def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tu
 def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     """The text to tokenize and the character spans that carry the loss."""
     if example.is_text:
-        return example.messages[0]["content"], [(0, len(example.messages[0]["content"]))]
+        content = example.messages[0]["content"]
+        return content, _word_aligned(content, example.targets[0]) if example.fmt == "segments" else [(0, len(content))]
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; only {\"text\"} examples can be used with it")
     example = reasoning.for_template(tokenizer, example)
@@ -229,12 +230,25 @@ def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tupl
         if target is True:
             spans.append((at, end))
             continue
-        # A range that starts a word after a space takes that space: tokenizers fold one leading space into
-        # the word's token (" It"), which would otherwise start outside the range and go untrained.
-        spans.extend((at + a - (a > 0 and content[a - 1] == " "), at + b) for a, b in target)
+        spans.extend((at + a, at + b) for a, b in _word_aligned(content, target))
         if target and target[-1][1] == len(content):
             spans.append((at + len(content), end))  # the last character is trained: so is the end of turn
     return spans
+
+
+def _word_aligned(content: str, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character ranges of ``content`` moved to where tokens split: tokenizers fold one leading space into
+    the next word's token (" It"), so a range that starts a word after a space takes that space (or the
+    word's token would start outside it and go untrained), and a range that ends with a space before an
+    untrained word leaves it to that word (or the untrained word's token would start inside it)."""
+    out = []
+    for a, b in ranges:
+        if a > 0 and content[a - 1] == " ":
+            a -= 1
+        if a < b - 1 and b < len(content) and content[b - 1] == " " and content[b] != " ":
+            b -= 1
+        out.append((a, b))
+    return out
 
 
 def _tool_use(example: Example) -> str:
@@ -369,7 +383,7 @@ def finish_chunk(tokenizer: Any, rendered: Rendered, encodings: Any, max_len: in
     ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(lengths.sum()))
     mask = _chunk_mask(all_offsets, rendered.spans, lengths, max(map(len, rendered.texts)))
     eos = tokenizer.eos_token_id
-    texts = [j for j, i in enumerate(rendered.where) if rendered.examples[i].is_text] if eos is not None else []
+    texts = [j for j, i in enumerate(rendered.where) if rendered.examples[i].fmt == "text"] if eos is not None else []
     if texts:
         # So a model trained on raw text also learns where a document stops.
         at = np.cumsum(lengths)[texts]

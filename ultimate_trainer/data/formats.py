@@ -9,17 +9,27 @@ by source tool, with what carries the loss):
 =============== ============================================================ ================================
 fmt             shape                                                        becomes
 =============== ============================================================ ================================
+preference      ``{"chosen_messages", "rejected_messages"}`` (LLaMA-Factory   the prompt as untrained context,
+                v1), ``{"input", "preferred_output"}`` (OpenAI)               then the chosen answer
+preference      ``{"messages" | "conversations", "chosen", "rejected"}``      the conversation as context,
+                (Axolotl, LLaMA-Factory)                                     then the chosen turn
 chat            ``{"messages": [{"role", "content"}, ...], "tools"}``        the messages (OpenAI, TRL, Axolotl)
 sharegpt        ``{"conversations": [{"from", "value"}, ...], "system",      the turns, ``system`` first
                 "tools"}``
-preference      ``{"prompt"?, "chosen", "rejected"}`` (DPO, ORPO)            SFT on prompt + ``chosen``
+preference      ``{"prompt" | "instruction" | "question"?, "chosen",         the prompt as context, then the
+                "rejected"}``, ``{"instruction", "chosen_response"}``        chosen answer (no prompt: the
+                (DPO, ORPO)                                                  turns chosen and rejected share)
 prompt_response ``{"prompt", "completion" | "response"}`` (strings or        prompt turns (never trained),
                 message lists; KTO adds ``label``)                           then the completion
 alpaca          ``{"instruction", "input", "output", "system", "history"}``  system, history pairs, then
                                                                              instruction (+ input) / output
 text            ``{"text"}``                                                 no roles: trained as plain text
+segments        ``{"segments": [{"label", "text"}, ...]}`` (Axolotl          no roles, no template: the texts
+                input_output)                                                joined, labelled ones trained
 =============== ============================================================ ================================
 
+In every shape but text, a KTO label (``label``, LLaMA-Factory's ``kto_tag``) that is false skips the
+record; true trains its last answer only (the turns before it are its prompt).
 Any record may carry a top-level ``system`` string (used when no system turn is given) and
 ``metadata`` (an object; ``metadata.skill`` is kept as ``Example.skill``).
 """
@@ -41,7 +51,7 @@ __all__ = ["BadLine", "Example", "FORMATS", "decode_line", "detect_format", "par
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("chat", "sharegpt", "preference", "prompt_response", "alpaca", "text")
+FORMATS = ("chat", "sharegpt", "preference", "prompt_response", "alpaca", "text", "segments")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -74,7 +84,8 @@ class Example:
 
     @property
     def is_text(self) -> bool:
-        return self.fmt == "text"
+        """No roles and no chat template: ``text`` (trained whole, EOS added) or ``segments`` (as flagged)."""
+        return self.fmt in ("text", "segments")
 
     def target(self, i: int) -> bool | list[tuple[int, int]]:
         """What of message ``i`` is trained: True (all of it, with its end-of-turn), False, or ranges."""
@@ -285,6 +296,7 @@ SHAPES = (
     ("preference", ("prompt", "chosen"), ("rejected",)),
     ("alpaca", ("instruction", "output"), ("input", "history")),
     ("text", ("text",), ()),
+    ("segments", ("segments",), ()),
 )
 
 
@@ -306,6 +318,8 @@ def detect_format(obj: dict) -> str:
         return "alpaca"
     if "text" in obj:
         return "text"
+    if "segments" in obj:
+        return "segments"
     raise BadLine(_unknown_shape(obj))
 
 
@@ -331,6 +345,32 @@ def _unknown_shape(obj: dict) -> str:
         missing = [f'"{k}"' for k in required if k not in obj]
     return (f"unknown shape (keys: {_keys(obj)}): nearest is {name} ({' + '.join(required)}), "
             f"which needs {' and '.join(missing)}")
+
+
+def _from_segments(obj: dict, metadata: dict | None, skill: str | None) -> Example:
+    """Axolotl's template-free ``input_output``: the segments' texts joined as they are (no template, no
+    EOS added: special tokens are the user's), the segments with ``"label": true`` trained."""
+    segments = obj["segments"]
+    if not isinstance(segments, list) or not segments:
+        raise BadLine(f"segments is {describe(segments)}, not a list of {{\"label\", \"text\"}} objects")
+    pieces, ranges, at = [], [], 0
+    for k, seg in enumerate(segments, 1):
+        if not isinstance(seg, dict):
+            raise BadLine(f"segment {k} is {describe(seg)}, not an object")
+        piece = text(need(seg, "text", f"segment {k}"), f"segment {k} text")
+        label = need(seg, "label", f"segment {k}")
+        if not isinstance(label, bool):
+            raise BadLine(f"segment {k} label is {describe(label)}, not true or false")
+        if label and piece:
+            ranges.append((at, at + len(piece)))
+        pieces.append(piece)
+        at += len(piece)
+    if not ranges:
+        raise BadLine("no trained segment (every segment has label false or no text)")
+    content = "".join(pieces)
+    ex = Example([{"role": "text", "content": content}], "segments", metadata, targets=[ranges], skill=skill)
+    ex.warnings = _scan_content(ex.messages)
+    return ex
 
 
 def _label(obj: dict) -> bool:
@@ -423,6 +463,8 @@ def parse_record(obj: Any, system_prompt: str) -> Example:
         ex = Example([{"role": "text", "content": content}], fmt, metadata, skill=skill)
         ex.warnings = _scan_content([{"role": "text", "content": content}])
         return ex
+    if fmt == "segments":
+        return _from_segments(obj, metadata, skill)
     labelled = _label(obj)
     turns = {
         "chat": _from_chat,

@@ -365,12 +365,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def turn(t: Any, what: str, role_key: str, content_key: str) -> tuple[dict[str, Any], Target]:
-    """One source turn -> (normalised message, target); see ``read_turn``."""
-    r = read_turn(t, what, role_key, content_key)
-    return r.message, r.target
-
-
 def media_field(obj: dict[str, Any]) -> str | None:
     """The name of a non-empty image/video/audio field of a record (LLaMA-Factory, TRL vision data)."""
     for key in MEDIA_FIELDS:
