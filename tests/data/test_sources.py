@@ -295,3 +295,13 @@ def test_a_template_that_leaves_out_a_trained_turns_reasoning_makes_the_line_bad
                                                 "rendering of it (the template leaves it out here), so the answer "
                                                 "would be trained without it"}]
     assert rep["examples"] == 1
+
+
+def test_reasoning_a_template_trims_is_still_found_and_trained():
+    from ultimate_trainer.data.encoding import encode
+
+    tok = reasoning_tokenizer(smol_tokenizer())  # its template strips the reasoning it renders
+    ex = parse_record({"messages": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "a", "reasoning_content": "  padded  "}]}, "S.")
+    ids, labels = encode(tok, ex, 256, "skip")
+    assert tok.decode([t for t, lab in zip(ids, labels) if lab != -100]) == "<think>\npadded\n</think>\na" + END

@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ultimate_trainer.data.chat_template import concatenation, render as render_chat, tool_support
 from ultimate_trainer.data import reasoning
+from ultimate_trainer.data.chat_template import concatenation, render as render_chat, tool_support
 from ultimate_trainer.data.formats import BadLine, Example
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tupl
         if not target:
             continue
         start, end = _span(tokenizer, example, full, i)
-        thought = m.get(field) if field else None  # reasoning the template renders itself
+        thought = m.get(field).strip() if field and m.get(field) else None  # reasoning the template renders
         after = start
         if thought:
             at = full.find(thought, start, end)
