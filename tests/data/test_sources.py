@@ -171,7 +171,7 @@ EXPECTED: dict[str, tuple[str, dict[int, list[str] | str]]] = {
         2: "unknown shape (keys: answer, question): none of the accepted shapes' keys is there (messages, "
            "conversations, prompt + completion, prompt + chosen, instruction + output, text)",
         3: 'unknown shape (keys: prompt): nearest is prompt_response (prompt + completion), which needs "completion" '
-           '(or "response")',
+           '(or "response"): a prompt alone has no answer to learn',
         4: 'unknown shape (keys: rejected): a preference pair with "rejected" needs "chosen"',
         5: 'unknown shape (keys: input, output): nearest is alpaca (instruction + output), which needs "instruction"',
         6: 'message 1 content part 1 (type "text") has no "text" or "value"',
@@ -179,6 +179,7 @@ EXPECTED: dict[str, tuple[str, dict[int, list[str] | str]]] = {
         8: 'conversations is a string ("human: hi"), not a list of turns',
         9: "label is a number (1), not true or false",
         10: "message 1 content is null, not a string or a list of content parts",
+        11: "unknown shape (keys: completions, labels, prompt): TRL stepwise supervision (prompt, completions, labels)",
     }),
 }
 TOKENIZERS = {"smol": smol_tokenizer, "tools": lambda: tool_tokenizer(smol_tokenizer()),

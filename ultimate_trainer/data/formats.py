@@ -324,6 +324,9 @@ def detect_format(obj: dict) -> str:
 
 
 def _unknown_shape(obj: dict) -> str:
+    if "prompt" in obj and "completions" in obj:
+        return (f"unknown shape (keys: {_keys(obj)}): TRL stepwise supervision (prompt, completions, labels) grades "
+                f"reasoning steps for a reward model; it has no single answer to fine-tune on")
     if "rejected_messages" in obj or "rejected" in obj or "non_preferred_output" in obj:
         given = "rejected_messages" if "rejected_messages" in obj else (
             "rejected" if "rejected" in obj else "non_preferred_output")
@@ -340,7 +343,8 @@ def _unknown_shape(obj: dict) -> str:
                 f"conversations, prompt + completion, prompt + chosen, instruction + output, text)")
     name, required = best
     if name == "prompt_response":
-        missing = ['"prompt"'] if "prompt" not in obj else ['"completion" (or "response")']
+        missing = ['"prompt"'] if "prompt" not in obj else ['"completion" (or "response"): a prompt alone has no '
+                                                            'answer to learn']
     else:
         missing = [f'"{k}"' for k in required if k not in obj]
     return (f"unknown shape (keys: {_keys(obj)}): nearest is {name} ({' + '.join(required)}), "
