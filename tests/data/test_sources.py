@@ -293,9 +293,29 @@ def test_a_template_that_leaves_out_a_trained_turns_reasoning_makes_the_line_bad
     p = data.prepare([f], tok, make_cfg(tmp_path, heldout_fraction=0.0), tmp_path / "store")
     rep = p.reports[str(f)]
     assert rep["bad"] == [{"line": 1, "reason": "message 3's reasoning is not in the model's chat template's "
-                                                "rendering of it (the template leaves it out here), so the answer "
+                                                "rendering of it (the template leaves it out), so the answer "
                                                 "would be trained without it"}]
     assert rep["examples"] == 1
+
+
+def test_a_template_that_strips_think_blocks_from_answers_makes_reasoning_lines_bad(tmp_path):
+    tok = reasoning_tokenizer(smol_tokenizer())
+    # Renders no reasoning field, and keeps only what follows </think> in an answer (DeepSeek-R1's templates
+    # do this to earlier turns): the <think> convention would be rendered away.
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+                         "{% if m.role == 'assistant' %}{{ m.content.split('</think>')[-1].lstrip() }}"
+                         "{% else %}{{ m.content }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    p = data.prepare([CORPUS / "reasoning.jsonl"], tok, make_cfg(tmp_path, heldout_fraction=0.0), tmp_path / "store")
+    rep = p.reports[str(CORPUS / "reasoning.jsonl")]
+    bad = {b["line"]: b["reason"] for b in rep["bad"]}
+    # Every line with reasoning is refused with the reason; the two without reasoning (the number, which is
+    # refused for itself, and the empty think block) are not refused for it.
+    assert sorted(bad) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert bad[1] == ("message 3's reasoning is not in the model's chat template's rendering of it (the template "
+                      "leaves it out), so the answer would be trained without it")
+    assert bad[9].startswith("message 2 reasoning_content is a number")
+    assert rep["examples"] == 1 and rep["reasoning"] is None
 
 
 def test_reasoning_a_template_trims_is_still_found_and_trained():

@@ -150,6 +150,12 @@ def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; only {\"text\"} examples can be used with it")
     example = reasoning.for_template(tokenizer, example)
+    full, spans = _render_chat(tokenizer, example)
+    reasoning.check_rendered(example, full)
+    return full, spans
+
+
+def _render_chat(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     if example.uses_tools:
         lacks = tool_support(tokenizer)
         if lacks:
@@ -208,8 +214,7 @@ def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tupl
         if thought:
             at = full.find(thought, start, end)
             if at < 0:
-                raise BadLine(f"message {i + 1}'s reasoning is not in the model's chat template's rendering of it "
-                              f"(the template leaves it out here), so the answer would be trained without it")
+                raise BadLine(reasoning.left_out(i))
             after = at + len(thought)
         thought_on = bool(thought) and i not in example.reasoning_off
         if target is True and m["role"] == "assistant" and (not thought or thought_on):

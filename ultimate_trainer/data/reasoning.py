@@ -17,8 +17,9 @@ assistant turn carrying a probe reasoning under each field name in turn):
 Either way the reasoning is trained with the answer unless the source marks it otherwise (a
 reasoning part with ``"train": false``); ``convention()`` names the choice, recorded in each file's
 report (``reasoning.rendered_as``) and in ``train.py --dry-run``'s summary. A template that leaves a
-trained turn's reasoning out of its rendering makes that line bad (encoding.py), never trained
-without it silently.
+trained turn's reasoning out of its rendering (one that strips ``<think>`` blocks from answers, as
+DeepSeek-R1's does) makes that line bad (``check_rendered``): an answer is never trained without its
+reasoning silently.
 """
 
 from __future__ import annotations
@@ -97,5 +98,19 @@ def for_template(tokenizer: Any, example: Example) -> Example:
             targets.append([(len(block), len(block) + len(content))] if content else [])
         else:
             targets.append(target)
-    extra = dict(example.extra, reasoning_field=name)
+    texts = {i: m["reasoning_content"] for i, m in enumerate(example.messages) if m.get("reasoning_content")}
+    extra = dict(example.extra, reasoning_field=name, reasoning_texts=texts)
     return dataclasses.replace(example, messages=messages, targets=targets, extra=extra)
+
+
+def left_out(i: int) -> str:
+    return (f"message {i + 1}'s reasoning is not in the model's chat template's rendering of it (the template "
+            f"leaves it out), so the answer would be trained without it")
+
+
+def check_rendered(example: Example, full: str) -> None:
+    """BadLine when a trained turn's reasoning is not in the rendering (a template that strips ``<think>``
+    blocks from answers, DeepSeek-R1's for one): never train the answer without its reasoning silently."""
+    for i, text in example.extra.get("reasoning_texts", {}).items():
+        if example.target(i) and text.strip() not in full:
+            raise BadLine(left_out(i))
