@@ -41,7 +41,7 @@ EXPECTED: dict[str, dict[int, tuple[list[str], list[str]] | str]] = {
         2: (["system", "user", "assistant", "tool", "assistant"],
             [CALL.format("convert", '{"amount": 100, "to": "EUR"}'), "100 USD is 92.50 EUR." + END]),
         3: 'multimodal: field "images" is set',
-        4: "not a JSON object (got str)",
+        4: "not a JSON object: it is a string (\"not an object\")",
     },
     "sharegpt_roles.jsonl": {
         1: (["system", "user", "assistant"], ["Red." + END]),
@@ -166,7 +166,7 @@ def test_monitor_shows_array_items_as_file_item_n(tmp_path):
     shown = _problem_reports(tmp_path / "status")
     assert shown[0]["bad"] == [
         'llamafactory_sharegpt.json:item 3: multimodal: field "images" is set; only text is trained, line skipped',
-        "llamafactory_sharegpt.json:item 4: not a JSON object (got str)"]
+        "llamafactory_sharegpt.json:item 4: not a JSON object: it is a string (\"not an object\")"]
 
 
 def test_json_that_is_no_array_nor_lines_is_unusable_with_a_clear_reason(tmp_path):
@@ -242,7 +242,7 @@ def test_dry_run_of_the_whole_corpus_adds_up(tiny_model_dir, make_project, tmp_p
     assert s["examples"] + s["bad_lines"] == records + 8  # not_array.json: its 8 lines are bad lines
     assert "openai_chat.jsonl:2: the line defines tools, but the model's chat template has no tool support" \
         in r.stderr
-    assert "llamafactory_sharegpt.json:item 4: not a JSON object (got str)" in r.stderr
+    assert "llamafactory_sharegpt.json:item 4: not a JSON object: it is a string (\"not an object\")" in r.stderr
     assert "identity.json: warning: template placeholder {{name}}" in r.stderr
 
 

@@ -84,17 +84,17 @@ def test_text_format_has_no_roles():
 @pytest.mark.parametrize("raw, reason", [
     (b"\xff\xfe{}", "not UTF-8"),
     (b'{"messages": [', "invalid JSON: "),
-    (b"[1, 2]", "not a JSON object (got list)"),
-    (b'{"foo": 1, "bar": 2}', "unknown shape (keys: bar, foo)"),
+    (b"[1, 2]", "not a JSON object: it is a list"),
+    (b'{"foo": 1, "bar": 2}', "unknown shape (keys: bar, foo): none of the accepted shapes' keys is there"),
     (_line({"messages": [{"role": "user", "content": "q"}]}), "no assistant turn"),
     (_line(chat("q", "  ")), "empty assistant turn"),
     (_line({"messages": [{"role": "robot", "content": "x"}]}), "message 1: unknown role \"robot\""),
-    (_line({"messages": [{"role": "user", "content": 3}]}), "message 1 content is not a string"),
+    (_line({"messages": [{"role": "user", "content": 3}]}), "message 1 content is a number (3), not a string"),
     (_line({"messages": [{"role": "assistant", "content": "a"}]}), "no user turn before the assistant turn"),
     (_line({"conversations": [{"from": "alien", "value": "x"}]}), "turn 1: unknown speaker"),
     (_line({"prompt": "p", "response": ""}), "empty assistant turn"),
     (_line({"text": "  "}), "empty text"),
-    (_line({"text": "t", "metadata": [1]}), "metadata is not an object"),
+    (_line({"text": "t", "metadata": [1]}), "metadata is a list, not an object"),
     (b"x" * 200, "line longer than 120 bytes"),
 ])
 def test_bad_line_reasons(raw, reason):
@@ -129,7 +129,7 @@ def test_bad_lines_reported_with_line_numbers_and_run_continues(tmp_path):
     bad = {b["line"]: b["reason"] for b in rep["bad"]}
     assert bad[2].startswith("invalid JSON")
     assert bad[3].startswith("not UTF-8")
-    assert bad[4] == "unknown shape (keys: unknown)"
+    assert bad[4].startswith("unknown shape (keys: unknown): none of the accepted shapes' keys is there")
     assert bad[5] == "no assistant turn"
     assert bad[6] == "empty assistant turn"
     assert bad[7].startswith("over-long: ") and "> max_seq_length 256" in bad[7]

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ultimate_trainer.data import reasoning
 from ultimate_trainer.data.chat_template import concatenation, render as render_chat, tool_support
 from ultimate_trainer.data.formats import BadLine, Example
 
@@ -112,6 +113,8 @@ def end_of_turn(tokenizer: Any) -> str | None:
 
 def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tuple[int, int]] | None:
     """The assistant spans read off ``full`` with the template's turn shape; None when it does not apply."""
+    if example.extra.get("reasoning_field"):
+        return None  # reasoning rendered by the template: placed (and checked) by the prefix renders
     spans, cursor = [], 0
     for i, m in enumerate(example.messages):
         target = example.target(i)
@@ -142,9 +145,17 @@ def _spans_one_render(example: Example, full: str, shape: _TurnShape) -> list[tu
 def render(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     """The text to tokenize and the character spans that carry the loss."""
     if example.is_text:
-        return example.messages[0]["content"], [(0, len(example.messages[0]["content"]))]
+        content = example.messages[0]["content"]
+        return content, _word_aligned(content, example.targets[0]) if example.fmt == "segments" else [(0, len(content))]
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template; only {\"text\"} examples can be used with it")
+    example = reasoning.for_template(tokenizer, example)
+    full, spans = _render_chat(tokenizer, example)
+    reasoning.check_rendered(example, full)
+    return full, spans
+
+
+def _render_chat(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     if example.uses_tools:
         lacks = tool_support(tokenizer)
         if lacks:
@@ -191,29 +202,58 @@ def _render_full(tokenizer: Any, example: Example) -> str:
 
 def _spans_by_prefixes(tokenizer: Any, example: Example, full: str) -> list[tuple[int, int]]:
     msgs = example.messages
+    field = example.extra.get("reasoning_field")
     spans = []
     for i, m in enumerate(msgs):
         target = example.target(i)
         if not target:
             continue
         start, end = _span(tokenizer, example, full, i)
-        if target is True and m["role"] == "assistant":
+        thought = m.get(field).strip() if field and m.get(field) else None  # reasoning the template renders
+        after = start
+        if thought:
+            at = full.find(thought, start, end)
+            if at < 0:
+                raise BadLine(reasoning.left_out(i))
+            after = at + len(thought)
+        thought_on = bool(thought) and i not in example.reasoning_off
+        if target is True and m["role"] == "assistant" and (not thought or thought_on):
             spans.append((start, end))
             continue
-        # A trained non-assistant turn (Axolotl's train: true) or character ranges (train_detail): place
-        # the turn's own text inside its rendering, so the role header stays untrained.
+        # A trained non-assistant turn (Axolotl's train: true), character ranges (train_detail, content parts
+        # with a train flag) or untrained reasoning: place the turn's own text inside its rendering, so the
+        # role header (and the reasoning, unless trained) stays untrained.
         content = m["content"]
-        at = full.find(content, start, end) if content else -1
+        at = full.find(content, after, end) if content else -1
         if at < 0:
+            if thought and not content:
+                continue  # reasoning alone, not trained
             raise BadLine(f"a trained {m['role']} turn ({content[:30]!r}) does not appear verbatim in the chat "
                           f"template's rendering, so its trained part cannot be placed")
+        if thought_on:
+            spans.append((start, at))
         if target is True:
             spans.append((at, end))
             continue
-        spans.extend((at + a, at + b) for a, b in target)
+        spans.extend((at + a, at + b) for a, b in _word_aligned(content, target))
         if target and target[-1][1] == len(content):
             spans.append((at + len(content), end))  # the last character is trained: so is the end of turn
     return spans
+
+
+def _word_aligned(content: str, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character ranges of ``content`` moved to where tokens split: tokenizers fold one leading space into
+    the next word's token (" It"), so a range that starts a word after a space takes that space (or the
+    word's token would start outside it and go untrained), and a range that ends with a space before an
+    untrained word leaves it to that word (or the untrained word's token would start inside it)."""
+    out = []
+    for a, b in ranges:
+        if a > 0 and content[a - 1] == " ":
+            a -= 1
+        if a < b - 1 and b < len(content) and content[b - 1] == " " and content[b] != " ":
+            b -= 1
+        out.append((a, b))
+    return out
 
 
 def _tool_use(example: Example) -> str:
@@ -348,7 +388,7 @@ def finish_chunk(tokenizer: Any, rendered: Rendered, encodings: Any, max_len: in
     ids = np.fromiter(chain.from_iterable(all_ids), dtype=np.int64, count=int(lengths.sum()))
     mask = _chunk_mask(all_offsets, rendered.spans, lengths, max(map(len, rendered.texts)))
     eos = tokenizer.eos_token_id
-    texts = [j for j, i in enumerate(rendered.where) if rendered.examples[i].is_text] if eos is not None else []
+    texts = [j for j, i in enumerate(rendered.where) if rendered.examples[i].fmt == "text"] if eos is not None else []
     if texts:
         # So a model trained on raw text also learns where a document stops.
         at = np.cumsum(lengths)[texts]

@@ -34,7 +34,7 @@ import numpy as np
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data import encoding, tokcache
+from ultimate_trainer.data import encoding, reasoning, tokcache
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
 from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
@@ -133,6 +133,7 @@ def _new_report(path: Path) -> dict[str, Any]:
         "bad_lines": 0,
         "bad": [],
         "warnings": [],
+        "reasoning": None,
         "usable": False,
         "error": None,
         "created_at": None,
@@ -152,6 +153,7 @@ class _FileReader:
         self.heldout_chosen = 0
         self.duplicates = 0
         self.warned: dict[str, list[int]] = {}  # warning kind -> [examples, first line]
+        self.reasoning = 0  # usable examples with a reasoning trace
         self.pool = pool
         self.pending: tuple[encoding.Rendered, Future] | None = None
 
@@ -206,6 +208,8 @@ class _FileReader:
                 continue
             self.report["examples"] += 1
             self.report["formats"][ex.fmt] += 1
+            if ex.has_reasoning:
+                self.reasoning += 1
             self.warn(ex)
             if ex.extra.get("duplicate_of_heldout"):
                 self.duplicates += 1  # held out already: neither trained nor asked twice
@@ -278,6 +282,13 @@ class _FileReader:
                 self.pending = None
         self.report["sha256"] = digest.hexdigest()
         self.report["warnings"] = self._warnings()
+        if self.reasoning:
+            # How this base sees reasoning (its chat template's field, or the <think> convention): recorded
+            # with the file, so a run's data says what was trained (data/reasoning.py).
+            self.report["reasoning"] = {"examples": self.reasoning,
+                                        "rendered_as": reasoning.convention(self.tokenizer)}
+            log.info("%s: %d examples with reasoning, rendered %s", self.path.name, self.reasoning,
+                     self.report["reasoning"]["rendered_as"])
         self._settle_heldout()
         self._finish()
         return self.report
@@ -477,6 +488,8 @@ def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
         "formats": formats,
         "bad_lines": prepared.bad_lines,
         "warnings": [f"{Path(p).name}: {w}" for p, r in prepared.reports.items() for w in r["warnings"]],
+        "reasoning": [f"{Path(p).name}: {r['reasoning']['examples']} examples with reasoning, rendered "
+                      f"{r['reasoning']['rendered_as']}" for p, r in prepared.reports.items() if r.get("reasoning")],
         "train_tokens": int(lengths.sum()) if len(lengths) else 0,
         "length_p50": pct(50),
         "length_p95": pct(95),
