@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from ultimate_trainer.core import checkpoints as ck
-from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.spool import DONE, newest_first
 from ultimate_trainer.core.status import atomic_write_json
 from ultimate_trainer.core.times import now_iso, parse_iso
 from ultimate_trainer.daemon import schedule
@@ -75,12 +76,12 @@ class Consolidations:
         """Run the merge child to its end. Returns an error line, or None when it succeeded (or was stopped)."""
         st = self.spool.journal.state
         files_json = self.spool.dir / "consolidation-files.json"
-        atomic_write_json(files_json, {"files": list(st.done_since_consolidation)})
+        atomic_write_json(files_json, {"files": list(st.done_since_consolidation),
+                                       "trained": [str(p) for p in newest_first(self.spool.folder(DONE))]})
         log.info("consolidating: merging the adapter into the base")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")]))}
         self.running = True
         try:
-            self.runner.launch(self.cmd(files_json), env=env)
+            self.runner.launch(self.cmd(files_json))
             code = self.runner.wait()
         finally:
             self.running = False
