@@ -4,9 +4,9 @@ A consolidation is wanted when nothing is open in the spool, the newest checkpoi
 is newer than the last consolidation, and either ``--consolidate-now`` was given or a
 ``daemon.consolidation_hour`` boundary passed since the last one (or since the daemon was first
 started: a boundary missed while it was down counts). A failed merge is retried after
-``daemon.retry_max_seconds``. The merge itself is ``python -m ultimate_trainer.trainer.consolidate``.
+``daemon.retry_max_seconds``. The merge itself is ``python -m ultimate_trainer.trainer.consolidation``.
 
-The merge child may refuse its candidate (the gate, trainer/gate.py; exit code 6): the refusal is
+The merge child may refuse its candidate (the gate, trainer/consolidation/gate.py; exit code 6): the refusal is
 journalled, ``daemon_status.json`` shows it in ``consolidation.last_refused``, and no merge is
 wanted again until training has gone past the refused candidate's step. ``rollback`` undoes the
 newest adopted consolidation (``daemon.py --rollback-consolidation``).
@@ -50,7 +50,7 @@ class Consolidations:
         self.failed = False  # the last attempt failed (--once exits 1)
 
     def _default_cmd(self, files_json: Path) -> list[str]:
-        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidate", *self.cfg_args,
+        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidation", *self.cfg_args,
                 "--files-json", str(files_json)]
 
     def wanted(self) -> bool:

@@ -56,7 +56,7 @@ class Prepared:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given: FileReport.to_json()
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
-    rehearsal_examples: int = 0  # the base's own answers rehearsed (data/rehearsal.py), stored after the replay
+    rehearsal_examples: int = 0  # the base's own answers rehearsed (trainer/rehearsal/prompts.py), stored after the replay
     cache_hits: list[str] = field(default_factory=list)  # files whose tokens came from the cache (data/tokcache.py)
     cache_used: list[str] = field(default_factory=list)  # those entries' keys, the eval file's excepted
 
@@ -288,7 +288,7 @@ def prepare(files: list[Path] | list[FileEntry], tokenizer: Any, cfg: Config, st
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
     they copy a held-out example of this run) and it gets no report; ``rehearsal_file``
-    (``data/rehearsal.py``) after it, the same way.
+    (``trainer/rehearsal/prompts.py``) after it, the same way.
 
     ``cache_dir`` (data/tokcache.py): a file whose entry is there (what ``fill_cache`` left for this
     run) is taken from it instead of being read and tokenized again; the result is the same.

@@ -34,7 +34,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import status as st
@@ -48,6 +48,12 @@ from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.distributed import World, collective_failure
 from ultimate_trainer.trainer.reporter import StatusReporter
 from ultimate_trainer.trainer.stability import Diverged
+
+if TYPE_CHECKING:  # the phases import these lazily: a dry run never loads torch
+    from ultimate_trainer.data.prepare import Prepared
+    from ultimate_trainer.data.replay import Replay
+    from ultimate_trainer.trainer.rehearsal.prompts import Rehearsal
+    from ultimate_trainer.trainer.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +129,20 @@ class RunState:
     max_steps: int | None = None
     start: ck.StartPoint | None = None
     base_path: str = ""
-    tokenizer: Any = None
-    prepared: Any = None  # data.prepare.Prepared
+    tokenizer: Any = None  # the base's (transformers PreTrainedTokenizerBase)
+    prepared: Prepared | None = None
     run_id: str = ""  # core/manifest.run_id of the files, the data-order settings, the layout and step scale
     layout: str = "grouped"  # data/packing.py's layout of training.packing
     step_scale: int = 1  # trainer/distributed.accumulation: > 1 when the ranks cannot split the accumulation
     plan: RunPlan | None = None
     steps_now: int = 0
     device: str = "cpu"
-    model: Any = None
-    replay: Any = None  # data.replay.Replay: the earlier lines mixed into this run
-    rehearsal: Any = None  # data.rehearsal.Rehearsal: the base's own answers mixed into this run
+    model: Any = None  # the PEFT model (base + adapter)
+    replay: Replay | None = None  # the earlier lines mixed into this run
+    rehearsal: Rehearsal | None = None  # the base's own answers mixed into this run
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
-    session: Any = None  # trainer.session.Session: a worker's loaded tokenizer and model, reused when they fit
+    session: Session | None = None  # a worker's loaded tokenizer and model, reused when they fit
 
     @property
     def files(self) -> list[Path]:
@@ -404,8 +410,8 @@ def replay_for(run: RunState, out: Path) -> Any:
 
 
 def rehearsal_for(run: RunState, out: Path) -> Any:
-    """This run's rehearsal (``data/rehearsal.py``): the base's own answers, drawn by the run id."""
-    from ultimate_trainer.trainer.rehearsal import rehearsal_for as draw
+    """This run's rehearsal (``trainer/rehearsal/``): the base's own answers, drawn by the run id."""
+    from ultimate_trainer.trainer.rehearsal.answers import rehearsal_for as draw
 
     return draw(run.cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session)
 
@@ -510,7 +516,7 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import distributed, hf, speed
     from ultimate_trainer.trainer.guard import GuardCallback, step_describer
-    from ultimate_trainer.trainer.probe import probe_callback
+    from ultimate_trainer.trainer.probe.callback import probe_callback
     from ultimate_trainer.trainer.reporter import Throughput
 
     cfg, start, p, reporter, world = run.cfg, run.start, run.plan, run.reporter, run.world

@@ -28,9 +28,9 @@ from typing import Any
 
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.probe import Probe, load_probe
+from ultimate_trainer.trainer.probe.questions import Probe, load_probe
 from ultimate_trainer.data.replay import heldout_examples
-from ultimate_trainer.model.probe import retention, score_examples, score_probe
+from ultimate_trainer.trainer.probe.scoring import retention, score_examples, score_probe
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Daily consolidation: merge the current LoRA adapter into the base weights.
 
-    python -m ultimate_trainer.trainer.consolidate [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
+    python -m ultimate_trainer.trainer.consolidation [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
 
 The daemon runs this as a child process (its memory never stays in the daemon). It writes
 ``models/consolidated/<YYYYmmdd-HHMMSS>/``: the merged model (safetensors, config, generation
@@ -96,7 +96,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     examples the gate asks.
 
     Returns its folder and whether it was adopted. With ``consolidation.gate`` the candidate is
-    scored against the current base first (trainer/gate.py); a refused one is written under
+    scored against the current base first (gate.py); a refused one is written under
     ``models/consolidated/.refused/`` with ``adopted: false`` and the reason in its manifest, where no
     run starts from it.
     """
@@ -140,11 +140,11 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
 
 
 class Gate:
-    """Scores the base (adapter off) before the merge and the merged candidate after it (trainer/gate.py)."""
+    """Scores the base (adapter off) before the merge and the merged candidate after it (gate.py)."""
 
     def __init__(self, cfg: Config, ckpt: CheckpointInfo, trained: list[Path]):
         from ultimate_trainer.model.loading import load_tokenizer, resolve_base
-        from ultimate_trainer.trainer import gate
+        from ultimate_trainer.trainer.consolidation import gate
 
         self.cfg, self.gate = cfg, gate
         self.inputs = gate.gate_inputs(cfg, trained)
@@ -161,7 +161,8 @@ class Gate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Merge the newest adapter into the base (docs/DAEMON.md).")
+    ap = argparse.ArgumentParser(prog="python -m ultimate_trainer.trainer.consolidation",
+                                 description="Merge the newest adapter into the base (docs/DAEMON.md).")
     add_arguments(ap)
     ap.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to merge (default: the newest complete one)")
     ap.add_argument("--files-json", metavar="F", help='JSON {"files": [names trained since the last consolidation], '
