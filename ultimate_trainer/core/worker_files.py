@@ -53,12 +53,16 @@ def clear(worker_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_request(worker_dir: Path, manifest: Manifest, next_files: list[Path] | None = None) -> Request:
-    req = Request(new_seq(), [Path(f).resolve() for f in manifest.paths], [Path(f).resolve() for f in next_files or []],
+def write_request(worker_dir: Path, run: Manifest | list[Path], next_files: list[Path] | None = None) -> Request:
+    """A request for the run ``run`` describes: its manifest (the daemon's), or its files alone (the
+    worker then builds the manifest, as ``train.py FILE ...`` does)."""
+    manifest = run if isinstance(run, Manifest) else None
+    files = manifest.paths if manifest is not None else list(run)  # type: ignore[arg-type]
+    req = Request(new_seq(), [Path(f).resolve() for f in files], [Path(f).resolve() for f in next_files or []],
                   manifest)
     atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json",
                       {"seq": req.seq, "files": list(map(str, req.files)), "next": list(map(str, req.next)),
-                       "manifest": manifest.to_json()})
+                       **({"manifest": manifest.to_json()} if manifest is not None else {})})
     return req
 
 
