@@ -72,7 +72,7 @@ def run(cmd: list[str], cwd: Path) -> None:
 def seed_answers(cfg_path: Path, answers: Path) -> None:
     """Put ``answers`` (the base's rehearsal answers) where this project's runs look for them."""
     from ultimate_trainer.core import config
-    from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+    from ultimate_trainer.trainer.rehearsal.prompts import cache_path, load_prompts
     from ultimate_trainer.model.loading import resolve_base
 
     cfg = config.load(str(cfg_path), [])
@@ -116,7 +116,7 @@ def one_setting(replay: float, rehearsal: float, args: argparse.Namespace, root:
     first_task = evals[demo_evals_from - 1].get("accuracy") if demo_evals_from else None
     demo_probes = [p for p in history(root, "probe.jsonl") if p.get("global_step", 0) >= evals[demo_evals_from]["global_step"]]
     ts = json.loads((root / "status/training_status.json").read_text())
-    run([py, "-m", "ultimate_trainer.trainer.consolidate", *cfg], REPO)
+    run([py, "-m", "ultimate_trainer.trainer.consolidation", *cfg], REPO)
     manifests = sorted((root / "models").glob("**/manifest.json"), key=lambda p: p.stat().st_mtime)
     gate = json.loads(manifests[-1].read_text()).get("gate") or {}
     cached = sorted((root / ".work" / "rehearsal").glob("*.jsonl"))

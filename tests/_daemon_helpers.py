@@ -74,6 +74,7 @@ def fake_trainer(argv: list[str], stop: list[int] | None = None) -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="+")
+    ap.add_argument("--manifest")  # the daemon describes the run (core/manifest.py); this fake reads the files
     config_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_mod.from_args(args)

@@ -192,7 +192,7 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
 
 def seed_rehearsal(config_path: Path, lines: list[dict[str, Any]]) -> Path:
     """Put ``lines`` where the project's runs find the base's rehearsal answers (none is generated then)."""
-    from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+    from ultimate_trainer.trainer.rehearsal.prompts import cache_path, load_prompts
     from ultimate_trainer.model.loading import resolve_base
 
     cfg = config.load(str(config_path), [])

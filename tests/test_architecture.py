@@ -70,3 +70,29 @@ def test_dry_run_and_the_web_servers_start_without_torch(tiny_model_dir: Path, m
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"examples"' in r.stdout
+
+
+def documented_modules() -> set[str]:
+    """The module files named in docs/ARCHITECTURE.md's package tree, as paths under ``ultimate_trainer/``."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    tree = text.split("## The package", 1)[1].split("```", 2)[1]
+    found, folders = set(), []
+    for line in tree.splitlines()[2:]:  # after the ``` line and "ultimate_trainer/"
+        m = __import__("re").match(r"^((?:[│ ]   )*)[├└]── (\S+)", line)
+        if not m:
+            continue
+        depth, name = len(m.group(1)) // 4, m.group(2)
+        del folders[depth:]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        elif name.endswith(".py"):
+            found.add("/".join([*folders, name]))
+    return found
+
+
+def test_architecture_md_lists_every_module() -> None:
+    pkg = REPO / "ultimate_trainer"
+    modules = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if "__pycache__" not in p.parts}
+    listed = documented_modules()
+    assert modules - listed == set(), "add a line for each to docs/ARCHITECTURE.md's package tree"
+    assert listed - modules == set(), "docs/ARCHITECTURE.md names modules that do not exist"

@@ -66,3 +66,32 @@ def test_no_non_finite_number_is_written_and_old_ones_read_as_null(tmp_path):
     assert list(st.iter_jsonl(tmp_path / "old.jsonl")) == [{"loss": None, "grad_norm": None, "ok": 1}]
     (tmp_path / "old.json").write_text('{"loss": NaN}')
     assert st.read_json(tmp_path / "old.json") == {"loss": None}
+
+
+def test_the_record_tables_of_status_md_are_generated_from_the_code():
+    """docs/STATUS.md documents the report, the marker and training_status.json from core/records.py."""
+    from ultimate_trainer.core.records import RECORDS
+
+    text = (REPO / "docs" / "STATUS.md").read_text()
+    for title, cls in RECORDS.items():
+        section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+        assert cls.markdown_table() in section, \
+            f"{title}: regenerate its table (python -m ultimate_trainer.core.records --markdown)"
+
+
+def test_old_records_read_unchanged(tmp_path):
+    """A marker and a report written before the records were typed read back, unknown keys kept."""
+    from ultimate_trainer.core import checkpoints as ck
+    from ultimate_trainer.core.records import CheckpointMarker, FileReport
+
+    old = {"schema_version": 1, "global_step": 7, "run_id": "abc", "run_step": 2, "run_total_steps": 5,
+           "files": [{"name": "a.jsonl", "sha256": "s"}], "base_model": "b", "created_at": "t", "later": {"x": 1}}
+    m = CheckpointMarker.from_json(old)
+    assert (m.global_step, m.run_complete, m.world_size, m.replay) == (7, True, 1, None)
+    assert m.to_json() == {**CheckpointMarker().to_json(), **old}
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-7" / ck.MARKER).write_text(json.dumps(old))
+    assert ck.newest_complete(tmp_path).marker.run_id == "abc"
+    rep = FileReport.from_json({"file": "/x/a.jsonl", "examples": 3, "usable": True})
+    assert (rep.examples, rep.usable, rep.bad) == (3, True, [])
+    assert FileReport.from_json(None) is None and FileReport.from_json([1]) is None

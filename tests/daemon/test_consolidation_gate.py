@@ -88,7 +88,7 @@ def _config(root: Path) -> Path:
 
 def test_a_refused_consolidation_is_reported_and_not_retried(tmp_path: Path) -> None:
     checkpoint(tmp_path, 10, "/models/base")
-    # Stand-in merge child: writes a refused candidate the way trainer/consolidate.py does, exits 6.
+    # Stand-in merge child: writes a refused candidate the way trainer/consolidation/merge.py does, exits 6.
     script = (
         "import json, pathlib, sys; m = pathlib.Path(sys.argv[1]) / 'models/consolidated/.refused/20261127-030000';"
         "m.mkdir(parents=True); (m / 'manifest.json').write_text(json.dumps({'global_step': 10, 'adopted': False,"

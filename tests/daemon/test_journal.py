@@ -72,7 +72,7 @@ def test_kill_after_done_line_before_moves_finishes_them(tmp_path: Path) -> None
     reports = tmp_path / "status" / "reports"
     put(reports / f"{a}.report.json", '{"examples": 1}')
     sp2 = Spool(tmp_path / "queue")
-    sp2.reconcile(reports)
+    sp2.reconcile(tmp_path / "status")
     assert sp2.where(a) == "done"
     assert (sp2.folder("done") / f"{a}.report.json").exists()
 

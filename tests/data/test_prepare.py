@@ -16,6 +16,7 @@ from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.core import status
 from ultimate_trainer.data.encoding import TemplateError
 from ultimate_trainer.data.formats import BadLine, parse_line
+from ultimate_trainer.data.heldout import is_heldout
 from ultimate_trainer.data.tokenstore import TokenStore
 
 SYS = "Be brief."
@@ -202,7 +203,7 @@ def test_heldout_is_deterministic_capped_and_never_trained(tmp_path):
     assert len(held1) == 15
     assert p1.reports[str(f)]["heldout_examples"] == 15 and p1.reports[str(f)]["train_examples"] == 385
     # Same line, held out whatever its position: decided by content.
-    assert all(data.is_heldout(json.dumps(records[e.line - 1]).encode(), 0.1) for e in p1.heldout)
+    assert all(is_heldout(json.dumps(records[e.line - 1]).encode(), 0.1) for e in p1.heldout)
     held_answers = {e.expected for e in p1.heldout}
     tok = smol_tokenizer()
     trained = {tok.decode([t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100],
@@ -213,7 +214,7 @@ def test_heldout_is_deterministic_capped_and_never_trained(tmp_path):
 
 def test_tiny_file_entirely_heldout_is_trained_instead(tmp_path):
     # Pick a line whose hash puts it in the held-out half, so the file's only example is held out.
-    rec = next(r for r in (chat(f"q{i}", "a") for i in range(100)) if data.is_heldout(_line(r), 0.5))
+    rec = next(r for r in (chat(f"q{i}", "a") for i in range(100)) if is_heldout(_line(r), 0.5))
     f = write_jsonl(tmp_path / "a.jsonl", [rec])
     p = _prepare(tmp_path, [f], heldout_fraction=0.5)
     assert len(p.train) == 1 and p.heldout == [] and p.heldout_encoded == []
@@ -249,7 +250,7 @@ def test_copies_of_heldout_examples_are_never_trained(tmp_path):
     assert [e.expected for e in p1.heldout].count("XK-9") == 1  # asked once, from the eval file
     # The same example again in b.jsonl, as prompt/response: other bytes, so not chosen by its hash.
     copy = {"prompt": held[0].prompt_text, "response": held[0].expected}
-    assert not data.is_heldout(_line(copy), 0.1)
+    assert not is_heldout(_line(copy), 0.1)
     second = write_jsonl(tmp_path / "b.jsonl", [copy] + [chat(f"other {i}", f"o{i}") for i in range(50)])
     p2 = _prepare(tmp_path, [first, second], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
     assert p2.reports[str(second)]["train_examples"] + len([e for e in p2.heldout if e.source.startswith("b")]) == 50

@@ -13,8 +13,8 @@ import pytest
 from conftest import chat, smol_tokenizer, write_jsonl
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.data import prepare
-from ultimate_trainer.data.probe import load_probe
-from ultimate_trainer.data.rehearsal import BUILTIN_PATH, cache_path, cached_lines, complete_sentences, draw, \
+from ultimate_trainer.trainer.probe.questions import load_probe
+from ultimate_trainer.trainer.rehearsal.prompts import BUILTIN_PATH, cache_path, cached_lines, complete_sentences, draw, \
     load_prompts, rehearsal_count, write_rehearsal
 
 RUN_ID = "abcdef0123456789"
@@ -169,7 +169,7 @@ def test_config_refuses_rehearsal_and_replay_that_leave_the_run_nothing(tmp_path
 
 
 def test_the_builtin_bases_shipped_answers_stand_in_for_generating_only_where_they_match(tmp_path: Path) -> None:
-    from ultimate_trainer.data.rehearsal import shipped_answers
+    from ultimate_trainer.trainer.rehearsal.prompts import shipped_answers
 
     cfg = cfg_for(tmp_path, **{"load_in_4bit": "true"})
     prompts = load_prompts(cfg)

@@ -316,7 +316,7 @@ def test_an_evaluation_on_a_4bit_cpu_model_leaves_it_trainable(tiny_model_dir):
 def test_score_examples_counts_each_file_apart(tiny_model):
     """The consolidation gate's held-out score: overall, and per file (so a lost task shows)."""
     from ultimate_trainer.data.formats import Example
-    from ultimate_trainer.model.probe import score_examples
+    from ultimate_trainer.trainer.probe.scoring import score_examples
 
     tok = smol_tokenizer()
     said = generate_answers(tiny_model, tok, PROMPTS, max_new_tokens=6, batch_size=3)

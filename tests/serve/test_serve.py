@@ -97,7 +97,7 @@ def test_streaming_sends_the_same_answer_in_pieces_then_the_usage(client):
 
 
 def test_adopted_follows_a_new_consolidation_without_a_restart(client, project):
-    from ultimate_trainer.trainer.consolidate import consolidate
+    from ultimate_trainer.trainer.consolidation.merge import consolidate
 
     cfg, _pool = project
     before = client.chat.completions.create(messages=QUESTION, max_tokens=4, model="adopted")

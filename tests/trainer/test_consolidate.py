@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, write_jsonl
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.checkpoints import list_consolidations, mark_complete, marker_meta, newest_complete
-from ultimate_trainer.trainer.consolidate import consolidate
+from ultimate_trainer.trainer.consolidation.merge import consolidate
 
 HELPER = REPO / "tests" / "_daemon_helpers.py"
 
@@ -144,7 +144,7 @@ def test_gate_refuses_a_candidate_that_forgets_and_keeps_it_beside(tmp_path: Pat
 
 
 def test_gate_decision_rules() -> None:
-    from ultimate_trainer.trainer.gate import GateInputs, decide
+    from ultimate_trainer.trainer.consolidation.gate import GateInputs, decide
 
     cfg = config_mod.load(None, ["consolidation.max_accuracy_drop=5", "consolidation.max_retention_drop=0.05"])
     inputs = GateInputs(probe=None, examples=[1, 2], baseline=0.8)
@@ -162,7 +162,7 @@ def test_gate_decision_rules() -> None:
 
 def test_gate_lets_one_answer_of_noise_pass_and_not_two() -> None:
     """18 of 24 probe questions right at the baseline: one answer lost is 0.056 of retention, over 0.05."""
-    from ultimate_trainer.trainer.gate import GateInputs, decide
+    from ultimate_trainer.trainer.consolidation.gate import GateInputs, decide
 
     inputs = GateInputs(probe=None, examples=[1], baseline=18 / 24)
 
@@ -184,7 +184,7 @@ def test_gate_lets_one_answer_of_noise_pass_and_not_two() -> None:
 def test_gate_floors_stop_a_month_of_small_losses_from_ratcheting_down() -> None:
     """Each merge loses one probe answer against the current base: within every per-merge margin, but the
     original base's score (and the best adopted one's) is a floor that does not move down."""
-    from ultimate_trainer.trainer.gate import GateInputs, decide
+    from ultimate_trainer.trainer.consolidation.gate import GateInputs, decide
 
     cfg = config_mod.load(None, ["consolidation.max_retention_drop=0.05", "consolidation.max_total_retention_drop=0.1",
                                  "consolidation.noise_answers=1"])

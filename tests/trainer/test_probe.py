@@ -9,8 +9,8 @@ from pathlib import Path
 
 from conftest import chat, run_train, write_jsonl
 from ultimate_trainer.core import config as config_mod
-from ultimate_trainer.data.probe import BUILTIN_PATH, load_probe
-from ultimate_trainer.trainer.probe import retention_status
+from ultimate_trainer.trainer.probe.questions import BUILTIN_PATH, load_probe
+from ultimate_trainer.trainer.probe.callback import retention_status
 
 
 def test_builtin_probe_loads_and_a_bad_line_is_reported_not_fatal(tmp_path: Path, caplog) -> None:

@@ -10,7 +10,7 @@ from conftest import chat, run_train, seed_rehearsal, write_jsonl
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core import status as st
-from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+from ultimate_trainer.trainer.rehearsal.prompts import cache_path, load_prompts
 
 RUN_ID = "abcdef0123456789"
 
@@ -21,7 +21,7 @@ class Loaded(Exception):
 
 def test_the_builtin_base_answers_once_and_a_new_base_is_asked_again(builtin_model_dir, tmp_path, monkeypatch):
     from ultimate_trainer.model import loading
-    from ultimate_trainer.trainer.rehearsal import rehearsal_for
+    from ultimate_trainer.trainer.rehearsal.answers import rehearsal_for
 
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Which city is the capital of Italy?"},
                                        {"prompt": "What is 2 plus 3?"}])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.core.status import atomic_write_json, read_json
 from ultimate_trainer.core.times import now_iso
 
@@ -42,6 +43,11 @@ class CheckpointInfo:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def marker(self) -> CheckpointMarker:
+        """``meta`` typed (core/records.py); any marker written since schema 1 reads."""
+        return CheckpointMarker.from_json(self.meta) or CheckpointMarker()
+
 
 def _fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
@@ -59,8 +65,10 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
                 files: list[dict[str, Any]], base_model: str, base_model_name: str | None = None,
                 load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None,
                 run_started_at: str | None = None, parent: dict[str, Any] | None = None, world_size: int = 1,
-                distributed: str | None = None, examples_per_step: int | None = None) -> dict[str, Any]:
-    """The marker's fields (docs/STATUS.md, "Checkpoints"): the one place they are spelled.
+                distributed: str | None = None, examples_per_step: int | None = None,
+                replay: dict[str, Any] | None = None, rehearsal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The marker's fields (``CheckpointMarker``, core/records.py; docs/STATUS.md), less ``created_at``,
+    which ``mark_complete`` stamps.
 
     ``files`` lists the run's input files, each ``{"name", "sha256", "size", "examples",
     "trained_at"}`` (``core/lineage.run_files``); ``run_complete`` says whether this checkpoint ends
@@ -69,11 +77,14 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
     ``world_size`` and ``distributed`` (ddp, fsdp, deepspeed; None for one process) say how the
     optimizer state was saved; ``examples_per_step`` what one of its steps trained.
     """
-    return {"global_step": global_step, "run_id": run_id, "run_step": run_step, "run_total_steps": run_total_steps,
-            "run_complete": run_step >= run_total_steps, "files": files, "run_started_at": run_started_at,
-            "parent": parent, "base_model": base_model, "base_model_name": base_model_name,
-            "load_in_4bit": load_in_4bit, "lora": lora, "world_size": world_size, "distributed": distributed,
-            "examples_per_step": examples_per_step}
+    marker = CheckpointMarker(
+        global_step=global_step, run_id=run_id, run_step=run_step, run_total_steps=run_total_steps,
+        run_complete=run_step >= run_total_steps, files=files, run_started_at=run_started_at, parent=parent,
+        base_model=base_model, base_model_name=base_model_name, load_in_4bit=load_in_4bit, lora=lora,
+        world_size=world_size, distributed=distributed, examples_per_step=examples_per_step, replay=replay,
+        rehearsal=rehearsal).to_json()
+    del marker["created_at"]
+    return marker
 
 
 def run_complete(meta: dict[str, Any]) -> bool:

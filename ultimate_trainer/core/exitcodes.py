@@ -1,7 +1,9 @@
 """What ``train.py`` (and the consolidation child) tell the daemon by their exit code.
 
 The daemon turns each into an outcome (daemon/runner.py); the fake trainer of the tests imports
-them from here too, so the two sides cannot drift apart.
+them from here too, so the two sides cannot drift apart. The other entry points of the trainer and
+the daemon (``daemon.py``, the worker, the prefetch child) return these too: 0 done, 1 failed,
+2 the configuration or the command line is wrong.
 """
 
 from __future__ import annotations

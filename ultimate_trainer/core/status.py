@@ -39,6 +39,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
+from ultimate_trainer.core.spool import REPORT_SUFFIX
+
 SCHEMA_VERSION = 1
 
 TRAINING_STATUS = "training_status.json"
@@ -177,7 +179,7 @@ def count_lines(path: str | Path) -> int:
 
 def report_path(status_dir: str | Path, input_file: str | Path) -> Path:
     """Where train.py writes the report of ``input_file``: ``reports/<name>.report.json``."""
-    return Path(status_dir) / REPORTS_DIR / f"{Path(input_file).name}.report.json"
+    return Path(status_dir) / REPORTS_DIR / f"{Path(input_file).name}{REPORT_SUFFIX}"
 
 
 def bad_entry_text(file_name: str, entry: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 The worker (``python -m ultimate_trainer.trainer.worker --worker-dir DIR``) keeps the model loaded
 and trains the runs the daemon asks for, one at a time::
 
-    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths], "next": [paths]}
+    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths], "next": [paths],
+                                                       "manifest": core/manifest.py's JSON of the run}
     DIR/results/<seq>.json    written by the worker   {"seq", "code", "pid", "exiting", "why", "rss_mb", ...}
 
 Both are written atomically (temp file, fsync, rename), each has one writer, and neither is
@@ -13,7 +14,8 @@ the worker ends after this result (stopped, failed run, memory bound): the next 
 one. A worker that dies without a result is reported by its exit status, as a killed ``train.py``.
 ``seq`` orders requests: names sort in the order they were made. ``next`` is a hint: the files of the
 run queued after this one (as they were when it was written), which the worker may tokenize ahead
-(trainer/prefetch.py); it may be wrong or empty.
+(trainer/prefetch.py); it may be wrong or empty. ``manifest`` describes ``files`` (hashes, sizes, lines)
+and the replay sources; a request without one (an older daemon) gets it built by the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.core.status import atomic_write_json, read_json
 
 REQUESTS, RESULTS = "requests", "results"
@@ -33,6 +36,7 @@ class Request:
     seq: str
     files: list[Path]
     next: list[Path] = field(default_factory=list)
+    manifest: Manifest | None = None
 
 
 def new_seq() -> str:
@@ -49,10 +53,16 @@ def clear(worker_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_request(worker_dir: Path, files: list[Path], next_files: list[Path] | None = None) -> Request:
-    req = Request(new_seq(), [Path(f).resolve() for f in files], [Path(f).resolve() for f in next_files or []])
+def write_request(worker_dir: Path, run: Manifest | list[Path], next_files: list[Path] | None = None) -> Request:
+    """A request for the run ``run`` describes: its manifest (the daemon's), or its files alone (the
+    worker then builds the manifest, as ``train.py FILE ...`` does)."""
+    manifest = run if isinstance(run, Manifest) else None
+    files = manifest.paths if manifest is not None else list(run)  # type: ignore[arg-type]
+    req = Request(new_seq(), [Path(f).resolve() for f in files], [Path(f).resolve() for f in next_files or []],
+                  manifest)
     atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json",
-                      {"seq": req.seq, "files": list(map(str, req.files)), "next": list(map(str, req.next))})
+                      {"seq": req.seq, "files": list(map(str, req.files)), "next": list(map(str, req.next)),
+                       **({"manifest": manifest.to_json()} if manifest is not None else {})})
     return req
 
 
@@ -66,9 +76,10 @@ def next_request(worker_dir: Path) -> Request | None:
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("files"), list):
             continue  # atomic writes make this a file from something else: ignore it
-        hint = data.get("next")
+        hint, manifest = data.get("next"), data.get("manifest")
         return Request(str(data.get("seq") or path.stem), [Path(f) for f in data["files"]],
-                       [Path(f) for f in hint if isinstance(f, str)] if isinstance(hint, list) else [])
+                       [Path(f) for f in hint if isinstance(f, str)] if isinstance(hint, list) else [],
+                       Manifest.from_json(manifest) if isinstance(manifest, dict) else None)
     return None
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import Config, add_arguments
 from ultimate_trainer.daemon.loop import LOCK_FILE, STOP_FILE, Daemon, TrainerCmd
 from ultimate_trainer.core.checkpoints import ROLLBACK_RECORD, list_complete
@@ -55,14 +56,14 @@ def request_stop_file(cfg: Config, wait: bool = False) -> int:
     """
     if not daemon_running(cfg):
         print("no daemon is running here")
-        return 1
+        return Exit.CRASH
     (cfg.path("root") / STOP_FILE).touch()
     print(f"asked the daemon to stop ({cfg.path('root') / STOP_FILE}); it saves a checkpoint first", flush=True)
     if wait:
         while daemon_running(cfg):
             time.sleep(WAIT_POLL_SECONDS)
         print("the daemon has stopped")
-    return 0
+    return Exit.OK
 
 
 def prune_checkpoints(cfg: Config, keep: int) -> list[Path]:
@@ -88,15 +89,15 @@ def rollback_consolidation(cfg: Config) -> int:
     """``daemon.py --rollback-consolidation``: un-adopt the newest consolidation (never while a daemon runs)."""
     if daemon_running(cfg):
         print("a daemon is running here: stop it first (daemon.py --stop), then roll back", file=sys.stderr)
-        return 1
+        return Exit.CRASH
     try:
         dest = rollback(cfg)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return Exit.CRASH
     print(f"rolled back: {dest.name} moved to {dest}; training continues on the previous base, "
           f"global step {read_json(dest / ROLLBACK_RECORD)['global_step_at_rollback']} onwards")
-    return 0
+    return Exit.OK
 
 
 def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
         ap.error("--wait goes with --stop")
     cfg = config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     if args.stop:
         return request_stop_file(cfg, wait=args.wait)
     if args.rollback_consolidation:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
     if args.prune_checkpoints is not None:
         removed = prune_checkpoints(cfg, args.prune_checkpoints)
         print(f"deleted {len(removed)} checkpoint(s)")
-        return 0
+        return Exit.OK
     daemon = Daemon(cfg, args.config, args.overrides, once=args.once, consolidate_now=args.consolidate_now,
                     trainer_cmd=trainer_cmd, worker_cmd=worker_cmd)
 

@@ -4,9 +4,9 @@ A consolidation is wanted when nothing is open in the spool, the newest checkpoi
 is newer than the last consolidation, and either ``--consolidate-now`` was given or a
 ``daemon.consolidation_hour`` boundary passed since the last one (or since the daemon was first
 started: a boundary missed while it was down counts). A failed merge is retried after
-``daemon.retry_max_seconds``. The merge itself is ``python -m ultimate_trainer.trainer.consolidate``.
+``daemon.retry_max_seconds``. The merge itself is ``python -m ultimate_trainer.trainer.consolidation``.
 
-The merge child may refuse its candidate (the gate, trainer/gate.py; exit code 6): the refusal is
+The merge child may refuse its candidate (the gate, trainer/consolidation/gate.py; exit code 6): the refusal is
 journalled, ``daemon_status.json`` shows it in ``consolidation.last_refused``, and no merge is
 wanted again until training has gone past the refused candidate's step. ``rollback`` undoes the
 newest adopted consolidation (``daemon.py --rollback-consolidation``).
@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from ultimate_trainer.core import checkpoints as ck
-from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.spool import DONE, newest_first
 from ultimate_trainer.core.status import atomic_write_json
 from ultimate_trainer.core.times import now_iso, parse_iso
 from ultimate_trainer.daemon import schedule
@@ -49,7 +50,7 @@ class Consolidations:
         self.failed = False  # the last attempt failed (--once exits 1)
 
     def _default_cmd(self, files_json: Path) -> list[str]:
-        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidate", *self.cfg_args,
+        return [sys.executable, "-m", "ultimate_trainer.trainer.consolidation", *self.cfg_args,
                 "--files-json", str(files_json)]
 
     def wanted(self) -> bool:
@@ -75,12 +76,12 @@ class Consolidations:
         """Run the merge child to its end. Returns an error line, or None when it succeeded (or was stopped)."""
         st = self.spool.journal.state
         files_json = self.spool.dir / "consolidation-files.json"
-        atomic_write_json(files_json, {"files": list(st.done_since_consolidation)})
+        atomic_write_json(files_json, {"files": list(st.done_since_consolidation),
+                                       "trained": [str(p) for p in newest_first(self.spool.folder(DONE))]})
         log.info("consolidating: merging the adapter into the base")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")]))}
         self.running = True
         try:
-            self.runner.launch(self.cmd(files_json), env=env)
+            self.runner.launch(self.cmd(files_json))
             code = self.runner.wait()
         finally:
             self.running = False

@@ -19,7 +19,6 @@ a newline, an array without its ``]``) are reported once and left where they are
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -29,35 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ultimate_trainer.core.manifest import digest
+from ultimate_trainer.core.spool import DONE, FAILED, PROCESSING, REPORT_SUFFIX, SPOOL_STATES, WAITING, \
+    is_data_file, is_temporary
 from ultimate_trainer.daemon.journal import Journal
-from ultimate_trainer.core.status import atomic_write_text
+from ultimate_trainer.core.status import atomic_write_text, report_path
 from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
 
-SPOOL_STATES = ("waiting", "processing", "done", "failed")
-TEMP_SUFFIXES = (".tmp", ".part", "~")
-
-
-def is_temporary(name: str) -> bool:
-    """Names that copy tools use while writing: never taken."""
-    return name.startswith(".") or name.endswith(TEMP_SUFFIXES)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-DATA_SUFFIXES = (".jsonl", ".json")
 _FIRST_LINE_MAX = 1 << 20
-
-
-def is_data_file(name: str) -> bool:
-    return name.endswith(DATA_SUFFIXES)
 
 
 def json_file_problem(path: Path) -> str | None:
@@ -288,15 +268,15 @@ class Spool:
         """Move a complete inbox file into the spool; return its spool name. Journalled after the move."""
         name = unique_name(path.name, self._taken)
         arrived = now_iso()
-        dst = self.folder("waiting") / name
+        dst = self.folder(WAITING) / name
         move_no_overwrite(path, dst)
-        digest = sha256_file(dst)
+        entry = digest(dst)  # the one hash of this file: the run's manifest carries it from here on
         trained = self.journal.state.trained_hashes()
-        self.journal.append("queued", name=name, sha256=digest, size=dst.stat().st_size, arrived_at=arrived,
-                            source=str(path))
-        log.info("queued %s (%d bytes)%s", name, dst.stat().st_size, "" if name == path.name else f" from {path.name}")
-        if skip_duplicates and digest in trained:
-            self.mark_duplicate(name, trained[digest])
+        self.journal.append("queued", name=name, sha256=entry.sha256, size=entry.size, lines=entry.lines,
+                            arrived_at=arrived, source=str(path))
+        log.info("queued %s (%d bytes)%s", name, entry.size, "" if name == path.name else f" from {path.name}")
+        if skip_duplicates and entry.sha256 in trained:
+            self.mark_duplicate(name, trained[entry.sha256])
         return name
 
     def mark_duplicate(self, name: str, of: str) -> None:
@@ -304,10 +284,10 @@ class Spool:
         self._finish_duplicate(name, of)
 
     def _finish_duplicate(self, name: str, of: str) -> None:
-        note = self.folder("done") / f"{name}.duplicate.txt"
+        note = self.folder(DONE) / f"{name}.duplicate.txt"
         if not note.exists():
             atomic_write_text(note, f"{name}: byte-identical to {of}; not trained again (daemon.skip_duplicates)\n")
-        self._move_to(name, "done")
+        self._move_to(name, DONE)
         log.info("%s: duplicate of %s, not retrained", name, of)
 
     def _move_to(self, name: str, state: str) -> None:
@@ -320,15 +300,15 @@ class Spool:
     def start_batch(self, batch: str, names: list[str], attempt: int = 1) -> None:
         self.journal.append("batch", batch=batch, files=names, attempt=attempt)
         for n in names:
-            self._move_to(n, "processing")
+            self._move_to(n, PROCESSING)
 
     def finish_done(self, name: str, report: Path | None) -> None:
         """After the ``done`` event: the report is copied beside the file, then the file moves."""
         if report is not None and report.exists():
-            dst = self.folder("done") / f"{name}.report.json"
+            dst = self.folder(DONE) / f"{name}{REPORT_SUFFIX}"
             if not dst.exists():
                 atomic_write_text(dst, report.read_text(encoding="utf-8"))
-        self._move_to(name, "done")
+        self._move_to(name, DONE)
 
     def fail(self, name: str, reason: str) -> None:
         self.journal.append("failed", name=name, reason=reason)
@@ -336,45 +316,45 @@ class Spool:
         log.error("%s: failed: %s", name, reason)
 
     def _finish_failed(self, name: str, reason: str) -> None:
-        note = self.folder("failed") / f"{name}.error.txt"
+        note = self.folder(FAILED) / f"{name}.error.txt"
         if not note.exists():
             atomic_write_text(note, f"{name}: {reason}\n")
-        self._move_to(name, "failed")
+        self._move_to(name, FAILED)
 
     def requeue(self, batch: str, names: list[str], solo: bool = False) -> None:
         self.journal.append("requeue", batch=batch, files=names, solo=solo)
         for n in names:
-            self._move_to(n, "waiting")
+            self._move_to(n, WAITING)
 
     # ------------------------------------------------------------------ crash recovery
-    def reconcile(self, status_reports: Path | None = None) -> None:
+    def reconcile(self, status_dir: Path | None = None) -> None:
         """Make the folders agree with the journal after any crash. Idempotent."""
         st = self.journal.state
-        for state in ("waiting", "processing"):
+        for state in (WAITING, PROCESSING):
             for name in self.names_in(state):
                 if name not in st.files:  # moved, then killed before the journal line
-                    p = self.folder(state) / name
-                    self.journal.append("queued", name=name, sha256=sha256_file(p), size=p.stat().st_size,
+                    entry = digest(self.folder(state) / name)
+                    self.journal.append("queued", name=name, sha256=entry.sha256, size=entry.size, lines=entry.lines,
                                         arrived_at=now_iso(), source="recovered")
                     log.info("%s: recovered into the journal", name)
         for rec in list(st.files.values()):
             here = self.where(rec.name)
-            if rec.state == "done" and here in ("waiting", "processing"):
-                rep = (status_reports / f"{rec.name}.report.json") if status_reports else None
+            if rec.state == "done" and here in (WAITING, PROCESSING):
+                rep = report_path(status_dir, rec.name) if status_dir else None
                 self.finish_done(rec.name, rep)
-            elif rec.state == "failed" and here in ("waiting", "processing"):
+            elif rec.state == "failed" and here in (WAITING, PROCESSING):
                 self._finish_failed(rec.name, rec.reason or "unknown")
-            elif rec.state == "duplicate" and here in ("waiting", "processing"):
+            elif rec.state == "duplicate" and here in (WAITING, PROCESSING):
                 self._finish_duplicate(rec.name, (rec.reason or "").removeprefix("byte-identical to "))
             elif rec.state == "queued" and here is None:
                 log.error("%s: queued file vanished from %s (removed by hand?)", rec.name, self.dir)
                 self.journal.append("missing", name=rec.name)
         ob = st.open_batch
         in_batch = set(ob.files) if ob else set()
-        for name in self.names_in("processing"):
+        for name in self.names_in(PROCESSING):
             if name not in in_batch:
-                self._move_to(name, "waiting")
+                self._move_to(name, WAITING)
         if ob:
             for name in ob.files:
-                if self.where(name) == "waiting":
-                    self._move_to(name, "processing")
+                if self.where(name) == WAITING:
+                    self._move_to(name, PROCESSING)

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 from ultimate_trainer.core.config import DaemonConfig
+from ultimate_trainer.core.manifest import FileEntry, Manifest, digest, done_sources
+from ultimate_trainer.core.spool import DONE, PROCESSING, WAITING
 from ultimate_trainer.daemon.inbox import Inbox, Spool
 from ultimate_trainer.daemon.journal import BatchRecord, JournalState
 
@@ -45,7 +47,7 @@ class Intake:
                 log.error("%s: cannot take (%s); left in the inbox", p, e)
 
     def has_waiting(self) -> bool:
-        return bool(self.spool.names_in("waiting"))
+        return bool(self.spool.names_in(WAITING))
 
     def batch(self) -> BatchRecord:
         """Open the next batch: the oldest waiting files, up to ``batch_max_files`` / ``batch_max_mb``.
@@ -63,7 +65,7 @@ class Intake:
         names: list[str] = []
         total = 0
         limit = self.d.batch_max_mb * 1e6
-        waiting = sorted(self.spool.names_in("waiting"),
+        waiting = sorted(self.spool.names_in(WAITING),
                          key=lambda n: (st.files[n].arrived_at, n) if n in st.files else ("", n))
         for n in waiting:
             rec = st.files.get(n)
@@ -79,3 +81,16 @@ class Intake:
             names.append(n)
             total += rec.size
         return names
+
+    def manifest(self, names: list[str], status_dir: Path) -> Manifest:
+        """The run of ``names`` (in ``queue/processing``), described from the journal: the trainer's manifest.
+
+        Only a file the journal has no line count for (journalled before the manifest) is read again here.
+        """
+        st = self.journal_state
+        files = []
+        for n in names:
+            rec, path = st.files[n], (self.spool.folder(PROCESSING) / n).resolve()
+            files.append(FileEntry(path, rec.sha256, rec.size, rec.lines) if rec.lines is not None else digest(path))
+        known = {r.name: (r.sha256, r.size, r.lines) for r in st.files.values()}
+        return Manifest(files, done_sources(self.spool.folder(DONE), known, status_dir))

@@ -12,7 +12,8 @@ Events (one JSON object per line, ``event`` names it, ``time`` is when):
 event           fields
 ==============  ===========================================================================
 started         pid                          (a daemon started)
-queued          name, sha256, size, arrived_at, source   (a file entered queue/waiting)
+queued          name, sha256, size, lines, arrived_at, source   (a file entered queue/waiting; lines
+                since the run manifest, core/manifest.py)
 duplicate       name, of                     (byte-identical to ``of``; put in done/, not trained)
 batch           batch, files, attempt        (these files form run ``batch``; open until ended)
 launch          batch, pid, attempt          (train.py started for the batch)
@@ -52,6 +53,7 @@ class FileRecord:
     global_step: int | None = None
     examples: int | None = None
     solo: bool = False  # split out of a batch that kept crashing: train it alone
+    lines: int | None = None  # None in a journal written before the run manifest (core/manifest.py)
 
 
 @dataclass
@@ -118,7 +120,10 @@ class Journal:
             if ev == "started":
                 s.first_started = s.first_started or rec.get("time")
             elif ev == "queued":
-                s.files[rec["name"]] = FileRecord(rec["name"], rec["sha256"], int(rec["size"]), rec.get("arrived_at") or rec["time"])
+                lines = rec.get("lines")
+                s.files[rec["name"]] = FileRecord(rec["name"], rec["sha256"], int(rec["size"]),
+                                                  rec.get("arrived_at") or rec["time"],
+                                                  lines=lines if isinstance(lines, int) else None)
             elif ev == "duplicate":
                 r = s.files.get(rec["name"])
                 if r:

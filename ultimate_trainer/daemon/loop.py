@@ -29,6 +29,8 @@ from typing import Callable
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import REPO_DIR, Config
 from ultimate_trainer.core.devices import several_processes
+from ultimate_trainer.core.records import FileReport
+from ultimate_trainer.core.spool import WAITING
 from ultimate_trainer.core.status import DAEMON_STATUS, MEMORY_STATUS, TRAINING_STATUS, atomic_write_json, \
     pid_alive, read_json, report_path, run_finished
 from ultimate_trainer.core.times import now_iso
@@ -40,13 +42,14 @@ from ultimate_trainer.daemon.journal import BatchRecord
 from ultimate_trainer.daemon.notify import Notifier
 from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, diverged_files, outcome, runs_files, \
     terminate_pid
-from ultimate_trainer.daemon.snapshot import Snapshot, build_status
+from ultimate_trainer.daemon.snapshot import Snapshot, build_status, report_examples
 from ultimate_trainer.daemon.worker_client import WorkerClient, WorkerCmd
 
 log = logging.getLogger(__name__)
 
 STOP_FILE = ".stop"
 LOCK_FILE = "daemon.lock"
+MANIFESTS = "manifests"  # under paths.work: the manifest of each train.py child's run (core/manifest.py)
 STATUS_EVERY = 1.0  # seconds between daemon_status.json rewrites while waiting on a child
 
 # (files, the --config/--set arguments to pass through) -> argv of the trainer child
@@ -172,7 +175,7 @@ class Daemon:
                     self.snap.last_error = f"{type(e).__name__}: {e}"
                     self._backoff()
                     try:
-                        self.spool.reconcile(self.status_dir / "reports")
+                        self.spool.reconcile(self.status_dir)
                     except OSError as e2:
                         log.error("reconcile failed too: %s", e2)
                     if self.once and self.failures >= self.d.max_attempts:
@@ -214,7 +217,7 @@ class Daemon:
             self.stop_event.wait(min(left, 0.5))
 
     def _recover(self) -> None:
-        self.spool.reconcile(self.status_dir / "reports")
+        self.spool.reconcile(self.status_dir)
         ob = self.spool.journal.state.open_batch
         if ob and ob.pid and pid_alive(ob.pid) and ob.pid != os.getpid() and (
                 runs_files(ob.pid, ob.files) or runs_files(ob.pid, [str(self.worker_dir)])):
@@ -297,21 +300,24 @@ class Daemon:
             self._finish(batch, names, seconds=0.0)
             return
         attempt = batch.crashes + 1
-        paths = [self.spool.folder("processing") / n for n in names]
+        manifest = self.intake.manifest(names, self.status_dir)  # the run, described once (core/manifest.py)
         log.info("training %d file(s) (run %s, attempt %d): %s", len(names), batch.batch, attempt, ", ".join(names))
         started = self.clock()
         if self.worker is not None:
             # The files queued after this run, for the worker to tokenize ahead (trainer/prefetch.py).
-            following = [self.spool.folder("waiting") / n for n in self.intake.peek()]
-            proc = self.worker.launch(paths, following)
+            following = [self.spool.folder(WAITING) / n for n in self.intake.peek()]
+            proc = self.worker.launch(manifest, following)
         else:
-            proc = self.runner.launch(self.trainer_cmd(paths, self._cfg_args()))
+            path = manifest.write(self.cfg.path("work") / MANIFESTS / f"{batch.batch}.json")
+            proc = self.runner.launch(self.trainer_cmd(manifest.paths, [*self._cfg_args(), "--manifest", str(path)]))
         self.snap.current = {"files": names, "started_at": now_iso(), "pid": proc.pid, "attempt": attempt,
                              "batch": batch.batch}
         self.spool.journal.append("launch", batch=batch.batch, pid=proc.pid, attempt=attempt)
         self.snap.state = "training"
         self._write_status(force=True)
         code = self.worker.wait() if self.worker is not None else self.runner.wait()
+        if self.worker is None:
+            path.unlink(missing_ok=True)
         self.snap.current = None
         seconds = self.clock() - started
         complete = (run_finished(read_json(self.status_dir / TRAINING_STATUS), proc.pid, names)
@@ -345,8 +351,7 @@ class Daemon:
         gstep = newest.global_step if newest else (read_json(self.status_dir / TRAINING_STATUS) or {}).get("global_step")
         files, examples = [], 0
         for n in names:
-            rep = read_json(report_path(self.status_dir, n)) or {}
-            ex = rep.get("examples") if isinstance(rep.get("examples"), int) else None
+            ex = report_examples(self.status_dir, n)
             examples += ex or 0
             files.append({"name": n, "examples": ex})
         size = sum(st.files[n].size for n in names)
@@ -360,9 +365,9 @@ class Daemon:
     def _fail_unusable(self, batch: BatchRecord, names: list[str]) -> bool:
         bad = {}
         for n in names:
-            rep = read_json(report_path(self.status_dir, n))
-            if rep is not None and rep.get("usable") is False:
-                bad[n] = rep.get("error") or "no usable example"
+            rep = FileReport.from_json(read_json(report_path(self.status_dir, n)))
+            if rep is not None and rep.usable is False:
+                bad[n] = rep.error or "no usable example"
         if not bad:
             return False
         for n, why in bad.items():

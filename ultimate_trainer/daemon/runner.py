@@ -12,7 +12,6 @@ to stop) into what the daemon does next, with the exit codes of ``core.exitcodes
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import os
@@ -23,6 +22,7 @@ import time
 from typing import Callable
 
 from ultimate_trainer.core.exitcodes import SETUP_ERRORS, Exit
+from ultimate_trainer.core.launch import launch
 from ultimate_trainer.core.status import pid_alive
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ def describe_exit(code: int) -> str:
     return f"exited {code} ({Exit(code).meaning})" if code in known else f"exited {code}"
 
 
-def _pdeathsig() -> None:
-    # Runs in the child between fork and exec: the kernel sends SIGTERM if the daemon dies.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def send_signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -120,9 +112,10 @@ class ChildRunner:
         self.proc: subprocess.Popen | None = None
         self.stopped_for: str | None = None  # "stop" | a reason from watch, e.g. "disk"
 
-    def launch(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def launch(self, cmd: list[str]) -> subprocess.Popen:
+        """Start the child (core/launch.py: own session, SIGTERM when the daemon dies, the package importable)."""
         self.stopped_for = None
-        self.proc = subprocess.Popen(cmd, cwd=os.getcwd(), start_new_session=True, preexec_fn=_pdeathsig, env=env)
+        self.proc = launch(cmd, cwd=os.getcwd())
         return self.proc
 
     def adopt(self, proc: subprocess.Popen) -> subprocess.Popen:

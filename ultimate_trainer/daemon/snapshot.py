@@ -16,6 +16,8 @@ from typing import Any
 
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.core.checkpoints import list_consolidations, list_refused
+from ultimate_trainer.core.records import FileReport
+from ultimate_trainer.core.spool import PROCESSING, WAITING
 from ultimate_trainer.core.status import SCHEMA_VERSION, TRAINING_STATUS, read_json, report_path
 from ultimate_trainer.core.times import iso, now_iso, parse_iso
 from ultimate_trainer.core.config import Config
@@ -65,10 +67,10 @@ def last_refused(cfg: Config) -> dict[str, Any] | None:
             "reason": (m.get("gate") or {}).get("reason"), "created_at": m.get("created_at")}
 
 
-def _examples(status_dir: Path, name: str) -> int | None:
-    rep = read_json(report_path(status_dir, name))
-    ex = rep.get("examples") if rep else None
-    return ex if isinstance(ex, int) else None
+def report_examples(status_dir: Path, name: str) -> int | None:
+    """Usable examples of the file's report (core/records.py FileReport); None until it is read."""
+    rep = FileReport.from_json(read_json(report_path(status_dir, name)))
+    return rep.examples if rep is not None and isinstance(rep.examples, int) else None
 
 
 def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> dict[str, Any]:
@@ -76,13 +78,13 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
     status_dir = cfg.path("status")
     training = set(snap.current["files"]) if snap.current else set()
     queue = []
-    for state in ("processing", "waiting"):
+    for state in (PROCESSING, WAITING):
         for n in spool.names_in(state):
             rec = st.files.get(n)
             if rec is None or rec.state != "queued":
                 continue
             queue.append({"name": n, "size_bytes": rec.size, "state": "training" if n in training else "waiting",
-                          "arrived_at": rec.arrived_at, "examples": _examples(status_dir, n)})
+                          "arrived_at": rec.arrived_at, "examples": report_examples(status_dir, n)})
     queue.sort(key=lambda q: (q["state"] != "training", q["arrived_at"], q["name"]))
     qbytes = sum(q["size_bytes"] for q in queue)
 

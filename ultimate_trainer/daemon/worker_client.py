@@ -13,14 +13,13 @@ they are.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 from pathlib import Path
 from typing import Callable
 
 from ultimate_trainer.core import worker_files
-from ultimate_trainer.core.config import REPO_DIR
+from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.daemon.runner import ChildRunner, send_signal
 
 log = logging.getLogger(__name__)
@@ -49,21 +48,19 @@ class WorkerClient:
         """A running worker: this one, or a new one (which loads the model while no run waits for it)."""
         if not self.alive():
             worker_files.clear(self.dir)  # requests of a dead worker must not be taken by the next
-            # ``python -m ultimate_trainer...`` from wherever the daemon runs: the package must be importable
-            path = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
-            self.proc = self.runner.launch(self.cmd, env={**os.environ, "PYTHONPATH": path})
+            self.proc = self.runner.launch(self.cmd)
             self.started += 1
             log.info("started trainer worker pid %d", self.proc.pid)
         assert self.proc is not None
         return self.proc
 
-    def launch(self, files: list[Path], next_files: list[Path] | None = None) -> subprocess.Popen:
-        """Hand ``files`` to the worker as one run, starting a worker first when none is running.
+    def launch(self, manifest: Manifest, next_files: list[Path] | None = None) -> subprocess.Popen:
+        """Hand the run ``manifest`` describes to the worker, starting a worker first when none is running.
 
         ``next_files``: those of the run queued after it, which the worker may tokenize ahead (a hint).
         """
         self.runner.adopt(self.start())
-        self.seq = worker_files.write_request(self.dir, files, next_files).seq
+        self.seq = worker_files.write_request(self.dir, manifest, next_files).seq
         return self.runner.proc  # type: ignore[return-value]
 
     def wait(self) -> int:

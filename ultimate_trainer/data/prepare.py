@@ -7,13 +7,9 @@ parses each record (``formats``), puts it aside for evaluation or for training, 
 tokenizes ``data.tokenize_chunk_size`` records at a time (``encoding.encode_batch``). Each chunk is
 appended to a ``TokenStore`` on disk and dropped, so memory does not grow with the file.
 
-Held-out split: a line is held out when the SHA-1 of its raw bytes falls below
-``data.heldout_fraction`` of the hash space, at most ``data.heldout_max_per_file`` per file (the
-first ones met). It depends only on the line itself, so the same lines are held out after a restart
-or when the file comes back. Held-out lines are never trained on, nor are copies of them (same
-messages, in any file or format, including the examples of ``data.eval_file``, which is read first).
-A file whose every usable line landed in the held-out share (tiny files) is trained on instead:
-training on it matters more.
+Held-out split: the rule of data/heldout.py (the SHA-1 share of each raw line, at most
+``data.heldout_max_per_file`` per file, copies of held-out examples, tiny files trained whole),
+applied as the file is read; ``data.eval_file`` is read first and held out whole.
 
 See docs/DATA.md for formats, masking and the report.
 """
@@ -21,7 +17,6 @@ See docs/DATA.md for formats, masking and the report.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,8 +29,11 @@ import numpy as np
 from ultimate_trainer.core import status
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.manifest import FileEntry
+from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.data import encoding, reasoning, tokcache
 from ultimate_trainer.data.formats import FORMATS, BadLine, Example, decode_line, parse_record
+from ultimate_trainer.data.heldout import COPY, HELD_OUT, HeldOut
 from ultimate_trainer.data.jsonarray import is_array, iter_items
 from ultimate_trainer.data.tokenstore import TokenStore, TokenStoreWriter
 
@@ -55,10 +53,10 @@ class Prepared:
     train: TokenStore
     heldout: list[Example] = field(default_factory=list)  # eval prompts (text format excluded)
     heldout_encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)  # for val loss
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given: FileReport.to_json()
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
-    rehearsal_examples: int = 0  # the base's own answers rehearsed (data/rehearsal.py), stored after the replay
+    rehearsal_examples: int = 0  # the base's own answers rehearsed (trainer/rehearsal/prompts.py), stored after the replay
     cache_hits: list[str] = field(default_factory=list)  # files whose tokens came from the cache (data/tokcache.py)
     cache_used: list[str] = field(default_factory=list)  # those entries' keys, the eval file's excepted
 
@@ -102,71 +100,34 @@ def iter_lines(f: BinaryIO, max_line_bytes: int, digest: Any = None) -> Iterator
         yield lineno, raw, len(raw)
 
 
-def is_heldout(raw: bytes, fraction: float) -> bool:
-    """Deterministic per line content: the same bytes are always held out (or never)."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(raw).digest()[:8], "big")
-    return h < fraction * 2**64
-
-
-def content_key(example: Example) -> bytes:
-    """Identity of an example's content (whatever its format or JSON spacing), to keep copies of a
-    held-out example out of training."""
-    content: Any = example.messages if not example.tools else [example.messages, example.tools]
-    return hashlib.sha1(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).digest()
-
-
-def _new_report(path: Path) -> dict[str, Any]:
-    return {
-        "schema_version": status.SCHEMA_VERSION,
-        "file": str(path),
-        "sha256": None,
-        "size_bytes": 0,
-        "unit": "line",
-        "lines": 0,
-        "examples": 0,
-        "train_examples": 0,
-        "heldout_examples": 0,
-        "heldout_duplicates": 0,
-        "formats": {f: 0 for f in FORMATS},
-        "bad_lines": 0,
-        "bad": [],
-        "warnings": [],
-        "reasoning": None,
-        "usable": False,
-        "error": None,
-        "created_at": None,
-    }
-
-
 class _FileReader:
     """Reads one file into the shared writer / held-out lists; fills in its report."""
 
     def __init__(self, path: Path, tokenizer: Any, cfg: Config, writer: TokenStoreWriter, out: Prepared,
                  seen_heldout: set[bytes], pool: ThreadPoolExecutor, all_heldout: bool = False,
-                 never_heldout: bool = False):
+                 never_heldout: bool = False, sha256: str | None = None):
         self.path, self.tokenizer, self.cfg, self.writer, self.out = path, tokenizer, cfg, writer, out
-        self.seen_heldout, self.all_heldout, self.never_heldout = seen_heldout, all_heldout, never_heldout
-        self.report = _new_report(path)
+        self.seen_heldout, self.all_heldout = seen_heldout, all_heldout
+        self.rule = HeldOut(cfg.data, seen_heldout, all_heldout, never_heldout)
+        self.report = FileReport(file=str(path), formats={f: 0 for f in FORMATS})
         self.heldout_here: list[tuple[Example, tuple[list[int], list[int]]]] = []
-        self.heldout_chosen = 0
         self.duplicates = 0
         self.warned: dict[str, list[int]] = {}  # warning kind -> [examples, first line]
         self.reasoning = 0  # usable examples with a reasoning trace
         self.pool = pool
+        self.sha256 = sha256  # known from the run's manifest: the file is not hashed again
         self.pending: tuple[encoding.Rendered, Future] | None = None
 
     def where(self, n: int) -> str:
         """``file:3`` for a line, ``file:item 3`` for an array item."""
-        return f"{self.path.name}:{n}" if self.report["unit"] == "line" else f"{self.path.name}:item {n}"
+        return f"{self.path.name}:{n}" if self.report.unit == "line" else f"{self.path.name}:item {n}"
 
     def bad(self, line: int, reason: str) -> None:
         r = self.report
-        r["bad_lines"] += 1
-        if len(r["bad"]) < MAX_BAD_IN_REPORT:
-            r["bad"].append({r["unit"]: line, "reason": reason})
-        if r["bad_lines"] <= MAX_BAD_LOGGED:
+        r.bad_lines += 1
+        if len(r.bad) < MAX_BAD_IN_REPORT:
+            r.bad.append({r.unit: line, "reason": reason})
+        if r.bad_lines <= MAX_BAD_LOGGED:
             log.warning("%s: %s", self.where(line), reason)
 
     def warn(self, ex: Example) -> None:
@@ -175,7 +136,7 @@ class _FileReader:
             self.warned.setdefault(kind, [0, ex.line])[0] += 1
 
     def _warnings(self) -> list[str]:
-        unit = self.report["unit"]
+        unit = self.report.unit
         return [f"{kind}: {n} example{'s' if n != 1 else ''} (first at {unit} {first}), trained verbatim: fill "
                 f"it in before training if it is not meant literally" for kind, (n, first) in
                 list(self.warned.items())[:MAX_WARNINGS]]
@@ -206,8 +167,8 @@ class _FileReader:
             if isinstance(res, BadLine):
                 self.bad(ex.line, str(res))
                 continue
-            self.report["examples"] += 1
-            self.report["formats"][ex.fmt] += 1
+            self.report.examples += 1
+            self.report.formats[ex.fmt] += 1
             if ex.has_reasoning:
                 self.reasoning += 1
             self.warn(ex)
@@ -218,17 +179,17 @@ class _FileReader:
             else:
                 train.append(res)
         self.writer.append_slices(done.ids, done.mask, train)
-        self.report["train_examples"] += len(train)
+        self.report.train_examples += len(train)
 
     def _records(self, f: BinaryIO, digest: Any) -> Iterator[tuple[int, bytes, Any]]:
         """``(line or item number, bytes that identify it, JSON value or BadLine)``; blank lines skipped."""
         if is_array(f):
-            self.report["unit"] = "item"
+            self.report.unit = "item"
             yield from iter_items(f, digest)
             return
         max_bytes = self.cfg.data.max_line_bytes
         for lineno, raw, size in iter_lines(f, max_bytes, digest):
-            self.report["lines"] = lineno
+            self.report.lines = lineno
             if raw is None:
                 yield lineno, b"", BadLine(f"line longer than {max_bytes} bytes ({size} bytes)")
             elif raw.strip():  # blank lines are allowed (counted in `lines`, not as bad)
@@ -238,14 +199,15 @@ class _FileReader:
                     yield lineno, raw, e
 
     def run(self) -> dict[str, Any]:
+        """Read the file; its report as written to ``reports/`` (``FileReport.to_json``)."""
         d = self.cfg.data
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if self.sha256 is None else None
         chunk: list[Example] = []
         try:
             with open(self.path, "rb") as f:
                 for n, raw, value in self._records(f, digest):
-                    if self.report["unit"] == "item":
-                        self.report["lines"] = n  # items read, for an array
+                    if self.report.unit == "item":
+                        self.report.lines = n  # items read, for an array
                     try:
                         if isinstance(value, BadLine):
                             raise value
@@ -254,81 +216,77 @@ class _FileReader:
                         self.bad(n, str(e))
                         continue
                     ex.source, ex.line = self.where(n), n
-                    key = content_key(ex)
-                    if key in self.seen_heldout:
+                    decision = self.rule.decide(raw, ex)
+                    if decision == COPY:
                         # The same example is already held out (eval file, another file, a duplicate
                         # line): training on this copy would leak it, whatever the cap says.
                         ex.heldout = True
                         ex.extra["duplicate_of_heldout"] = True
-                    elif not self.never_heldout and (self.all_heldout or (
-                        self.heldout_chosen < d.heldout_max_per_file and is_heldout(raw, d.heldout_fraction)
-                    )):
+                    elif decision == HELD_OUT:
                         ex.heldout = True
-                        self.heldout_chosen += 1
-                        self.seen_heldout.add(key)
                     chunk.append(ex)
                     if len(chunk) >= d.tokenize_chunk_size:
                         self.flush(chunk)
                         chunk = []
                 self.flush(chunk)
                 self.drain()
-                self.report["size_bytes"] = f.tell()
+                self.report.size_bytes = f.tell()
         except OSError as e:
-            self.report["error"] = f"cannot read: {e.strerror or e}"
+            self.report.error = f"cannot read: {e.strerror or e}"
             self.drain()  # what was read before the error counts, as a chunk flushed before it did
         finally:
             if self.pending is not None:  # an exception left a chunk in flight: let it end, drop it
                 self.pending[1].exception()
                 self.pending = None
-        self.report["sha256"] = digest.hexdigest()
-        self.report["warnings"] = self._warnings()
+        self.report.sha256 = self.sha256 if digest is None else digest.hexdigest()
+        self.report.warnings = self._warnings()
         if self.reasoning:
             # How this base sees reasoning (its chat template's field, or the <think> convention): recorded
             # with the file, so a run's data says what was trained (data/reasoning.py).
-            self.report["reasoning"] = {"examples": self.reasoning,
-                                        "rendered_as": reasoning.convention(self.tokenizer)}
+            self.report.reasoning = {"examples": self.reasoning, "rendered_as": reasoning.convention(self.tokenizer)}
             log.info("%s: %d examples with reasoning, rendered %s", self.path.name, self.reasoning,
-                     self.report["reasoning"]["rendered_as"])
+                     self.report.reasoning["rendered_as"])
         self._settle_heldout()
         self._finish()
-        return self.report
+        return self.report.to_json()
 
     def _settle_heldout(self) -> None:
-        if self.report["train_examples"] == 0 and not self.all_heldout and self.heldout_here:
+        if self.rule.tiny_file(self.report.train_examples, len(self.heldout_here)):
             # Every usable line of this (tiny) file fell in the held-out share: train on them instead.
             self.writer.append([enc for _, enc in self.heldout_here])
-            self.report["train_examples"] += len(self.heldout_here)
+            self.report.train_examples += len(self.heldout_here)
             for ex, _ in self.heldout_here:
-                self.seen_heldout.discard(content_key(ex))
+                self.rule.release(ex)
             self.heldout_here = []
         for ex, enc in self.heldout_here:
             self.out.heldout_encoded.append(enc)
             if ex.evaluable:  # text, tool use and untrained final turns have no answer to compare
                 self.out.heldout.append(ex)
-        self.report["heldout_examples"] = len(self.heldout_here) + self.duplicates
-        self.report["heldout_duplicates"] = self.duplicates
+        self.report.heldout_examples = len(self.heldout_here) + self.duplicates
+        self.report.heldout_duplicates = self.duplicates
 
     def _finish(self) -> None:
         r = self.report
-        r["bad"].sort(key=lambda b: b[r["unit"]])  # reasons found at tokenization come in line order too
-        r["usable"] = r["error"] is None and r["examples"] > 0
-        if r["error"] is None and not r["usable"]:
-            first = r["bad"][0] if r["bad"] else {}
-            if self.path.suffix == ".json" and r["unit"] == "line" and first.get("line") == 1 \
+        r.bad.sort(key=lambda b: b[r.unit])  # reasons found at tokenization come in line order too
+        r.usable = r.error is None and r.examples > 0
+        if r.error is None and not r.usable:
+            first = r.bad[0] if r.bad else {}
+            if self.path.suffix == ".json" and r.unit == "line" and first.get("line") == 1 \
                     and first["reason"].startswith("invalid JSON"):
                 # A pretty-printed object, most likely: say what a .json file has to hold.
-                r["error"] = ("not a JSON array of records ([{...}, ...]) nor JSON Lines (one object per line): "
-                              f"line 1: {first['reason']}")
-            elif r["bad_lines"]:
-                unit = r["unit"]
-                r["error"] = (f"no usable example ({r['bad_lines']} bad {unit}s; first: "
-                              f"{unit} {first[unit]}: {first['reason']})")
+                r.error = ("not a JSON array of records ([{...}, ...]) nor JSON Lines (one object per line): "
+                           f"line 1: {first['reason']}")
+            elif r.bad_lines:
+                unit = r.unit
+                r.error = (f"no usable example ({r.bad_lines} bad {unit}s; first: "
+                           f"{unit} {first[unit]}: {first['reason']})")
             else:
-                r["error"] = "no usable example (the file is empty)"
-        r["created_at"] = now_iso()
+                r.error = "no usable example (the file is empty)"
+        r.created_at = now_iso()
+        r.schema_version = status.SCHEMA_VERSION
 
 
-def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
+def prepare(files: list[Path] | list[FileEntry], tokenizer: Any, cfg: Config, store_dir: Path,
             status_dir: Path | None = None, replay_file: Path | None = None,
             rehearsal_file: Path | None = None, cache_dir: Path | None = None) -> Prepared:
     """Stream, split and tokenize ``files`` (and ``data.eval_file``) into a TokenStore at ``store_dir``.
@@ -339,10 +297,13 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
 
     ``replay_file`` (``data/replay.py``) is read last: its lines are trained (never held out, unless
     they copy a held-out example of this run) and it gets no report; ``rehearsal_file``
-    (``data/rehearsal.py``) after it, the same way.
+    (``trainer/rehearsal/prompts.py``) after it, the same way.
 
     ``cache_dir`` (data/tokcache.py): a file whose entry is there (what ``fill_cache`` left for this
     run) is taken from it instead of being read and tokenized again; the result is the same.
+
+    ``files`` given as the run manifest's entries (core/manifest.py) carry their SHA-256: the report
+    and the cache key take it, and no file is hashed here.
     """
     writer = TokenStoreWriter(Path(store_dir))
     out = Prepared(train=None)  # type: ignore[arg-type]  # set once the writer closes
@@ -351,11 +312,12 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
     pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
     fp = tokcache.fingerprint(tokenizer, cfg) if cache_dir is not None else None
     try:
-        for path, all_heldout in inputs:
-            report = _from_cache(path, all_heldout, fp, Path(cache_dir), writer, out, seen_heldout) if fp else None
+        for path, all_heldout, sha in inputs:
+            report = _from_cache(path, all_heldout, fp, Path(cache_dir), writer, out, seen_heldout, sha) if fp else None
             if report is None:
                 log.info("reading %s%s", path, " (eval file)" if all_heldout else "")
-                report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout).run()
+                report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout,
+                                     sha256=sha).run()
             out.reports[str(path)] = report
             if not report["usable"]:
                 reason = f"eval file: {report['error']}" if all_heldout else report["error"]
@@ -384,9 +346,9 @@ def prepare(files: list[Path], tokenizer: Any, cfg: Config, store_dir: Path,
 
 
 def _from_cache(path: Path, all_heldout: bool, fp: str, cache_dir: Path, writer: TokenStoreWriter, out: Prepared,
-                seen_heldout: set[bytes]) -> dict[str, Any] | None:
+                seen_heldout: set[bytes], sha: str | None = None) -> dict[str, Any] | None:
     """Add ``path``'s share from its cache entry, as ``_FileReader.run`` would have; None when there is none."""
-    sha = tokcache.file_sha256(path)
+    sha = sha or tokcache.file_sha256(path)
     if sha is None:
         return None
     key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
@@ -424,7 +386,7 @@ def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) 
     made: list[str] = []
     seen_heldout: set[bytes] = set()
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
-        for path, all_heldout in _inputs(files, cfg):
+        for path, all_heldout, _ in _inputs(files, cfg):
             sha = tokcache.file_sha256(path)
             if sha is None:
                 return made  # the files after it would be keyed by held-out examples it never gave
@@ -454,13 +416,15 @@ def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) 
     return made
 
 
-def _inputs(files: list[Path], cfg: Config) -> list[tuple[Path, bool]]:
-    """The files a run reads, in order, each with whether it is the eval file (read first, all held out)."""
-    inputs = [(Path(p), False) for p in files]
+def _inputs(files: list[Path] | list[FileEntry], cfg: Config) -> list[tuple[Path, bool, str | None]]:
+    """The files a run reads, in order, each with whether it is the eval file (read first, all held out)
+    and its SHA-256 when the manifest gives it."""
+    inputs: list[tuple[Path, bool, str | None]] = [
+        (f.path, False, f.sha256 or None) if isinstance(f, FileEntry) else (Path(f), False, None) for f in files]
     if cfg.data.eval_file:
         # Read first, so that copies of its examples in the training files are held out too.
         eval_path = Path(cfg.data.eval_file)
-        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True))
+        inputs.insert(0, (eval_path if eval_path.is_absolute() else cfg.path("root") / eval_path, True, None))
     return inputs
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ultimate_trainer.core import config
 from ultimate_trainer.core.config import config_or_none
+from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.core.logs import setup_logging
 
 
@@ -26,6 +28,9 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="print the input files a checkpoint or consolidation contains (default: the newest "
                              "checkpoint; 'all' for every one), or given a file name or sha256, the models "
                              "containing it; train nothing")
+    parser.add_argument("--manifest", type=Path, metavar="JSON",
+                        help="the run's manifest (core/manifest.py: the files' hashes and line counts, the files to "
+                             "replay), written by the daemon; without it, built here from FILE and queue/done")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -35,7 +40,7 @@ def train_main(argv: list[str] | None = None) -> int:
     setup_logging(level, prefix=f"[rank {rank}] " if rank is not None else "")
     cfg = config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     if args.lineage is not None:
         return print_lineage(cfg, args.lineage)
     if not args.files:
@@ -43,10 +48,21 @@ def train_main(argv: list[str] | None = None) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        return Exit.CONFIG
     if args.max_steps is not None and args.max_steps < 1:
         print("error: --max-steps must be at least 1", file=sys.stderr)
-        return 2
+        return Exit.CONFIG
+    files = [f.resolve() for f in args.files]
+    manifest: Manifest | list[Path] = files
+    if args.manifest is not None:
+        try:
+            manifest = Manifest.read(args.manifest)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {args.manifest}: not a run manifest ({e})", file=sys.stderr)
+            return Exit.CONFIG
+        if [p.resolve() for p in manifest.paths] != files:
+            print(f"error: {args.manifest} describes other files than FILE", file=sys.stderr)
+            return Exit.CONFIG
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead of retrying the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.dry_run:
@@ -55,7 +71,7 @@ def train_main(argv: list[str] | None = None) -> int:
         problem = distributed.setup_problem(cfg)
         if problem:
             print(f"error: {problem}", file=sys.stderr)
-            return 2
+            return Exit.CONFIG
         if not distributed.under_launcher():
             nproc = distributed.processes_wanted(cfg)
             if nproc > 1:  # the same command, once per process, under torchrun
@@ -64,7 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     stop = StopFlag()
     stop.install()
-    code = run(cfg, [f.resolve() for f in args.files], max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)
+    code = run(cfg, manifest, max_steps=args.max_steps, dry_run=args.dry_run, stop=stop)
     if not args.dry_run:
         from ultimate_trainer.trainer import distributed
 
@@ -80,18 +96,18 @@ def print_lineage(cfg: config.Config, what: str) -> int:
     if what == "all":
         records = lin.all()
         print("\n\n".join(format_model(r) for r in records) if records else "no complete checkpoints yet")
-        return 0
+        return Exit.OK
     model = lin.find(what)
     if model is not None:
         print(format_model(lin.of(model)))
-        return 0
+        return Exit.OK
     found = lin.containing(what)
     if found:
         print("\n\n".join(format_file(r) for r in found))
-        return 0
+        return Exit.OK
     if what == "latest":
         print(f"no complete checkpoints in {cfg.path('checkpoints')} yet")
-        return 0
+        return Exit.OK
     print(f"error: {what!r} is neither a checkpoint, a consolidation nor a trained file (name or sha256)",
           file=sys.stderr)
-    return 2
+    return Exit.CONFIG

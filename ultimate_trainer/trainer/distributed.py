@@ -24,12 +24,10 @@ machines") ``train.py`` finds ``WORLD_SIZE``/``RANK`` in its environment and run
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +36,7 @@ from typing import Any
 
 from ultimate_trainer.core.config import REPO_DIR, Config
 from ultimate_trainer.core.exitcodes import SETUP_ERRORS, Exit
+from ultimate_trainer.core.launch import launch
 from ultimate_trainer.core.status import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -120,14 +119,6 @@ def torchrun_command(nproc: int, script_args: list[str], port: int) -> list[str]
             "--max-restarts=0", str(REPO_DIR / "train.py"), *script_args]
 
 
-def _pdeathsig() -> None:
-    # In the agent between fork and exec: the kernel sends it SIGTERM if this launcher dies.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _workers(agent_pid: int) -> list[int]:
     import psutil
 
@@ -147,8 +138,8 @@ def relaunch(nproc: int, script_args: list[str], work_dir: Path) -> int:
     log.info("%d processes: launching through torchrun (rendezvous 127.0.0.1:%d)", nproc, port)
     cmd = torchrun_command(nproc, script_args, port)
     # Its own session: a terminal ^C reaches this launcher only, which forwards it once as below.
-    agent = subprocess.Popen(cmd, env={**os.environ, EXIT_DIR_ENV: str(exit_dir)}, start_new_session=True,
-                             preexec_fn=_pdeathsig)
+    # SIGTERM to the agent when this launcher dies (core/launch.py).
+    agent = launch(cmd, env={**os.environ, EXIT_DIR_ENV: str(exit_dir)})
     stops = 0
 
     def forward(signum: int, frame: Any) -> None:

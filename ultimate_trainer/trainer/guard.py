@@ -84,6 +84,9 @@ class GuardCallback(TrainerCallback):
         self.run_losses: deque[float] = deque(maxlen=cfg.window)  # this run's accepted step losses (score, slope)
         self.total = 0
         self._loss_sum: Any = None
+        self.stability: dict[str, Any] = {  # what training_status.json and history/steps.jsonl say of it
+            "loss_slope": None, "score": None, "anomalies": reporter.anomalies_before, "anomalies_this_run": 0,
+            "last_anomaly": None}
 
     def observe_loss(self, loss: Any) -> None:
         """One training micro-batch's loss (``hf.ContinuousTrainer.loss_observers``)."""
@@ -197,7 +200,7 @@ class GuardCallback(TrainerCallback):
         recent = list(self.run_losses)[-self.cfg.slope_steps:]
         slope = loss_slope(recent)
         last = self.events[-1] if self.events else None
-        self.reporter.update(stability={
+        self.stability = {
             "loss_slope": None if slope is None else round(slope, 6),
             "score": stability_score(list(self.run_losses), sum(self.flags), self.cfg.window),
             "anomalies": self.reporter.anomalies_before + self.total,
@@ -205,7 +208,8 @@ class GuardCallback(TrainerCallback):
             "shares": {k: round(v, 4) for k, v in shares.items()},  # the last step's target tokens by source
             "last_anomaly": None if last is None else {k: last.get(k) for k in
                                                        ("global_step", "kind", "files", "loss", "grad_norm")},
-        })
+        }
+        self.reporter.update(stability=self.stability)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if self.cfg.enabled and self.total >= self.cfg.max_anomalies:
@@ -282,7 +286,7 @@ def step_describer(run: Any) -> Callable[[int], dict[str, Any]]:
     def describe(global_step: int) -> dict[str, Any]:
         p = run.plan
         examples = []
-        for idx in p.examples_of_step(p.done_steps + global_step - 1 - run.start.global_step):
+        for idx in p.examples_of_step(p.run_step(global_step) - 1):
             f = bisect.bisect_right(ends, idx)
             if f >= len(names):
                 continue

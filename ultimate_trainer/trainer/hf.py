@@ -1,5 +1,8 @@
 """The Hugging Face Trainer wiring of a run: its ``TrainingArguments`` and callbacks.
 
+Which callbacks a run has, in which order and what each contributes, reads in one place:
+``recipe.train``.
+
 - ``RunCallback`` keeps ``training_status.json`` and ``history/steps.jsonl`` current, turns a stop
   request into "save, then stop" and makes sure the run's last step is saved.
 - ``EvalCallback`` answers the held-out prompts every ``eval_steps`` and records the scores.
@@ -104,17 +107,18 @@ class SealCallback(TrainerCallback):
 
 
 class RunCallback(TrainerCallback):
-    def __init__(self, reporter: StatusReporter, stop: Any, start_step: int, done_steps: int, total_steps: int,
-                 steps_per_epoch: int, files: list[str], run_id: str, world: distributed.World | None = None):
-        self.reporter, self.stop = reporter, stop
+    def __init__(self, reporter: StatusReporter, stop: Any, plan: Any, files: list[str], guard: Any,
+                 throughput: Throughput, world: distributed.World | None = None):
+        self.reporter, self.stop, self.plan = reporter, stop, plan  # plan: recipe.RunPlan
+        self.guard = guard  # guard.GuardCallback: its ``stability`` goes into each step's line
         self.world = world or distributed.World()
-        self.start_step, self.done_steps, self.total_steps = start_step, done_steps, total_steps
-        self.steps_per_epoch, self.files, self.run_id = steps_per_epoch, files, run_id
-        self.throughput = Throughput()
+        self.start_step, self.total_steps = plan.start_step, plan.total_steps
+        self.steps_per_epoch, self.files, self.run_id = plan.steps_per_epoch, files, plan.run_id
+        self.throughput = throughput
         self.t0 = time.monotonic()
 
     def run_step(self, state: TrainerState) -> int:
-        return self.done_steps + state.global_step - self.start_step
+        return self.plan.run_step(state.global_step)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         self.t0 = time.monotonic()
@@ -156,7 +160,7 @@ class RunCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_second": round(tps, 1) if tps else self.reporter.get("tokens_per_second"),
         }
-        stability = self.reporter.get("stability") or {}  # kept current by the guard (trainer/guard.py)
+        stability = self.guard.stability  # kept current by the guard (trainer/guard.py)
         skipped = stability.get("last_anomaly") or {}
         extra: dict[str, Any] = {}
         if skipped.get("global_step") == state.global_step:

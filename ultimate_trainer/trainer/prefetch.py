@@ -17,10 +17,8 @@ set to ``on``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core import config
-from ultimate_trainer.core.config import REPO_DIR, Config
+from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.launch import child_env, die_with_parent, launch
 from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,11 @@ class Prefetcher:
 
     def start(self, files: list[Path], base_path: str, cache: Path) -> None:
         self.stop()
-        path = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "ultimate_trainer.trainer.prefetch", "--cache", str(cache), "--base", base_path,
                *self.cfg_args, "--", *map(str, files)]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"},
-                                     stdin=subprocess.DEVNULL)
+        # The worker has threads: no preexec_fn; the child asks for its parent-death signal itself (main).
+        self.proc = launch(cmd, own_session=False, pdeathsig=False, env=child_env(TOKENIZERS_PARALLELISM="false"),
+                           stdin=subprocess.DEVNULL)
         self.files = list(files)
         log.info("tokenizing ahead (pid %d): %s", self.proc.pid, ", ".join(Path(f).name for f in files))
 
@@ -94,22 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     config.add_arguments(parser)
     parser.add_argument("files", nargs="*", type=Path)
     args = parser.parse_args(argv)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the worker
-    except OSError:
-        pass
+    die_with_parent()  # dies with the worker
     os.nice(NICE)
     setup_logging(logging.INFO)
     cfg = config.config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ultimate_trainer.data.prepare import fill_cache
     from ultimate_trainer.model.loading import load_tokenizer
 
     made = fill_cache(args.files, load_tokenizer(args.base), cfg, args.cache)
     log.info("tokenized ahead: %d new cache entr%s", len(made), "y" if len(made) == 1 else "ies")
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

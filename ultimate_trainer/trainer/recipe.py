@@ -18,13 +18,14 @@ After a consolidation the start point is the merged model with a fresh adapter: 
 bootstrap folder holding only ``trainer_state.json`` (the global step) and that adapter lets the
 Trainer continue the global step with a new optimizer.
 
-Everything the phases build lands on one ``RunState``; nothing else is passed around.
+The run arrives described (core/manifest.py: its files with their hashes and line counts, and the
+earlier files it may replay); its id is computed once from that, and replay, rehearsal and the plan
+all use it. Everything the phases build lands on one ``RunState``; nothing else is passed around.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -33,12 +34,14 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.core import lineage
+from ultimate_trainer.core import manifest as mf
+from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
@@ -46,10 +49,13 @@ from ultimate_trainer.trainer.distributed import World, collective_failure
 from ultimate_trainer.trainer.reporter import StatusReporter
 from ultimate_trainer.trainer.stability import Diverged
 
+if TYPE_CHECKING:  # the phases import these lazily: a dry run never loads torch
+    from ultimate_trainer.data.prepare import Prepared
+    from ultimate_trainer.data.replay import Replay
+    from ultimate_trainer.trainer.rehearsal.prompts import Rehearsal
+    from ultimate_trainer.trainer.session import Session
+
 log = logging.getLogger(__name__)
-
-DATA_ORDER_KEYS = ("batch_size", "gradient_accumulation_steps", "epochs_per_file", "seed", "max_seq_length")
-
 
 class StopRequested(Exception):
     """SIGTERM/SIGINT arrived before training started: nothing to save, exit 0."""
@@ -87,6 +93,11 @@ class RunPlan:
     steps_per_epoch: int
     rows: list[list[int]] | None = None  # flat or packed: ``order`` cut into rows of store indices (data/packing.py)
     layout: str = "grouped"  # data/packing.py: flat (a micro-batch a row), rows (packed) or grouped
+    start_step: int = 0  # the global step this attempt starts at (the start point's)
+
+    def run_step(self, global_step: int) -> int:
+        """Steps of this run done at ``global_step``: the one conversion from the Trainer's count to the run's."""
+        return self.done_steps + global_step - self.start_step
 
     @property
     def micro_batch(self) -> int | None:
@@ -112,24 +123,30 @@ class RunState:
     """What one run knows, filled in phase by phase."""
 
     cfg: Config
-    files: list[Path]
+    manifest: Manifest  # the run's files (hashes, sizes, lines) and its replay sources, as handed down
     reporter: StatusReporter
     stop: StopFlag
     max_steps: int | None = None
     start: ck.StartPoint | None = None
     base_path: str = ""
-    tokenizer: Any = None
-    prepared: Any = None  # data.prepare.Prepared
-    hashes: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # the base's (transformers PreTrainedTokenizerBase)
+    prepared: Prepared | None = None
+    run_id: str = ""  # core/manifest.run_id of the files, the data-order settings, the layout and step scale
+    layout: str = "grouped"  # data/packing.py's layout of training.packing
+    step_scale: int = 1  # trainer/distributed.accumulation: > 1 when the ranks cannot split the accumulation
     plan: RunPlan | None = None
     steps_now: int = 0
     device: str = "cpu"
-    model: Any = None
-    replay: Any = None  # data.replay.Replay: the earlier lines mixed into this run
-    rehearsal: Any = None  # data.rehearsal.Rehearsal: the base's own answers mixed into this run
+    model: Any = None  # the PEFT model (base + adapter)
+    replay: Replay | None = None  # the earlier lines mixed into this run
+    rehearsal: Rehearsal | None = None  # the base's own answers mixed into this run
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
-    session: Any = None  # trainer.session.Session: a worker's loaded tokenizer and model, reused when they fit
+    session: Session | None = None  # a worker's loaded tokenizer and model, reused when they fit
+
+    @property
+    def files(self) -> list[Path]:
+        return self.manifest.paths
 
     def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
         """The marker of a checkpoint saved at ``global_step`` of this run."""
@@ -139,33 +156,25 @@ class RunState:
             else None
         return ck.marker_meta(
             global_step=global_step, run_id=self.plan.run_id,
-            run_step=self.plan.done_steps + global_step - start.global_step,
+            run_step=self.plan.run_step(global_step),
             run_total_steps=self.plan.total_steps,
             files=lineage.run_files(self.files, self.prepared.reports, self.started_at),
             run_started_at=self.started_at, parent={"kind": start.kind, "name": parent},
             base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
             lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
             distributed=cfg.training.distributed if self.world.size > 1 else None,
-            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1)
-        ) | ({"replay": {"examples": self.prepared.replay_examples, "files": self.replay.sources}} if self.replay else {}
-             ) | ({"rehearsal": self.rehearsal_record()} if self.rehearsal else {})
+            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1),
+            replay=self.replay_record() if self.replay else None,
+            rehearsal=self.rehearsal_record() if self.rehearsal else None)
+
+    def replay_record(self) -> dict[str, Any]:
+        """What the checkpoint marker and training_status.json say of the run's replay."""
+        return {"examples": self.prepared.replay_examples, "files": self.replay.sources}
 
     def rehearsal_record(self) -> dict[str, Any]:
         """What the checkpoint marker and training_status.json say of the run's rehearsal."""
         return {"examples": self.prepared.rehearsal_examples, "answers": self.rehearsal.answers,
                 "prompts_file": self.rehearsal.prompts_file}
-
-
-def run_id_for(file_hashes: list[str], cfg: Config, layout: str = "grouped", step_scale: int = 1) -> str:
-    """Same files (by content) + same data-order settings = same run, so a crash can be continued."""
-    key = {"files": sorted(file_hashes), **{k: getattr(cfg.training, k) for k in DATA_ORDER_KEYS}}
-    if layout == "rows":
-        key["packed"] = True  # rows, not examples, make a step: another plan
-    elif layout == "flat":
-        key["packed"] = "flat"  # the plan's own order, not length-grouped: another plan
-    if step_scale != 1:
-        key["step_scale"] = step_scale  # a step of world_size x the configured examples: another plan
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
@@ -208,14 +217,19 @@ def _one_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- the run
 
-def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run: bool = False,
+def run(cfg: Config, files: Manifest | list[Path], *, max_steps: int | None = None, dry_run: bool = False,
         stop: StopFlag | None = None, session: Any = None) -> int:
-    """Train on ``files`` from wherever the last run ended. Returns the process exit code.
+    """Train on the run ``files`` describes from wherever the last run ended. Returns the process exit code.
+
+    ``files``: the run's manifest (core/manifest.py), or its files alone (a run started by hand), for
+    which it is built here.
 
     ``session`` (trainer/session.py): the worker's already loaded tokenizer and model, used when they
     fit this run's start point; ``train.py`` passes none and loads them.
     """
     stop = stop or StopFlag()
+    manifest = files if isinstance(files, Manifest) else mf.for_files(files, cfg)
+    files = manifest.paths
     world = World.from_env()
     reporter = StatusReporter(cfg.path("status"), cfg.path("checkpoints"), cfg.status.interval_seconds,
                               cfg.eval.recent_examples, live=not dry_run and world.is_main)
@@ -223,7 +237,7 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
     reporter.set_state("loading")
     reporter.start()
     reporter.update(world_size=world.size)
-    state = RunState(cfg, files, reporter, stop, max_steps=max_steps, world=world, session=session)
+    state = RunState(cfg, manifest, reporter, stop, max_steps=max_steps, world=world, session=session)
     try:
         return _recipe(state, dry_run)
     except StopRequested:
@@ -261,19 +275,23 @@ def _recipe(run: RunState, dry_run: bool) -> int:
 
         distributed.init_process_group(run.cfg, run.world, pick_device(run.cfg))
 
-    # 1. Start point: it decides which base weights (and so which tokenizer) this run continues.
+    # 1. Identity: the run id, from the files' hashes, the data-order settings and the layout; the
+    #    replay, the rehearsal and the plan are all drawn by it.
+    identify(run)
+
+    # 2. Start point: it decides which base weights (and so which tokenizer) this run continues.
     problem = find_start(run, quarantine=not dry_run)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return Exit.CONFIG
 
-    # 2. Tokenizer of that base (a worker's session keeps it while the base stays the same).
+    # 3. Tokenizer of that base (a worker's session keeps it while the base stays the same).
     from ultimate_trainer.model.loading import load_tokenizer
 
     run.tokenizer = run.session.tokenizer_for(run.base_path) if run.session else load_tokenizer(run.base_path)
     run.stop.check()
 
-    # 3. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
+    # 4. Data: read, hold out, tokenize (streaming, chunked, into a memory-mapped store).
     reporter.set_state("tokenizing")
     prepare_data(run, write_reports=not dry_run, rehearse=not dry_run)
     if dry_run:
@@ -285,20 +303,20 @@ def _recipe(run: RunState, dry_run: bool) -> int:
         return Exit.DATA
     run.stop.check()
 
-    # 4. Plan: which examples, in which order, how many steps; continue an interrupted attempt.
+    # 5. Plan: which examples, in which order, how many steps; continue an interrupted attempt.
     if not plan(run):
         log.info("nothing to train: run %s is already complete", run.plan.run_id)
         reporter.set_state("idle")
         return Exit.OK
 
-    # 5. Model: the base (4-bit or not) and the adapter to continue, or a fresh one.
+    # 6. Model: the base (4-bit or not) and the adapter to continue, or a fresh one.
     load_model(run)
     run.stop.check()
 
-    # 6. Train: evaluate every eval_steps, save every save_steps and at the end of the run.
+    # 7. Train: evaluate every eval_steps, save every save_steps and at the end of the run.
     train(run)
 
-    # 7. Done: the last checkpoint is sealed; say so.
+    # 8. Done: the last checkpoint is sealed; say so.
     reporter.refresh_checkpoints()
     reporter.set_state("idle", eta_seconds=0.0)
     return Exit.OK
@@ -311,6 +329,17 @@ def _fail(reporter: StatusReporter, code: Exit, reason: str) -> int:
 
 
 # --------------------------------------------------------------------------- the phases
+
+def identify(run: RunState) -> None:
+    """Fill ``run.run_id`` (core/manifest.run_id), ``run.layout`` and ``run.step_scale``."""
+    from ultimate_trainer.data.packing import layout
+    from ultimate_trainer.trainer.distributed import accumulation
+
+    cfg = run.cfg
+    run.layout = layout(cfg.training.packing)
+    _, run.step_scale = accumulation(cfg.training.gradient_accumulation_steps, run.world.size)
+    run.run_id = run.manifest.run_id(cfg, run.layout, run.step_scale)
+
 
 def find_start(run: RunState, quarantine: bool) -> str | None:
     """Fill ``run.start`` and ``run.base_path``; a one-line problem when the checkpoints belong to another model."""
@@ -351,46 +380,40 @@ def _base_path(cfg: Config, start: ck.StartPoint) -> str:
 def prepare_data(run: RunState, write_reports: bool, rehearse: bool = True) -> None:
     """Tokenize the run's files, its replay and (unless ``rehearse`` is off: a dry run loads no model) its rehearsal."""
     from ultimate_trainer.data import prepare
-    from ultimate_trainer.data.replay import digest_files
 
     # Each rank tokenizes into its own store (the same tokens: tokenizing is deterministic); rank 0 reports.
     work = run.cfg.path("work")
     store_dir = run.world.rank_path(work / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
-    digests = digest_files(run.files)
-    run.replay = replay_for(run, run.world.rank_path(work / "current-replay.jsonl"), digests)
+    run.replay = replay_for(run, run.world.rank_path(work / "current-replay.jsonl"))
     if rehearse:
-        run.rehearsal = rehearsal_for(run, run.world.rank_path(work / "current-rehearsal.jsonl"), digests)
+        run.rehearsal = rehearsal_for(run, run.world.rank_path(work / "current-rehearsal.jsonl"))
     session = run.session
-    run.prepared = prepare.prepare(run.files, run.tokenizer, run.cfg, store_dir,
+    run.prepared = prepare.prepare(run.manifest.files, run.tokenizer, run.cfg, store_dir,
                                    run.cfg.path("status") if write_reports and run.world.is_main else None,
                                    replay_file=run.replay.path if run.replay else None,
                                    rehearsal_file=run.rehearsal.path if run.rehearsal else None,
                                    cache_dir=session.cache_dir if session is not None else None)
     if session is not None:  # the worker reports the hits and removes the entries once the run is over
         session.cache_hits, session.cache_used = run.prepared.cache_hits, run.prepared.cache_used
-    run.hashes = [run.prepared.reports[str(f)]["sha256"] for f in run.files]
     if run.replay:
-        run.reporter.update(replay={"examples": run.prepared.replay_examples, "files": run.replay.sources})
+        run.reporter.update(replay=run.replay_record())
     if run.rehearsal:
         run.reporter.update(rehearsal=run.rehearsal_record())
 
 
-def replay_for(run: RunState, out: Path, digests: tuple[list[str], int] | None = None) -> Any:
-    """This run's replay of earlier files (``data/replay.py``), drawn by the id of its files; None when off."""
+def replay_for(run: RunState, out: Path) -> Any:
+    """This run's replay of the manifest's earlier files (``data/replay.py``), drawn by the run id; None when off."""
     from ultimate_trainer.data.replay import write_replay
 
-    cfg = run.cfg
-    return write_replay(run.files, cfg, cfg.path("queue") / "done", out, lambda hashes: run_id_for(hashes, cfg),
-                        cfg.path("status"), digests)
+    return write_replay(run.manifest, run.cfg, out, run.run_id)
 
 
-def rehearsal_for(run: RunState, out: Path, digests: tuple[list[str], int]) -> Any:
-    """This run's rehearsal (``data/rehearsal.py``): the base's own answers, drawn by the id of its files."""
-    from ultimate_trainer.trainer.rehearsal import rehearsal_for as draw
+def rehearsal_for(run: RunState, out: Path) -> Any:
+    """This run's rehearsal (``trainer/rehearsal/``): the base's own answers, drawn by the run id."""
+    from ultimate_trainer.trainer.rehearsal.answers import rehearsal_for as draw
 
-    shas, lines = digests
-    return draw(run.cfg, run.base_path, run.tokenizer, lines, run_id_for(shas, run.cfg), out, session=run.session)
+    return draw(run.cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session)
 
 
 def print_dry_run(run: RunState) -> int:
@@ -407,20 +430,16 @@ def print_dry_run(run: RunState) -> int:
 
 def plan(run: RunState) -> bool:
     """Fill ``run.plan`` and ``run.steps_now``; False when the run has nothing left to train."""
-    from ultimate_trainer.data.packing import layout
-    from ultimate_trainer.trainer.distributed import accumulation
-
     cfg, lengths = run.cfg, run.prepared.train.lengths
-    kind = layout(cfg.training.packing)
-    _, scale = accumulation(cfg.training.gradient_accumulation_steps, run.world.size)
+    kind, scale, run_id = run.layout, run.step_scale, run.run_id
     if scale != 1:
         log.warning("training.gradient_accumulation_steps (%d) does not divide by the %d processes: a step trains "
                     "%d x %d x %d examples (or rows) instead of %d x %d; choose a multiple of %d to keep a step's size",
                     cfg.training.gradient_accumulation_steps, run.world.size, cfg.training.batch_size,
                     cfg.training.gradient_accumulation_steps, scale, cfg.training.batch_size,
                     cfg.training.gradient_accumulation_steps, run.world.size)
-    run_id = run_id_for(run.hashes, cfg, kind, scale)
     p = run.plan = plan_run(len(run.prepared.train), run_id, cfg, run.start.checkpoint, lengths, kind, scale)
+    p.start_step = run.start.global_step
     run.steps_now = p.total_steps - p.done_steps
     if run.max_steps is not None:
         run.steps_now = min(run.steps_now, run.max_steps)
@@ -497,7 +516,8 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import distributed, hf, speed
     from ultimate_trainer.trainer.guard import GuardCallback, step_describer, step_sources
-    from ultimate_trainer.trainer.probe import probe_callback
+    from ultimate_trainer.trainer.probe.callback import probe_callback
+    from ultimate_trainer.trainer.reporter import Throughput
 
     cfg, start, p, reporter, world = run.cfg, run.start, run.plan, run.reporter, run.world
     collator = Collator(run.tokenizer)
@@ -509,20 +529,36 @@ def train(run: RunState) -> None:
     args = hf.training_arguments(cfg, cfg.path("checkpoints"), start.global_step + run.steps_now, run.device,
                                  compute_dtype(cfg, run.device), world.size,
                                  distributed.engine_arguments(cfg, world, run.model), micro_batch=p.micro_batch)
-    run_cb = hf.RunCallback(reporter, run.stop, start.global_step, p.done_steps, p.total_steps, p.steps_per_epoch,
-                            [f.name for f in run.files], p.run_id, world)
-    callbacks = [
-        hf.ConfiguredLearningRate(cfg.training.learning_rate),  # first: the others' on_train_begin see it
-        hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
-                        tracker, p.run_id, run.stop, run_cb.throughput),
-        *filter(None, [probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id,
-                                      run_cb.throughput)]),  # after EvalCallback: it counts its evaluations
-        run_cb,
-        hf.SealCallback(reporter, run.checkpoint_meta),
-        speed.ThreadGovernor(),
-        guard := GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id, step_sources(run),
-                               cfg.path("status") / st.GUARD_WINDOW, world),  # last: it may stop the run
-    ]
+
+    # What one run does around the Trainer's own loop, in the order the Trainer calls the callbacks at
+    # each event (the list's order). Each callback keeps its own state; what another needs it is
+    # handed explicitly (the throughput meter, the guard's stability), never through the reporter.
+    #
+    #   callback                 events                      contributes
+    #   ConfiguredLearningRate   train_begin                 the configured LR over the checkpoint's schedule;
+    #                                                        first, so the others' train_begin see it
+    #   EvalCallback             train_begin, step_end       held-out answers and validation loss, every
+    #                                                        eval_steps and at the run's end (evals.jsonl)
+    #   ProbeCallback (if any)   train_begin, step_end       the base-knowledge probe; after EvalCallback,
+    #                                                        whose evaluations it counts
+    #   RunCallback              train_begin, step_end, log  training_status.json and steps.jsonl; the stop
+    #                                                        request (all ranks agree) and the run's last save
+    #   SealCallback             step_end, save              the "saving" state; the marker sealing each
+    #                                                        checkpoint the Trainer just wrote
+    #   ThreadGovernor           train_begin, step_end       CPU threads for the step (speed.py)
+    #   GuardCallback            step_begin, pre_optimizer,  the divergence guard: skips an anomalous update
+    #                            step_end                    before it is applied; last, as it may stop the run
+    #
+    # The loss itself goes hf.ContinuousTrainer.compute_loss (speed.compute_loss) -> the guard's observe_loss.
+    throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
+    guard = GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id, step_sources(run),
+                          cfg.path("status") / st.GUARD_WINDOW, world)
+    evaluation = hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded,
+                                 collator, tracker, p.run_id, run.stop, throughput)
+    probe = probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id, throughput)
+    status = hf.RunCallback(reporter, run.stop, p, [f.name for f in run.files], guard, throughput, world)
+    callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate), evaluation, *filter(None, [probe]), status,
+                 hf.SealCallback(reporter, run.checkpoint_meta), speed.ThreadGovernor(), guard]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     problem = distributed.optimizer_state_problem(start.checkpoint.meta, world.size, cfg.training.distributed) \
         if start.kind == "checkpoint" else None

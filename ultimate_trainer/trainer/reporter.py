@@ -1,5 +1,7 @@
 """The trainer's side of the status contract: the single writer of training_status.json and history/.
 
+The file's fields are ``TrainingStatus``'s (core/records.py), documented there and in docs/STATUS.md.
+
 A heartbeat thread rewrites ``training_status.json`` every ``status.interval_seconds`` so that the
 monitors see a live ``updated_at`` and RSS even during a long step; every state change is written
 at once. History lines are appended as they happen (docs/STATUS.md).
@@ -17,10 +19,12 @@ from typing import Any, Iterator
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.checkpoints import list_complete
+from ultimate_trainer.core.records import TrainingStatus
 
 TEXT_LIMIT = 2000
 CHECKPOINTS_LISTED = 100  # the file is rewritten every few seconds: months of checkpoints stay on disk, not in it
 EXAMPLE_FIELDS = ("prompt", "expected", "generated", "correct", "source")
+FIELDS = frozenset(TrainingStatus.names())
 
 
 def _clip(text: Any) -> Any:
@@ -62,43 +66,11 @@ class StatusReporter:
             {"step": r.get("global_step"), **{k: r.get(k) for k in EXAMPLE_FIELDS}}
             for r in (st.tail_jsonl(self.dir / st.EXAMPLES_HISTORY, recent_limit) if live else [])
         ]
-        self.data: dict[str, Any] = {
-            "schema_version": st.SCHEMA_VERSION,
-            "state": "loading",
-            "current_files": [],
-            "run_id": None,
-            "global_step": 0,
-            "run_step": 0,
-            "run_total_steps": 0,
-            "epoch": 0.0,
-            "loss": None,
-            "learning_rate": None,
-            "grad_norm": None,
-            "tokens_per_second": None,
-            "eta_seconds": None,
-            "accuracy": {"overall": None, "last_20": None, "last_50": None, "trend": None,
-                         "evaluations": 0, "answers": 0, "signals": {"last_20": None, "last_50": None}},
-            "val_loss": None,
-            "retention": None,  # trainer/probe.py
-            "replay": None,  # data/replay.py, set by the recipe
-            "rehearsal": None,  # data/rehearsal.py, set by the recipe
-            "stability": {"loss_slope": None, "score": None, "anomalies": self.anomalies_before,
-                          "anomalies_this_run": 0, "last_anomaly": None},
-            "diverged": None,
-            "recent_examples": list(self._recent),
-            "pid": os.getpid(),
-            "rss_bytes": _rss_bytes(),
-            "checkpoints": [],
-            "last_checkpoint": None,
-            "base_model": None,
-            "device": None,
-            "load_in_4bit": None,
-            "world_size": 1,
-            "ranks": [],
-            "error": None,
-            "started_at": now_iso(),
-            "updated_at": now_iso(),
-        }
+        status = TrainingStatus(schema_version=st.SCHEMA_VERSION, recent_examples=list(self._recent), pid=os.getpid(),
+                                rss_bytes=_rss_bytes(), started_at=now_iso(), updated_at=now_iso())
+        status.stability["anomalies"] = self.anomalies_before
+        # The fields are TrainingStatus's (core/records.py): ``update`` refuses any other name.
+        self.data: dict[str, Any] = status.to_json()
         if live:
             self.refresh_checkpoints()
 
@@ -116,6 +88,9 @@ class StatusReporter:
             pass
 
     def update(self, **fields: Any) -> None:
+        unknown = set(fields) - FIELDS
+        if unknown:
+            raise KeyError(f"not a training_status.json field (core/records.py TrainingStatus): {sorted(unknown)}")
         with self._lock:
             self.data.update(fields)
 

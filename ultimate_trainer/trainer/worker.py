@@ -113,7 +113,7 @@ def _serve(args: argparse.Namespace, stop: Any, ahead: Any) -> int:
             session.cache_hits, session.cache_used = [], []
             if on and req.next and session.base_path:
                 ahead.start(req.next, session.base_path, session.cache_dir)
-            code = run(cfg, req.files, stop=stop, session=session)
+            code = run(cfg, req.manifest or req.files, stop=stop, session=session)
             if session.cache_dir is not None:
                 tokcache.remove(session.cache_dir, session.cache_used)
             gc.collect()  # the run's Trainer, optimizer and data go now, not at some later collection

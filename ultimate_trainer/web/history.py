@@ -27,7 +27,7 @@ TREND_FLAT_FRACTION = 0.02  # relative change of mean loss below which the trend
 TREND_MIN_CHANGE = 0.01     # nats/token: a smaller change of mean loss is "flat" however large relatively
 STEP_FIELDS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "stability_score")
 EVAL_FIELDS = ("accuracy", "overall", "last_20", "last_50", "val_loss")
-PROBE_FIELDS = ("retention", "score")  # history/probe.jsonl (trainer/probe.py)
+PROBE_FIELDS = ("retention", "score")  # history/probe.jsonl (trainer/probe/callback.py)
 
 
 class JsonlFollower:

@@ -22,7 +22,7 @@ the same lines. They are written, raw, into a JSONL file that ``prepare`` reads 
 The built-in base's answers ship with the package (``probes/rehearsal.smollm2-135m-instruct.jsonl``,
 generated the same way, 4-bit on a CPU), so the demo does not wait for them; they are used only where
 this run would generate exactly those (``shipped_answers``). The model side (generating the answers)
-is the trainer's: this module takes a ``generate`` callable.
+is ``answers.py``'s: this module takes a ``generate`` callable.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ultimate_trainer.core.config import BUILTIN_MODEL, Config
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-BUILTIN_PATH = Path(__file__).resolve().parent / "probes" / "rehearsal.jsonl"
+BUILTIN_PATH = Path(__file__).resolve().parents[2] / "data" / "probes" / "rehearsal.jsonl"
 CACHE_DIR = "rehearsal"  # under paths.work
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 

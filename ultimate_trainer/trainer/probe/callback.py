@@ -21,8 +21,8 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.times import now_iso
-from ultimate_trainer.data.probe import Probe
-from ultimate_trainer.model.probe import retention, score_probe
+from ultimate_trainer.trainer.probe.questions import Probe
+from ultimate_trainer.trainer.probe.scoring import retention, score_probe
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class ProbeCallback(TrainerCallback):
 def probe_callback(cfg: Config, reporter: StatusReporter, tokenizer: Any, tracker: Any, base_model: str,
                    run_id: str, throughput: Throughput | None = None) -> ProbeCallback | None:
     """The run's ProbeCallback; None when ``eval.probe_file`` is off or unusable (logged)."""
-    from ultimate_trainer.data.probe import load_probe
+    from ultimate_trainer.trainer.probe.questions import load_probe
 
     probe = load_probe(cfg)
     if probe is None:

@@ -1,6 +1,6 @@
 """Daily consolidation: merge the current LoRA adapter into the base weights.
 
-    python -m ultimate_trainer.trainer.consolidate [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
+    python -m ultimate_trainer.trainer.consolidation [--config PATH] [--set K=V ...] [--checkpoint DIR] [--files-json F]
 
 The daemon runs this as a child process (its memory never stays in the daemon). It writes
 ``models/consolidated/<YYYYmmdd-HHMMSS>/``: the merged model (safetensors, config, generation
@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from ultimate_trainer.core.checkpoints import MANIFEST, REFUSED_DIR, CheckpointInfo, current_checkpoints, list_complete
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core import spool
 from ultimate_trainer.core.config import Config, add_arguments
 from ultimate_trainer.core.status import atomic_write_json
 from ultimate_trainer.core.times import now_iso
@@ -76,11 +77,14 @@ def _save_tokenizer(base_path: str, ckpt: CheckpointInfo, out: Path) -> None:
 
 
 def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_since_last: list[str] | None = None,
-                device: str | None = None) -> tuple[Path, bool]:
+                device: str | None = None, trained: list[Path] | None = None) -> tuple[Path, bool]:
     """Write one consolidation of ``checkpoint`` (default: the newest on the current base).
 
+    ``trained``: the files trained so far, newest first (the daemon's ``queue/done``), whose held-out
+    examples the gate asks.
+
     Returns its folder and whether it was adopted. With ``consolidation.gate`` the candidate is
-    scored against the current base first (trainer/gate.py); a refused one is written under
+    scored against the current base first (gate.py); a refused one is written under
     ``models/consolidated/.refused/`` with ``adopted: false`` and the reason in its manifest, where no
     run starts from it.
     """
@@ -90,7 +94,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
         raise ConsolidationError(f"no complete checkpoint in {cfg.path('checkpoints')}: nothing to consolidate")
     t0 = time.monotonic()
     log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
-    gate = Gate(cfg, ckpt) if cfg.consolidation.gate else None
+    gate = Gate(cfg, ckpt, trained or []) if cfg.consolidation.gate else None
     merged, base_path = merge_checkpoint(cfg, ckpt, device, before_merge=gate.score_base if gate else None)
     verdict = gate.judge(merged) if gate else None
     adopted = verdict is None or verdict["adopted"]
@@ -124,14 +128,14 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
 
 
 class Gate:
-    """Scores the base (adapter off) before the merge and the merged candidate after it (trainer/gate.py)."""
+    """Scores the base (adapter off) before the merge and the merged candidate after it (gate.py)."""
 
-    def __init__(self, cfg: Config, ckpt: CheckpointInfo):
+    def __init__(self, cfg: Config, ckpt: CheckpointInfo, trained: list[Path]):
         from ultimate_trainer.model.loading import load_tokenizer, resolve_base
-        from ultimate_trainer.trainer import gate
+        from ultimate_trainer.trainer.consolidation import gate
 
         self.cfg, self.gate = cfg, gate
-        self.inputs = gate.gate_inputs(cfg)
+        self.inputs = gate.gate_inputs(cfg, trained)
         self.tokenizer = load_tokenizer(str(ckpt.meta.get("base_model") or resolve_base(cfg)))
         self.base: dict[str, Any] = {}
 
@@ -145,33 +149,40 @@ class Gate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Merge the newest adapter into the base (docs/DAEMON.md).")
+    ap = argparse.ArgumentParser(prog="python -m ultimate_trainer.trainer.consolidation",
+                                 description="Merge the newest adapter into the base (docs/DAEMON.md).")
     add_arguments(ap)
     ap.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder to merge (default: the newest complete one)")
-    ap.add_argument("--files-json", metavar="F", help='JSON {"files": [...]}: files trained since the last consolidation')
+    ap.add_argument("--files-json", metavar="F", help='JSON {"files": [names trained since the last consolidation], '
+                    '"trained": [paths of every trained file, newest first]} (the daemon writes it)')
     args = ap.parse_args(argv)
     setup_logging()
     cfg = config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     ckpt = None
     if args.checkpoint:
         want = Path(args.checkpoint).resolve()
         ckpt = next((c for c in list_complete(want.parent) if c.path.resolve() == want), None)
         if ckpt is None:
             print(f"{args.checkpoint}: not a complete checkpoint (no ut_checkpoint.json)", file=sys.stderr)
-            return 2
+            return Exit.CONFIG
     files: list[str] = []
+    trained: list[Path] | None = None
     if args.files_json:
         try:
-            files = list(json.loads(Path(args.files_json).read_text(encoding="utf-8")).get("files", []))
+            given = json.loads(Path(args.files_json).read_text(encoding="utf-8"))
+            files = list(given.get("files", []))
+            trained = [Path(p) for p in given["trained"]] if isinstance(given.get("trained"), list) else None
         except (OSError, ValueError, AttributeError) as e:
             log.warning("%s: unreadable (%s); manifest lists no files", args.files_json, e)
+    if trained is None:  # run by hand: this entry point lists the trained files itself
+        trained = spool.newest_first(cfg.path("queue") / spool.DONE)
     try:
-        _, adopted = consolidate(cfg, ckpt, files)
+        _, adopted = consolidate(cfg, ckpt, files, trained=trained)
     except ConsolidationError as e:
         log.error("%s", e)
-        return 1
+        return Exit.CRASH
     return Exit.OK if adopted else Exit.REFUSED
 
 

@@ -1,4 +1,4 @@
-"""The model side of rehearsal (``data/rehearsal.py``): the base answers the general prompts, once per base.
+"""The model side of rehearsal (``prompts.py``): the base answers the general prompts, once per base.
 
 The answers come from the base alone: the worker's loaded model with its adapter switched off when
 it holds this base, else the base loaded for the purpose (4-bit when training is) and let go after.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core.config import BUILTIN_MODEL, Config
-from ultimate_trainer.data.rehearsal import Messages, Rehearsal, cached_lines, load_prompts, shipped_answers, \
+from ultimate_trainer.trainer.rehearsal.prompts import Messages, Rehearsal, cached_lines, load_prompts, shipped_answers, \
     write_rehearsal
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _generator(cfg: Config, base_path: str, tokenizer: Any, session: Any):
 
 def rehearsal_for(cfg: Config, base_path: str, tokenizer: Any, new_lines: int, run_id: str, out: Path,
                   session: Any = None, generate: Any = None) -> Rehearsal | None:
-    """This run's rehearsal file (``data/rehearsal.py``); None when off or unusable (logged).
+    """This run's rehearsal file (``prompts.py``); None when off or unusable (logged).
 
     ``generate`` replaces the base model's answers (tests).
     """

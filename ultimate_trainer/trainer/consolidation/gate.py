@@ -4,8 +4,9 @@ Before ``consolidate`` adopts a merge, the current base (the adapter switched of
 (the adapter merged) answer the same questions, greedily:
 
 - held-out prompts: up to ``consolidation.max_prompts`` evaluable held-out examples of
-  ``data.eval_file`` and of the trained files in ``queue/done/`` (newest first, in turn), held out
-  by ``prepare``'s rule, so never trained on; scored with ``eval.matcher``;
+  ``data.eval_file`` and of the trained files (``queue/done/``, newest first, named by the daemon),
+  taken in turn, held out by the held-out rule (data/heldout.py), so never trained on; scored with
+  ``eval.matcher``;
 - the base-knowledge probe (``eval.probe_file``); retention = probe score / the baseline of
   ``history/probe_baseline.json`` (the original base's score; the current base's when there is none).
 
@@ -35,9 +36,9 @@ from typing import Any
 
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.probe import Probe, load_probe
-from ultimate_trainer.data.replay import done_files, heldout_examples
-from ultimate_trainer.model.probe import retention, score_examples, score_probe
+from ultimate_trainer.trainer.probe.questions import Probe, load_probe
+from ultimate_trainer.data.replay import heldout_examples
+from ultimate_trainer.trainer.probe.scoring import retention, score_examples, score_probe
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,19 @@ class GateInputs:
     best: dict[str, Any] | None = None  # the adopted consolidation with the best retention: retention, correct, path
 
 
-def gate_inputs(cfg: Config) -> GateInputs:
+def gate_inputs(cfg: Config, trained: list[Path]) -> GateInputs:
+    """What the gate asks: ``trained`` are the files trained so far, newest first."""
     files: list[Path] = []
+    eval_file = None
     if cfg.data.eval_file:
         p = Path(cfg.data.eval_file)
-        files.append(p if p.is_absolute() else cfg.path("root") / p)
-    files += done_files(cfg.path("queue") / "done")
+        eval_file = p if p.is_absolute() else cfg.path("root") / p
+        files.append(eval_file)
+    files += trained
     probe = load_probe(cfg)
     stored = st.read_json(cfg.path("status") / st.PROBE_BASELINE) or {}
     baseline = stored.get("score") if probe and stored.get("sha256") == probe.sha256 else None
-    examples = heldout_examples(files, cfg, cfg.consolidation.max_prompts)
+    examples = heldout_examples(files, cfg, cfg.consolidation.max_prompts, eval_file)
     correct = stored.get("correct") if baseline is not None else None
     return GateInputs(probe, examples, baseline if isinstance(baseline, (int, float)) else None,
                       sorted({e.source.rsplit(":", 1)[0] for e in examples}),

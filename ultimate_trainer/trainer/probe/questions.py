@@ -23,7 +23,7 @@ from ultimate_trainer.data.formats import decode_line, parse_record
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-BUILTIN_PATH = Path(__file__).resolve().parent / "probes" / "general.jsonl"
+BUILTIN_PATH = Path(__file__).resolve().parents[2] / "data" / "probes" / "general.jsonl"
 DEFAULT_MATCHER = "contains"
 MATCHERS = ("exact", "normalized", "contains", "numeric")  # model/scoring.py's, which data/ cannot import
 

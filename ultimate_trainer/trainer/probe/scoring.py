@@ -1,4 +1,4 @@
-"""Scoring a model on the base-knowledge probe (``data/probe.py``) and on held-out examples.
+"""Scoring a model on the base-knowledge probe (``questions.py``) and on held-out examples.
 
 Both are greedy, batched generation with short answers (``scoring.generate_answers``), scored with
 each question's matcher. Retention is a probe score divided by the baseline's: the score of the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ultimate_trainer.data.probe import Probe
+from ultimate_trainer.trainer.probe.questions import Probe
 from ultimate_trainer.model.scoring import generate_answers, score
 
 

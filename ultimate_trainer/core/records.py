@@ -1,0 +1,251 @@
+"""The records other processes read, typed: the per-file report, the checkpoint marker, training_status.json.
+
+Each is a dataclass whose fields carry their JSON type and meaning (as core/config.py's settings
+do); docs/STATUS.md's tables for them are generated from here (``python -m
+ultimate_trainer.core.records --markdown``) and a test keeps the two in step. ``to_json`` is the
+file's object; ``from_json`` reads any file written since schema 1: a missing field takes its
+default, a field it does not know is kept (``extra``) and written back as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="Record")
+
+
+def _f(default: Any, json_type: str, doc: str) -> Any:
+    """A field with its JSON type word (``int``, ``string or null``, ...) and its meaning."""
+    meta = {"type": json_type, "doc": doc}
+    if isinstance(default, _Factory):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Factory:
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __call__(self) -> Any:
+        return json.loads(json.dumps(self.value))
+
+
+def _list() -> _Factory:
+    return _Factory([])
+
+
+def _obj(value: dict[str, Any]) -> _Factory:
+    return _Factory(value)
+
+
+class Record:
+    """Shared by the records: JSON in and out, unknown fields kept, the schema as a markdown table."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{n: getattr(self, n) for n in self.names()}, **self.extra}
+
+    @classmethod
+    def from_json(cls: type[T], data: dict[str, Any] | None) -> T | None:
+        """The record of a file's object; None when there is no object (missing, unreadable, not JSON)."""
+        if not isinstance(data, dict):
+            return None
+        known = set(cls.names())
+        rec = cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[call-arg]
+        rec.extra = {k: v for k, v in data.items() if k not in known}
+        return rec
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        rows = ["| field | type | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name != "extra":
+                rows.append(f"| `{f.name}` | {f.metadata['type']} | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
+        return "\n".join(rows) + "\n"
+
+
+@dataclass
+class FileReport(Record):
+    """``status/reports/<file name>.report.json``: what reading one input file found (data/prepare.py writes it)."""
+
+    schema_version: int = _f(1, "int", "`1`")
+    file: str = _f("", "string", "absolute path as given")
+    sha256: str | None = _f(None, "string", "hash of the content (the run manifest's, core/manifest.py)")
+    size_bytes: int = _f(0, "int", "bytes read")
+    unit: str = _f("line", "string", "`line` (JSONL) or `item` (a JSON array file: `[{...}, ...]`)")
+    lines: int = _f(0, "int", "lines read (blank lines included), or array items read")
+    examples: int = _f(0, "int", "usable examples")
+    train_examples: int = _f(0, "int", "usable examples trained")
+    heldout_examples: int = _f(0, "int", "usable examples held out (data/heldout.py); includes `heldout_duplicates`")
+    heldout_duplicates: int = _f(0, "int", "copies of an already held-out example: neither trained nor asked twice")
+    formats: dict[str, int] = _f(_obj({}), "object",
+                                 "usable examples per detected format (`chat`, `sharegpt`, `preference`, "
+                                 "`prompt_response`, `alpaca`, `text`, `segments`)")
+    bad_lines: int = _f(0, "int", "lines (or items) skipped")
+    bad: list[dict[str, Any]] = _f(_list(), "list",
+                                   "the first 1,000 of them, in file order: `line` (1-based) or, for an array, "
+                                   "`item` (1-based), and `reason`; rendered as `file:line: reason` or "
+                                   "`file:item N: reason`")
+    warnings: list[str] = _f(_list(), "list of string",
+                             "per-file notes on examples that are used but may not be what was meant (template "
+                             "placeholders such as `{{name}}`), each with a count and the first line or item")
+    reasoning: dict[str, Any] | None = _f(None, "object or null",
+                                          "null when no example has a reasoning trace; else `examples` (how many) "
+                                          "and `rendered_as` (the chat template's reasoning field, or the "
+                                          "`<think>` convention: data/reasoning.py)")
+    usable: bool = _f(False, "bool", "false when the file has no usable example")
+    error: str | None = _f(None, "string or null", "one-line reason when not usable")
+    created_at: str | None = _f(None, "string", "when the file was read")
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class CheckpointMarker(Record):
+    """``checkpoints/checkpoint-<global_step>/ut_checkpoint.json``: written last, it makes the checkpoint complete
+    (core/checkpoints.py); what the run, the daemon, the lineage and the consolidation read of a checkpoint."""
+
+    schema_version: int = _f(1, "int", "`1`")
+    global_step: int = _f(0, "int", "optimizer steps since the very first run, at this save")
+    run_id: str = _f("", "string", "the run it belongs to (core/manifest.py `run_id`)")
+    run_step: int = _f(0, "int", "steps of that run done at this save")
+    run_total_steps: int = _f(0, "int", "steps the run takes")
+    run_complete: bool = _f(True, "bool",
+                            "whether this checkpoint ends its run (`run_step >= run_total_steps`); a marker "
+                            "without it counts as complete")
+    files: list[dict[str, Any]] = _f(_list(), "list",
+                                     "the run's input files: `name`, `sha256`, `size`, `examples`, `trained_at` "
+                                     "(core/lineage.py)")
+    run_started_at: str | None = _f(None, "string or null", "when the run's process started")
+    parent: dict[str, Any] | None = _f(None, "object or null",
+                                       "where the run started: `kind` (`fresh`, `checkpoint`, `consolidation`), "
+                                       "`name`")
+    base_model: str = _f("", "string", "the base weights the adapter applies to (a path)")
+    base_model_name: str | None = _f(None, "string or null", "the configured `base_model` (name, path or Hub id)")
+    load_in_4bit: bool | None = _f(None, "bool or null", "whether the base was 4-bit")
+    lora: dict[str, Any] | None = _f(None, "object or null", "`r`, `alpha` of the adapter")
+    world_size: int = _f(1, "int", "training processes (ranks) that saved it")
+    distributed: str | None = _f(None, "string or null",
+                                 "`ddp`, `fsdp` or `deepspeed` with several ranks (how the optimizer state is "
+                                 "saved); null for one process")
+    examples_per_step: int | None = _f(None, "int or null", "examples (or packed rows) one optimizer step trained")
+    replay: dict[str, Any] | None = _f(None, "object or null",
+                                       "the run's replay, absent when none: `examples`, `files` (done file name -> lines)")
+    rehearsal: dict[str, Any] | None = _f(None, "object or null",
+                                          "the run's rehearsal, absent when none: `examples`, `answers`, `prompts_file`")
+    created_at: str | None = _f(None, "string", "when the marker was written")
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        for optional in ("replay", "rehearsal"):  # absent, not null, when the run had none (as ever)
+            if out[optional] is None:
+                del out[optional]
+        return out
+
+
+@dataclass
+class TrainingStatus(Record):
+    """``status/training_status.json``: the live state of the trainer (trainer/reporter.py writes it)."""
+
+    schema_version: int = _f(1, 'int',
+        '`1`')
+    state: str = _f("loading", 'string',
+        '`idle` (run finished or not started), `loading` (model), `tokenizing`, `training`, `evaluating`, `saving`, `error`')
+    current_files: list = _f(_list(), 'list of string',
+        'file names of the current run')
+    run_id: str | None = _f(None, 'string',
+        "identifies the run: a hash of its files' contents and the settings that shape the data order")
+    global_step: int = _f(0, 'int',
+        'optimizer steps since the very first run; never goes backwards')
+    run_step: int = _f(0, 'int',
+        'optimizer steps done in this run (also counts steps done before a crash, when the run was resumed)')
+    run_total_steps: int = _f(0, 'int',
+        'optimizer steps this run will take')
+    epoch: float = _f(0.0, 'float',
+        "passes over this run's data so far (`run_step / steps_per_epoch`)")
+    loss: float | None = _f(None, 'float or null',
+        'training loss of the last logged step')
+    learning_rate: float | None = _f(None, 'float or null',
+        'learning rate of the last step')
+    grad_norm: float | None = _f(None, 'float or null',
+        'gradient norm before clipping, last step')
+    tokens_per_second: float | None = _f(None, 'float or null',
+        'trained (non-padding) tokens per second, over the last logged steps')
+    eta_seconds: float | None = _f(None, 'float or null',
+        'predicted seconds to the end of this run')
+    accuracy: dict = _f(_obj({"overall": None, "last_20": None, "last_50": None, "trend": None, "evaluations": 0, "answers": 0, "signals": {"last_20": None, "last_50": None}}), 'object',
+        '`overall`, `last_20`, `last_50` (percent 0-100 or null), `trend` (`improving`, `stable`, `regressing`, or null until there are enough answers), `evaluations` (number of evaluations so far), `answers` (scored answers so far), `signals` (`last_20`, `last_50`: `above`, `level`, `below` the overall baseline by the configured margins)')
+    val_loss: float | None = _f(None, 'float or null',
+        'loss on the held-out examples at the last evaluation')
+    retention: dict | None = _f(None, 'object or null',
+        "the forgetting guard (docs/TRAINING.md), null before the first probe: `ratio` (probe score / the base's baseline score, 1 = nothing forgotten), `score` (share of probe questions right, 0-1), `baseline`, `correct`, `total`, `global_step` (of that probe), `trend` (`falling`: the ratio fell by more than 0.02 since the previous probe, or is under `warn_below` and not rising; `rising`; `stable`; null at the first probe), `forgetting` (`ratio` < `eval.retention_warn`), `warn_below`, `probes` (probes so far)")
+    replay: dict | None = _f(None, 'object or null',
+        'lines of earlier files mixed into this run (null: none): `examples` (trained), `files` (done file name -> lines)')
+    rehearsal: dict | None = _f(None, 'object or null',
+        "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`")
+    stability: dict = _f(_obj({"loss_slope": None, "score": None, "anomalies": 0, "anomalies_this_run": 0, "last_anomaly": None}), 'object',
+        'the divergence guard\'s view (docs/TRAINING.md, "Divergence guard"): `loss_slope` (least-squares slope of the step loss per step over the last `guard.slope_steps` steps, null before 2), `score` (stability score 0-100, null before the first step), `anomalies` (anomalous steps so far, all runs: the lines of `history/anomalies.jsonl`), `anomalies_this_run`, `last_anomaly` (`global_step`, `kind`, `files`, or null)')
+    diverged: dict | None = _f(None, 'object or null',
+        'set when the guard stopped the run (`train.py` exits 5): `reason`, `files` (the ones to blame: present in every anomalous step), `run_id`')
+    recent_examples: list = _f(_list(), 'list',
+        'the last scored answers, newest last: `step`, `prompt`, `expected`, `generated`, `correct`, `source` (`file:line`)')
+    pid: int = _f(0, 'int',
+        "the trainer's process id")
+    rss_bytes: int = _f(0, 'int',
+        "the trainer's resident memory")
+    checkpoints: list = _f(_list(), 'list',
+        'the newest 100 complete checkpoints, oldest first: `name`, `global_step`, `created_at`')
+    last_checkpoint: str | None = _f(None, 'string or null',
+        'name of the newest complete checkpoint')
+    base_model: str | None = _f(None, 'string',
+        'what was loaded: the built-in name, a path or a Hub id')
+    device: str | None = _f(None, 'string',
+        '`cuda` or `cpu`')
+    load_in_4bit: bool | None = _f(None, 'bool',
+        'whether the base is 4-bit')
+    world_size: int = _f(1, 'int',
+        'training processes (ranks) of this run; 1 without torchrun. Rank 0 alone writes this file')
+    ranks: list = _f(_list(), 'list',
+        'with several ranks, one entry per rank refreshed every step: `rank`, `local_rank`, `host`, `pid`, `rss_bytes`, `device` (`cpu`, `cuda:<i>`), `device_memory_allocated_bytes`, `device_memory_reserved_bytes`, `device_memory_peak_bytes` (null on the CPU); empty with one process')
+    error: str | None = _f(None, 'string or null',
+        'one-line reason when `state` is `error`')
+    started_at: str = _f("", 'string',
+        'when this process started')
+    updated_at: str = _f("", 'string',
+        'when this file was written')
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+RECORDS: dict[str, type[Record]] = {
+    "`training_status.json`": TrainingStatus,
+    "`reports/<file name>.report.json`": FileReport,
+    "`checkpoints/checkpoint-<global_step>/ut_checkpoint.json`": CheckpointMarker,
+}
+
+
+def markdown(title: str) -> str:
+    """The table of the record documented under ``## {title}`` in docs/STATUS.md."""
+    return RECORDS[title].markdown_table()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print the field tables of docs/STATUS.md.")
+    parser.add_argument("--markdown", action="store_true", help="print every record's table under its title")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write("\n".join(f"## {t}\n\n{cls.markdown_table()}" for t, cls in RECORDS.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
