@@ -40,6 +40,7 @@ from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.core import lineage
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.distributed import World, collective_failure
@@ -75,6 +76,10 @@ class StopFlag:
     def check(self) -> None:
         if self.requested:
             raise StopRequested
+
+    def stopped(self) -> bool:
+        """Asked by long phases (core/progress.py) to end within seconds."""
+        return self.requested
 
 
 @dataclass
@@ -226,8 +231,8 @@ def run(cfg: Config, files: list[Path], *, max_steps: int | None = None, dry_run
     state = RunState(cfg, files, reporter, stop, max_steps=max_steps, world=world, session=session)
     try:
         return _recipe(state, dry_run)
-    except StopRequested:
-        log.info("stopped before training started; nothing to save")
+    except (StopRequested, Stopped) as e:
+        log.info("stopped before training started%s; nothing to save", f" ({e})" if str(e) else "")
         reporter.set_state("idle")
         return Exit.OK
     except ModelError as e:
@@ -390,7 +395,8 @@ def rehearsal_for(run: RunState, out: Path, digests: tuple[list[str], int]) -> A
     from ultimate_trainer.trainer.rehearsal import rehearsal_for as draw
 
     shas, lines = digests
-    return draw(run.cfg, run.base_path, run.tokenizer, lines, run_id_for(shas, run.cfg), out, session=run.session)
+    return draw(run.cfg, run.base_path, run.tokenizer, lines, run_id_for(shas, run.cfg), out, session=run.session,
+                track=lambda total: run.reporter.progress("rehearsal answers", total, "prompts", run.stop.stopped))
 
 
 def print_dry_run(run: RunState) -> int:
@@ -516,7 +522,7 @@ def train(run: RunState) -> None:
         hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded, collator,
                         tracker, p.run_id, run.stop, run_cb.throughput),
         *filter(None, [probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id,
-                                      run_cb.throughput)]),  # after EvalCallback: it counts its evaluations
+                                      run_cb.throughput, run.stop)]),  # after EvalCallback: it counts its evaluations
         run_cb,
         hf.SealCallback(reporter, run.checkpoint_meta),
         speed.ThreadGovernor(),
