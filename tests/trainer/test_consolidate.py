@@ -179,3 +179,28 @@ def test_gate_lets_one_answer_of_noise_pass_and_not_two() -> None:
     strict = config_mod.load(None, ["consolidation.noise_answers=0"])
     v = decide(strict, inputs, figures(32, 19), figures(32, 18))
     assert not v["adopted"] and "retention fell from 1.06 to 1.00" in v["reason"]
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_layer_by_layer_merge_equals_the_whole_model_merge(tmp_path: Path, tiny_model_dir: Path, four_bit: bool) -> None:
+    """The merge for a base too big to dequantize whole (the 7B shape on a small machine): the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    make_checkpoint(tmp_path, tiny_model_dir, four_bit=four_bit)
+    cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu", "consolidation.gate=false"])
+    whole, _ = consolidate(cfg, device="cpu", layerwise=False)
+    layered, _ = consolidate(cfg, device="cpu", layerwise=True)
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in folder.glob("*.safetensors"):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = weights(whole), weights(layered)
+    assert b.keys() >= {k for k in a if k != "lm_head.weight"}  # tied: the whole merge stores one copy
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    assert "quantization_config" not in json.loads((layered / "config.json").read_text())
+    assert json.loads((layered / "manifest.json").read_text())["adopted"]

@@ -90,6 +90,166 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
     return merged, str(base_path)
 
 
+# --------------------------------------------------------------------------- layer by layer
+
+def full_precision_bytes(base_path: str, dtype: Any) -> int:
+    """Bytes the merged model takes in ``dtype``: parameters counted from the base's config on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def merge_fits_in_memory(base_path: str, dtype: Any, device: str) -> bool:
+    """Whether the whole-model merge fits: two full-precision copies (the dequantized base and the
+    merged one exist together for a moment) under 80% of the memory available now."""
+    import psutil
+    import torch
+
+    need = 2 * full_precision_bytes(base_path, dtype)
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return need < 0.8 * free
+    return need < 0.8 * psutil.virtual_memory().available
+
+
+def _lora_deltas(ckpt: CheckpointInfo) -> tuple[dict[str, tuple[Any, Any]], float]:
+    """``{module name in the base: (A, B)}`` of the checkpoint's adapter and its scale (alpha / r, or rsLoRA's)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    conf = json.loads((ckpt.path / "adapter_config.json").read_text())
+    r, alpha = conf["r"], conf["lora_alpha"]
+    scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(str(ckpt.path / "adapter_model.safetensors")).items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                module = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[part] = tensor
+    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, scale
+
+
+def _quantized_linears(base_path: str) -> set[str]:
+    """Weights bitsandbytes turns to 4-bit when this base is loaded so: every Linear but the output layer."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+def merge_layerwise(base_path: str, ckpt: CheckpointInfo, out: Path, dtype: Any,
+                    stages: Progress | None = None, requantize: dict[str, Any] | None = None) -> None:
+    """Base + adapter merged into ``out`` one stored tensor at a time: never a full-precision model in memory.
+
+    Reads the base's safetensors shards as stored (NF4 weights with their quantization state, or
+    plain tensors), dequantizes each 4-bit weight with bitsandbytes (the same function its layers
+    compute with), adds ``scale * B @ A`` in fp32 where the adapter has the module, casts to
+    ``dtype`` and writes it to the matching output shard. Peak memory: one input shard plus one
+    dequantized matrix. The config is the base's without its ``quantization_config``.
+
+    ``requantize`` (``quant_type``, ``double_quant``, ``dtype``): the base is stored in full precision
+    but was trained in 4-bit; each weight the 4-bit loader quantizes goes through the same NF4
+    round trip first, so the merge equals what was trained.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = Path(base_path)
+    index = src / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    deltas, scale = _lora_deltas(ckpt)
+    roundtrip = _quantized_linears(base_path) if requantize else set()
+    used: set[str] = set()
+    weight_map: dict[str, str] = {}
+    total = 0
+    layers = Progress("merge, layer by layer", len(shards), "shards",
+                      should_stop=stages.should_stop if stages else None)
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        merged: dict[str, Any] = {}
+        with safe_open(str(src / shard), framework="pt") as f:
+            keys = set(f.keys())
+            for key in sorted(keys):
+                if ".weight." in key:  # a 4-bit weight's quantization state: read with its weight
+                    continue
+                tensor = f.get_tensor(key)
+                state = {k.removeprefix(key + "."): f.get_tensor(k) for k in keys if k.startswith(key + ".")}
+                if state:
+                    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+                    tensor = dequantize_4bit(tensor, QuantState.from_dict(state, device=torch.device("cpu")))
+                elif key in roundtrip:
+                    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+                    q, qs = quantize_4bit(tensor.to(requantize["dtype"]), blocksize=64, quant_type=requantize["quant_type"],
+                                          compress_statistics=requantize["double_quant"])
+                    tensor = dequantize_4bit(q, qs)
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module in deltas:
+                    a, b = deltas[module]
+                    tensor = (tensor.float() + scale * (b.float() @ a.float())).to(dtype)
+                    used.add(module)
+                merged[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        save_file(merged, str(out / name), metadata={"format": "pt"})
+        for key, t in merged.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+        del merged
+        layers.advance()
+        layers.check()
+    missing = sorted(set(deltas) - used)
+    if missing:
+        raise ConsolidationError(f"the adapter of {ckpt.path.name} has modules the base has no weight for: "
+                                 f"{', '.join(missing[:3])}")
+    atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                            "weight_map": weight_map})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["use_cache"] = True
+    atomic_write_json(out / "config.json", config)
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+
+
+def _judge_unmerged(cfg: Config, ckpt: CheckpointInfo, base_path: str, device: str, gate: "Gate | None",
+                    stages: Progress) -> dict[str, Any] | None:
+    """The gate's verdict on base + adapter unmerged, loaded as trained (4-bit when it was): no full-precision copy."""
+    import gc
+
+    from peft import PeftModel
+
+    from ultimate_trainer.model.loading import load_base_model
+
+    if gate is None:
+        for _ in range(3):
+            _stage_done(stages)
+        return None
+    quantized = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+    model = PeftModel.from_pretrained(load_base_model(cfg, base_path, quantize=quantized, device=device),
+                                      str(ckpt.path), is_trainable=False)
+    _stage_done(stages)
+    gate.score_base(model)
+    _stage_done(stages)
+    _stage_done(stages)  # nothing merged in memory: the merge is written layer by layer at the save
+    try:
+        return gate.judge(model)
+    finally:
+        del model
+        gc.collect()
+
+
 def _stage_done(stages: Progress | None) -> None:
     if stages is not None:
         stages.advance()
@@ -109,7 +269,8 @@ def _save_tokenizer(base_path: str, ckpt: CheckpointInfo, out: Path) -> None:
 
 
 def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_since_last: list[str] | None = None,
-                device: str | None = None, should_stop: Callable[[], bool] | None = None) -> tuple[Path, bool]:
+                device: str | None = None, should_stop: Callable[[], bool] | None = None,
+                layerwise: bool | None = None) -> tuple[Path, bool]:
     """Write one consolidation of ``checkpoint`` (default: the newest on the current base).
 
     Returns its folder and whether it was adopted. With ``consolidation.gate`` the candidate is
@@ -117,6 +278,10 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     ``models/consolidated/.refused/`` with ``adopted: false`` and the reason in its manifest, where no
     run starts from it. ``should_stop``: asked at every generated token and stage; ``Stopped`` is
     raised then, with nothing written.
+
+    ``layerwise`` (default: when two full-precision copies would not fit in memory): the gate scores
+    the base and the candidate as the 4-bit (or plain) base with the adapter off and on, unmerged, as
+    training computed them, and ``merge_layerwise`` writes the merge one tensor at a time.
     """
     current = current_checkpoints(cfg.path("checkpoints"), cfg.path("models"))
     ckpt = checkpoint or (current[-1] if current else None)
@@ -126,9 +291,20 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
     stages = Progress("consolidation", len(STAGES), "stages", should_stop=should_stop, log_every=0.0)
     gate = Gate(cfg, ckpt, should_stop) if cfg.consolidation.gate else None
-    merged, base_path = merge_checkpoint(cfg, ckpt, device, before_merge=gate.score_base if gate else None,
-                                         stages=stages)
-    verdict = gate.judge(merged) if gate else None
+    from ultimate_trainer.model.loading import pick_device, resolve_base
+
+    device = device or pick_device(cfg)
+    base_path = str(ckpt.meta.get("base_model") or resolve_base(cfg))
+    if layerwise is None:
+        layerwise = not merge_fits_in_memory(base_path, _merged_dtype(device), device)
+    if layerwise:
+        log.info("merging layer by layer: two full-precision copies of %s would not fit in memory", base_path)
+        merged = None
+        verdict = _judge_unmerged(cfg, ckpt, base_path, device, gate, stages)
+    else:
+        merged, base_path = merge_checkpoint(cfg, ckpt, device, before_merge=gate.score_base if gate else None,
+                                             stages=stages)
+        verdict = gate.judge(merged) if gate else None
     _stage_done(stages)
     adopted = verdict is None or verdict["adopted"]
     root = cfg.path("models") / "consolidated" / ("" if adopted else REFUSED_DIR)
@@ -140,9 +316,20 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
         final, i = root / f"{stamp}-{i}", i + 1
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if merged is None:
+            tmp.mkdir(parents=True)
+            from ultimate_trainer.model.loading import compute_dtype
+
+            stored_4bit = "quantization_config" in json.loads((Path(base_path) / "config.json").read_text())
+            trained_4bit = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+            requantize = {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
+                          "dtype": compute_dtype(cfg, device)} if trained_4bit and not stored_4bit else None
+            merge_layerwise(base_path, ckpt, tmp, _merged_dtype(device), stages, requantize)
+            dtype = str(_merged_dtype(device)).removeprefix("torch.")
+        else:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
         _save_tokenizer(base_path, ckpt, tmp)
-        dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
         atomic_write_json(tmp / MANIFEST, {
             "schema_version": 1, "source_checkpoint": ckpt.path.name, "global_step": ckpt.global_step,
             "base_model": base_path, "base_model_name": ckpt.meta.get("base_model_name", cfg.base_model),
