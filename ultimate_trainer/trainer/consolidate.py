@@ -295,10 +295,14 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
 
     device = device or pick_device(cfg)
     base_path = str(ckpt.meta.get("base_model") or resolve_base(cfg))
+    stored_4bit = "quantization_config" in json.loads((Path(base_path) / "config.json").read_text())
     if layerwise is None:
-        layerwise = not merge_fits_in_memory(base_path, _merged_dtype(device), device)
+        # A base stored in 4-bit: transformers cannot save its dequantized form (the load's weight
+        # conversions have no inverse), and reading its shards is the cheaper merge anyway.
+        layerwise = stored_4bit or not merge_fits_in_memory(base_path, _merged_dtype(device), device)
     if layerwise:
-        log.info("merging layer by layer: two full-precision copies of %s would not fit in memory", base_path)
+        log.info("merging layer by layer (%s)", "the base is stored in 4-bit" if stored_4bit else
+                 f"two full-precision copies of {base_path} would not fit in memory")
         merged = None
         verdict = _judge_unmerged(cfg, ckpt, base_path, device, gate, stages)
     else:
@@ -320,7 +324,6 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
             tmp.mkdir(parents=True)
             from ultimate_trainer.model.loading import compute_dtype
 
-            stored_4bit = "quantization_config" in json.loads((Path(base_path) / "config.json").read_text())
             trained_4bit = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
             requantize = {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
                           "dtype": compute_dtype(cfg, device)} if trained_4bit and not stored_4bit else None
