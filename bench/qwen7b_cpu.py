@@ -83,8 +83,11 @@ def qwen_config(shape: dict[str, int], tokenizer: Any) -> Any:
                        pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
 
 
-def build_base(out: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any]:
-    """The NF4 base folder, one decoder layer a shard; returns its size and the time it took."""
+def build_base(out: Path, shape: dict[str, int], seed: int = 0, device: str = "cpu",
+               tokenizer_dir: Path | None = None) -> dict[str, Any]:
+    """The NF4 base folder, one decoder layer a shard; returns its size and the time it took.
+
+    ``device``: where the weights are drawn and quantized (``cuda`` in bench/gpu_proof.py)."""
     import resource
 
     import torch
@@ -98,20 +101,21 @@ def build_base(out: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = AutoTokenizer.from_pretrained(ensure_builtin_cache(REPO / "models" / "cache"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or ensure_builtin_cache(REPO / "models" / "cache"))
     cfg = qwen_config(shape, tok)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     h, i, kv = shape["hidden"], shape["intermediate"], shape["hidden"] // shape["heads"] * shape["kv_heads"]
     weight_map: dict[str, str] = {}
     total = 0
 
     def rand(*size: int) -> torch.Tensor:
-        return torch.randn(*size, generator=gen, dtype=torch.bfloat16) * 0.02
+        return torch.randn(*size, generator=gen, dtype=torch.bfloat16, device=device) * 0.02
 
     def write(tensors: dict[str, torch.Tensor], name: str) -> None:
         nonlocal total
+        tensors = {k: t.cpu().contiguous() for k, t in tensors.items()}
         save_file(tensors, str(tmp / name), metadata={"format": "pt"})
         for k, t in tensors.items():
             weight_map[k] = name
@@ -130,11 +134,13 @@ def build_base(out: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any
             del w
             tensors[f"{prefix}.{name}.weight"] = q
             for k, v in state.as_dict(packed=True).items():
-                tensors[f"{prefix}.{name}.weight.{k}"] = v
+                tensors[f"{prefix}.{name}.weight.{k}"] = v.cpu()
         for name, width in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             tensors[f"{prefix}.self_attn.{name}.bias"] = rand(width)
         tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
         tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        if device != "cpu":
+            torch.cuda.synchronize()
         write(tensors, f"model-{layer + 2:05d}-of-{n_shards:05d}.safetensors")
         del tensors
         print(f"build: layer {layer + 1}/{shape['layers']} quantized ({time.monotonic() - t0:.0f} s)", flush=True)
