@@ -70,7 +70,7 @@ def main() -> int:
 
     from ultimate_trainer.model.loading import resolve_base
     from ultimate_trainer.core import config
-    from ultimate_trainer.data.rehearsal import cache_path, load_prompts
+    from ultimate_trainer.trainer.rehearsal.prompts import cache_path, load_prompts
     from ultimate_trainer.trainer.stability import Observation, SpikeRule
 
     cache = REPO / "models" / "cache"

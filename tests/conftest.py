@@ -59,6 +59,42 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_model_dir: 
     return out
 
 
+# Qwen2.5-7B-Instruct's distinguishing traits (its config.json), kept by the tiny Qwen2 below.
+QWEN_VOCAB = 152064  # the output layer's rows (the tokenizer has fewer: padded for the GPU, like Qwen's)
+QWEN_ROPE_THETA = 1e6
+
+
+def tiny_qwen2_config(tok: Any, layers: int = 2) -> Any:
+    """A tiny Qwen2: q/k/v biases, 7:1 grouped-query heads (7B: 28:4), untied embeddings, rope theta 1e6,
+    the 152,064-row output layer; only the width and depth are small."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=QWEN_VOCAB, hidden_size=56, intermediate_size=112, num_hidden_layers=layers,
+                       num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=1024,
+                       tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": QWEN_ROPE_THETA},
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@pytest.fixture(scope="session")
+def qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory, builtin_model_dir: Path) -> Path:
+    """A tiny random Qwen2 (``tiny_qwen2_config``) with a ChatML tokenizer (the built-in model's)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_qwen2_config(tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def arch_model_dir(request: pytest.FixtureRequest) -> Path:
+    """The tiny Llama and the tiny Qwen2 in turn: what the built-in model goes through, at Qwen's architecture too."""
+    return request.getfixturevalue("tiny_model_dir" if request.param == "llama" else "qwen2_model_dir")
+
+
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     """Write records (dicts as JSON, str/bytes as-is) one per line."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,18 +47,18 @@ def logits(model: object, ids: object) -> object:
 
 
 @pytest.mark.parametrize("four_bit", [False, True])
-def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, tiny_model_dir: Path, four_bit: bool) -> None:
+def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, arch_model_dir: Path, four_bit: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ck, reference = make_checkpoint(tmp_path, tiny_model_dir, four_bit=four_bit)
+    ck, reference = make_checkpoint(tmp_path, arch_model_dir, four_bit=four_bit)
     cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu"])
     out, adopted = consolidate(cfg, files_since_last=["a.jsonl"], device="cpu")
     assert adopted  # no held-out prompts, and a random model has no probe score to lose
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     got = logits(merged, ids)
-    assert not torch.allclose(got, logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ids), atol=1e-3)
+    assert not torch.allclose(got, logits(AutoModelForCausalLM.from_pretrained(arch_model_dir).eval(), ids), atol=1e-3)
     if not four_bit:
         torch.testing.assert_close(got, logits(reference, ids), atol=1e-4, rtol=1e-4)
     else:
@@ -67,7 +67,7 @@ def test_consolidated_logits_equal_base_plus_adapter(tmp_path: Path, tiny_model_
 
         from ultimate_trainer.model.loading import load_base_model
 
-        dq = load_base_model(cfg, str(tiny_model_dir), quantize=True, device="cpu").dequantize(dtype=torch.float32)
+        dq = load_base_model(cfg, str(arch_model_dir), quantize=True, device="cpu").dequantize(dtype=torch.float32)
         exact = PeftModel.from_pretrained(dq, str(ck)).eval()
         torch.testing.assert_close(got, logits(exact, ids), atol=1e-4, rtol=1e-4)
         # And what training computed: bitsandbytes' CPU 4-bit matmul is lower precision than fp32.
@@ -213,3 +213,28 @@ def test_gate_floors_stop_a_month_of_small_losses_from_ratcheting_down() -> None
     v = decide(cfg, inputs, figures(76), figures(75))
     assert not v["adopted"] and "best adopted base (x)'s 1.05" in v["reason"]
     assert "original" not in v["reason"] and "retention fell" not in v["reason"]
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_layer_by_layer_merge_equals_the_whole_model_merge(tmp_path: Path, tiny_model_dir: Path, four_bit: bool) -> None:
+    """The merge for a base too big to dequantize whole (the 7B shape on a small machine): the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    make_checkpoint(tmp_path, tiny_model_dir, four_bit=four_bit)
+    cfg = config_mod.load(None, [f"paths.root={tmp_path}", "training.device=cpu", "consolidation.gate=false"])
+    whole, _ = consolidate(cfg, device="cpu", layerwise=False)
+    layered, _ = consolidate(cfg, device="cpu", layerwise=True)
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in folder.glob("*.safetensors"):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = weights(whole), weights(layered)
+    assert b.keys() >= {k for k in a if k != "lm_head.weight"}  # tied: the whole merge stores one copy
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    assert "quantization_config" not in json.loads((layered / "config.json").read_text())
+    assert json.loads((layered / "manifest.json").read_text())["adopted"]

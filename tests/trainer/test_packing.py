@@ -228,6 +228,34 @@ def test_a_padding_free_row_trains_exactly_like_the_padded_batch(tiny_model_dir:
     _padded_vs_flat(model, tok, _encode(tok, 6, seed=8), impl)
 
 
+def test_qwen2_padding_free_row_isolates_each_example_and_trains_like_the_padded_batch(qwen2_model_dir: Path):
+    """Qwen2.5's architecture (q/k/v biases, 7:1 grouped-query heads, rope theta 1e6, untied 152k output
+    layer): each example's logits inside a padding-free row equal the example alone, and the row's loss
+    and gradients equal the padded batch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ultimate_trainer.model import attention
+
+    tok = AutoTokenizer.from_pretrained(qwen2_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(qwen2_model_dir, dtype=torch.float32).eval()
+    assert model.config.model_type == "qwen2" and model.lm_head.weight.shape[0] == 152064
+    attention.use_segmented(model)  # what load_base_model does
+    assert model.config._attn_implementation == attention.SEGMENTED
+    examples = _encode(tok, 5, seed=11)
+    row = PackedCollator(tok.pad_token_id)([PackedRows(_ListStore(examples), [list(range(len(examples)))])[0]])
+    with torch.no_grad():
+        inside = model(**packed_inputs(row, attention.SEGMENTED, takes_boundaries=True)).logits[0]
+        start = 0
+        for ex in examples:
+            k = len(ex["input_ids"])
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            assert torch.allclose(inside[start:start + k], alone, atol=TOL, rtol=0), \
+                (inside[start:start + k] - alone).abs().max()
+            start += k
+    model.train()
+    _padded_vs_flat(model, tok, examples[:4], attention.SEGMENTED)
+
+
 def test_segmented_attention_isolates_examples_and_keeps_a_sliding_window():
     """Each example's logits inside a padding-free row equal the example alone, window included."""
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -259,13 +287,13 @@ def test_segmented_attention_isolates_examples_and_keeps_a_sliding_window():
     assert out.shape == (2, 5)
 
 
-def test_chunked_loss_and_gradients_equal_the_models_own(tiny_model_dir: Path):
+def test_chunked_loss_and_gradients_equal_the_models_own(arch_model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(arch_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(arch_model_dir, dtype=torch.float32)
     assert supports_chunked_loss(model)
     batch = Collator(tok)(_encode(tok, 6, seed=4))
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -198,3 +198,19 @@ def test_the_app_starts_without_importing_torch(project):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_qwen2_base_and_its_checkpoint_answer_in_the_workbench(tmp_path, qwen2_model_dir):
+    """Qwen2.5's architecture (tiny, random) loads in the workbench, base and checkpoint, and answers."""
+    from gradio_client import Client
+
+    from ultimate_trainer.workbench.app import create_app
+
+    config, _ = make_workbench_project(tmp_path / "qwen2", qwen2_model_dir)
+    cfg = load_config(config)
+    with UvicornThread(create_app(cfg, cfg.path("status"))) as srv:
+        client = Client(srv.url, verbose=False, analytics_enabled=False)
+        base = client.predict("Hello there", [], [], "base", "base", False, "", 4, 0.0, 1.0, api_name="/chat")
+        ckpt = client.predict("Hello there", [], [], "checkpoint-6", "base", False, "", 4, 0.0, 1.0, api_name="/chat")
+    assert [m["role"] for m in ckpt[0]] == ["user", "assistant"] and "CPU" in ckpt[3]
+    assert text(ckpt[0][-1]).strip() and text(ckpt[0][-1]) != text(base[0][-1])

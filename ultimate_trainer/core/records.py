@@ -194,9 +194,11 @@ class TrainingStatus(Record):
     rehearsal: dict | None = _f(None, 'object or null',
         "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`")
     stability: dict = _f(_obj({"loss_slope": None, "score": None, "anomalies": 0, "anomalies_this_run": 0, "last_anomaly": None}), 'object',
-        'the divergence guard\'s view (docs/TRAINING.md, "Divergence guard"): `loss_slope` (least-squares slope of the step loss per step over the last `guard.slope_steps` steps, null before 2), `score` (stability score 0-100, null before the first step), `anomalies` (anomalous steps so far, all runs: the lines of `history/anomalies.jsonl`), `anomalies_this_run`, `last_anomaly` (`global_step`, `kind`, `files`, or null)')
+        'the divergence guard\'s view (docs/TRAINING.md, "Divergence guard"): `loss_slope` (least-squares slope of the step loss per step over the last `guard.slope_steps` steps, null before 2), `score` (stability score 0-100, null before the first step), `anomalies` (anomalous steps so far, all runs: the lines of `history/anomalies.jsonl`), `anomalies_this_run`, `shares` (the last step\'s target tokens by source), `last_anomaly` (`global_step`, `kind`, `files`, `loss`, `grad_norm`, or null)')
     diverged: dict | None = _f(None, 'object or null',
         'set when the guard stopped the run (`train.py` exits 5): `reason`, `files` (the ones to blame: present in every anomalous step), `run_id`')
+    progress: dict | None = _f(None, 'object or null',
+        'a long phase that is not a training step, while it lasts (null otherwise): `phase` (`rehearsal answers`: the base answering the rehearsal prompts, once per base; `probe baseline`; `probe`; `evaluation`), `done`, `total`, `unit` (`prompts`, `questions`), `elapsed_seconds`, `eta_seconds` (at the rate so far; null before the first batch), `started_at`. A stop (SIGTERM) ends the phase within a generated token')
     recent_examples: list = _f(_list(), 'list',
         'the last scored answers, newest last: `step`, `prompt`, `expected`, `generated`, `correct`, `source` (`file:line`)')
     pid: int = _f(0, 'int',

@@ -345,13 +345,19 @@ def load_inference_model(cfg: Config, base_path: str, adapter_dir: str | None, d
 
 
 def load_merged(cfg: Config, base_path: str, adapter_dir: str | None, *, quantized: bool, device: str, dtype: Any,
-                before_merge: Any = None) -> Any:
+                before_merge: Any = None, on_stage: Any = None) -> Any:
     """Base as trained + an adapter, merged into full-precision ``dtype`` weights (the daily merge, exports).
 
     A base trained in 4-bit is loaded in 4-bit and dequantized, so the merge equals what was trained
     (an adapter is never merged into 4-bit weights). ``before_merge`` is handed the base with the
-    adapter attached, unmerged. Without an adapter: the base alone, in ``dtype``.
+    adapter attached, unmerged. Without an adapter: the base alone, in ``dtype``. ``on_stage()`` is
+    called after each stage (loaded, ``before_merge`` done, merged): the merge's progress, and where a
+    stop may end it.
     """
+    def stage_done() -> None:
+        if on_stage is not None:
+            on_stage()
+
     from peft import PeftModel
     from safetensors import SafetensorError
 
@@ -368,8 +374,11 @@ def load_merged(cfg: Config, base_path: str, adapter_dir: str | None, *, quantiz
         model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (OSError, ValueError, SafetensorError) as e:
         raise ModelError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0]}") from None
+    stage_done()
     if before_merge is not None:
         before_merge(model)
+    stage_done()
     merged = model.merge_and_unload()
+    stage_done()
     merged.config.use_cache = True  # the loader switched it off for training
     return merged

@@ -209,12 +209,26 @@ def _greedy_config(model: Any, max_new_tokens: int, pad_token_id: int | None,
     return gc
 
 
+def _stop_criteria(progress: Any) -> Any:
+    """Generation ends at the next token once ``progress`` says stop (a SIGTERM is honoured within a token)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), progress.stopped(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
+
+
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
-                     batch_size: int) -> list[str]:
+                     batch_size: int, progress: Any = None) -> list[str]:
     """Greedy answers to chat ``prompts`` (each a message list ending before the answer), stripped.
 
     Prompts are batched by length (less padding), each answer stops at EOS or the template's end of
-    turn, and the KV cache is on even when training uses gradient checkpointing.
+    turn, and the KV cache is on even when training uses gradient checkpointing. ``progress``
+    (core/progress.py ``Progress``) is advanced after each batch and asked at every generated token
+    whether to stop: then ``Stopped`` is raised and no answer is returned.
     """
     import torch
 
@@ -245,10 +259,17 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict[str, st
                 chunk = by_length[i:i + batch_size]
                 enc = tokenizer([texts[j] for j in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(**enc, generation_config=gc)
+                if progress is not None:
+                    progress.check()
+                    out = model.generate(**enc, generation_config=gc, stopping_criteria=_stop_criteria(progress))
+                    progress.check()  # a batch cut short by the stop is not an answer
+                else:
+                    out = model.generate(**enc, generation_config=gc)
                 new = out[:, enc["input_ids"].shape[1]:]
                 for j, text in zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     answers[j] = text.strip()
+                if progress is not None:
+                    progress.advance(len(chunk))
     finally:
         inner.generation_config = own_config
         tokenizer.padding_side = old_side
@@ -281,7 +302,7 @@ def _packed_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int,
 
 
 def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batch_size: int,
-                    collator: Any, max_tokens: int | None = None) -> float | None:
+                    collator: Any, max_tokens: int | None = None, progress: Any = None) -> float | None:
     """Mean loss per trained token over ``encoded`` held-out examples; None when there are none.
 
     With ``max_tokens``, padding-free, each example isolated from the others. When the model's
@@ -313,6 +334,8 @@ def validation_loss(model: Any, encoded: list[tuple[list[int], list[int]]], batc
         model.eval()
         with torch.inference_mode(), inference_kernels(model):
             for batch in batches:
+                if progress is not None:
+                    progress.check()  # a stop ends the pass between batches (Stopped)
                 batch = packed_inputs({k: v.to(device) for k, v in batch.items()}, attn,
                                       getattr(model, "dtype", torch.float32), flat)
                 # The model shifts labels by one: the tokens that count are those after the first

@@ -28,6 +28,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.trainer import distributed, speed
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
@@ -242,25 +243,30 @@ class EvalCallback(TrainerCallback):
         due = evaluation_due(state.global_step, state.max_steps, self.cfg.eval_steps)
         if due and not self.stop.requested and state.is_world_process_zero:
             self.model = model or self.model
-            self.evaluate(state.global_step)
+            try:
+                self.evaluate(state.global_step)
+            except Stopped as e:  # RunCallback, next, saves the steps trained and ends the run
+                log.warning("%s: not recorded", e)
 
     def evaluate(self, global_step: int) -> None:
+        """One evaluation; a stop during it raises ``Stopped`` (within a generated token) and records nothing."""
         if not self.heldout and not self.heldout_encoded:
             return
         from ultimate_trainer.model.loading import inference_kernels
 
-        with self.reporter.phase("evaluating"):
+        with self.reporter.phase("evaluating"), \
+                self.reporter.progress("evaluation", len(self.heldout), "prompts", self.stop.stopped) as progress:
             t0 = time.monotonic()
             with inference_kernels(self.model):  # once for generation and validation loss together
-                self._evaluate(global_step)
+                self._evaluate(global_step, progress)
             if self.throughput is not None:
                 self.throughput.exclude(time.monotonic() - t0)
 
-    def _evaluate(self, global_step: int) -> None:
+    def _evaluate(self, global_step: int, progress: Any = None) -> None:
         ev = self.cfg.eval
         t0 = time.monotonic()
         answers = evaluation.generate_answers(self.model, self.tokenizer, [e.prompt_messages for e in self.heldout],
-                                              ev.max_new_tokens, ev.batch_size)
+                                              ev.max_new_tokens, ev.batch_size, progress)
         t1 = time.monotonic()
         examples = []
         for ex, generated in zip(self.heldout, answers):
@@ -271,7 +277,7 @@ class EvalCallback(TrainerCallback):
         val_loss = None
         if ev.val_loss and self.heldout_encoded:
             val_loss = evaluation.validation_loss(self.model, self.heldout_encoded, ev.batch_size, self.collator,
-                                                  max_tokens=self.cfg.training.max_seq_length)
+                                                  max_tokens=self.cfg.training.max_seq_length, progress=progress)
         t2 = time.monotonic()
         self.tracker.add_evaluation([e["correct"] for e in examples])
         snap = self.tracker.snapshot()

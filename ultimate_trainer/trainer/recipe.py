@@ -43,6 +43,7 @@ from ultimate_trainer.core import lineage
 from ultimate_trainer.core import manifest as mf
 from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.distributed import World, collective_failure
@@ -81,6 +82,10 @@ class StopFlag:
     def check(self) -> None:
         if self.requested:
             raise StopRequested
+
+    def stopped(self) -> bool:
+        """Asked by long phases (core/progress.py) to end within seconds."""
+        return self.requested
 
 
 @dataclass
@@ -240,8 +245,8 @@ def run(cfg: Config, files: Manifest | list[Path], *, max_steps: int | None = No
     state = RunState(cfg, manifest, reporter, stop, max_steps=max_steps, world=world, session=session)
     try:
         return _recipe(state, dry_run)
-    except StopRequested:
-        log.info("stopped before training started; nothing to save")
+    except (StopRequested, Stopped) as e:
+        log.info("stopped before training started%s; nothing to save", f" ({e})" if str(e) else "")
         reporter.set_state("idle")
         return Exit.OK
     except ModelError as e:
@@ -413,7 +418,8 @@ def rehearsal_for(run: RunState, out: Path) -> Any:
     """This run's rehearsal (``trainer/rehearsal/``): the base's own answers, drawn by the run id."""
     from ultimate_trainer.trainer.rehearsal.answers import rehearsal_for as draw
 
-    return draw(run.cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session)
+    return draw(run.cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session,
+                track=lambda total: run.reporter.progress("rehearsal answers", total, "prompts", run.stop.stopped))
 
 
 def print_dry_run(run: RunState) -> int:
@@ -555,7 +561,8 @@ def train(run: RunState) -> None:
                           cfg.path("status") / st.GUARD_WINDOW, world)
     evaluation = hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded,
                                  collator, tracker, p.run_id, run.stop, throughput)
-    probe = probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id, throughput)
+    probe = probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id, throughput,
+                           run.stop)
     status = hf.RunCallback(reporter, run.stop, p, [f.name for f in run.files], guard, throughput, world)
     callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate), evaluation, *filter(None, [probe]), status,
                  hf.SealCallback(reporter, run.checkpoint_meta), speed.ThreadGovernor(), guard]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ultimate_trainer.core import status as st
+from ultimate_trainer.core.progress import Progress
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.checkpoints import list_complete
 from ultimate_trainer.core.records import TrainingStatus
@@ -125,6 +126,19 @@ class StatusReporter:
             yield
         finally:
             self.end_phase(state)
+
+    @contextlib.contextmanager
+    def progress(self, phase: str, total: int, unit: str, should_stop: Any = None) -> Iterator[Progress]:
+        """A long phase's ``Progress`` (core/progress.py), shown as ``progress`` in the status file while it lasts.
+
+        ``should_stop``: the run's stop flag, asked by the phase (generation at every token)."""
+        p = Progress(phase, total, unit, on_update=lambda snap: self.update(progress=snap), should_stop=should_stop)
+        self.write()
+        try:
+            yield p
+        finally:
+            self.update(progress=None)
+            self.write()
 
     def refresh_checkpoints(self) -> None:
         found = list_complete(self.checkpoints_dir)

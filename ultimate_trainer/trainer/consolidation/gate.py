@@ -88,15 +88,17 @@ def best_adopted(cfg: Config, probe: Probe | None) -> dict[str, Any] | None:
     return best
 
 
-def score_model(model: Any, tokenizer: Any, cfg: Config, inputs: GateInputs) -> dict[str, Any]:
-    """``heldout`` (accuracy percent) and ``probe`` (score 0-1) of ``model``, each None when not asked."""
+def score_model(model: Any, tokenizer: Any, cfg: Config, inputs: GateInputs, progress: Any = None) -> dict[str, Any]:
+    """``heldout`` (accuracy percent) and ``probe`` (score 0-1) of ``model``, each None when not asked.
+
+    ``progress`` (core/progress.py): counts the prompts of both and may stop them (``Stopped``)."""
     ev = cfg.eval
     out: dict[str, Any] = {"heldout": None, "probe": None}
     if inputs.examples:
         out["heldout"] = score_examples(model, tokenizer, inputs.examples, ev.matcher, ev.max_new_tokens,
-                                        ev.batch_size)
+                                        ev.batch_size, progress)
     if inputs.probe:
-        out["probe"] = score_probe(model, tokenizer, inputs.probe, ev.probe_max_new_tokens, ev.batch_size)
+        out["probe"] = score_probe(model, tokenizer, inputs.probe, ev.probe_max_new_tokens, ev.batch_size, progress)
     return out
 
 

@@ -20,6 +20,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.trainer.probe.questions import Probe
 from ultimate_trainer.trainer.probe.scoring import retention, score_probe
@@ -49,20 +50,23 @@ def retention_status(records: list[dict[str, Any]], warn: float) -> dict[str, An
 
 class ProbeCallback(TrainerCallback):
     def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: Any, probe: Probe, tracker: Any,
-                 base_model: str, run_id: str, throughput: Throughput | None = None):
+                 base_model: str, run_id: str, throughput: Throughput | None = None, stop: Any = None):
         self.cfg, self.reporter, self.tokenizer, self.probe = cfg, reporter, tokenizer, probe
         self.tracker, self.base_model, self.run_id, self.throughput = tracker, base_model, run_id, throughput
+        self.stop = stop  # the run's StopFlag: a probe ends within a generated token of a SIGTERM (Stopped)
         self.history = reporter.dir / st.PROBE_HISTORY
         self.baseline_path = reporter.dir / st.PROBE_BASELINE
         self.baseline: dict[str, Any] | None = None
         self.seen_evaluations = tracker.evaluations
         self.model: Any = None
 
-    def _score(self, model: Any) -> dict[str, Any]:
+    def _score(self, model: Any, phase: str = "probe") -> dict[str, Any]:
         ev = self.cfg.eval
-        with self.reporter.phase("evaluating"):
+        should_stop = self.stop.stopped if self.stop is not None else None
+        with self.reporter.phase("evaluating"), \
+                self.reporter.progress(phase, len(self.probe.items), "questions", should_stop) as progress:
             t0 = time.monotonic()
-            result = score_probe(model, self.tokenizer, self.probe, ev.probe_max_new_tokens, ev.batch_size)
+            result = score_probe(model, self.tokenizer, self.probe, ev.probe_max_new_tokens, ev.batch_size, progress)
             seconds = time.monotonic() - t0
             if self.throughput is not None:
                 self.throughput.exclude(seconds)
@@ -75,9 +79,9 @@ class ProbeCallback(TrainerCallback):
             return stored
         if hasattr(model, "disable_adapter"):
             with model.disable_adapter():
-                result = self._score(model)
+                result = self._score(model, "probe baseline")
         else:
-            result = self._score(model)
+            result = self._score(model, "probe baseline")
         baseline = {"schema_version": st.SCHEMA_VERSION, "probe_file": str(self.probe.path),
                     "sha256": self.probe.sha256, "base_model": self.base_model, "global_step": global_step,
                     **result, "created_at": now_iso()}
@@ -97,7 +101,10 @@ class ProbeCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: Any = None, **kw: Any):
         self.model = model or self.model
-        self._maybe_probe(state.global_step)
+        try:
+            self._maybe_probe(state.global_step)
+        except Stopped as e:  # RunCallback, next, saves the steps trained and ends the run
+            log.warning("%s: not recorded", e)
 
     def _maybe_probe(self, global_step: int) -> None:
         n = self.tracker.evaluations
@@ -123,11 +130,11 @@ class ProbeCallback(TrainerCallback):
 
 
 def probe_callback(cfg: Config, reporter: StatusReporter, tokenizer: Any, tracker: Any, base_model: str,
-                   run_id: str, throughput: Throughput | None = None) -> ProbeCallback | None:
+                   run_id: str, throughput: Throughput | None = None, stop: Any = None) -> ProbeCallback | None:
     """The run's ProbeCallback; None when ``eval.probe_file`` is off or unusable (logged)."""
     from ultimate_trainer.trainer.probe.questions import load_probe
 
     probe = load_probe(cfg)
     if probe is None:
         return None
-    return ProbeCallback(cfg, reporter, tokenizer, probe, tracker, base_model, run_id, throughput)
+    return ProbeCallback(cfg, reporter, tokenizer, probe, tracker, base_model, run_id, throughput, stop)

@@ -13,9 +13,13 @@ from ultimate_trainer.trainer.probe.questions import Probe
 from ultimate_trainer.model.scoring import generate_answers, score
 
 
-def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
-    """``correct``, ``total``, ``score`` (0-1) and the ``missed`` questions (``file:line``) of one pass."""
-    answers = generate_answers(model, tokenizer, [q.prompt_messages for q in probe.items], max_new_tokens, batch_size)
+def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, batch_size: int,
+                progress: Any = None) -> dict[str, Any]:
+    """``correct``, ``total``, ``score`` (0-1) and the ``missed`` questions (``file:line``) of one pass.
+
+    ``progress``: as ``generate_answers`` takes it (counted and stoppable)."""
+    answers = generate_answers(model, tokenizer, [q.prompt_messages for q in probe.items], max_new_tokens, batch_size,
+                               progress)
     missed = [q.source for q, a in zip(probe.items, answers) if not score(q.matcher, a, q.expected)]
     total = len(probe.items)
     return {"correct": total - len(missed), "total": total, "score": round((total - len(missed)) / total, 4),
@@ -23,12 +27,13 @@ def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, b
 
 
 def score_examples(model: Any, tokenizer: Any, examples: list[Any], matcher: str, max_new_tokens: int,
-                   batch_size: int) -> dict[str, Any]:
+                   batch_size: int, progress: Any = None) -> dict[str, Any]:
     """Held-out accuracy (percent) of ``examples`` (``formats.Example``) under ``matcher``, and per file.
 
     ``by_file`` maps each example's file (its ``source`` less the line) to ``[correct, total]``, so a
     gate that asks several tasks' files shows which one a candidate lost."""
-    answers = generate_answers(model, tokenizer, [e.prompt_messages for e in examples], max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, [e.prompt_messages for e in examples], max_new_tokens, batch_size,
+                               progress)
     by_file: dict[str, list[int]] = {}
     for e, a in zip(examples, answers):
         tally = by_file.setdefault(e.source.rsplit(":", 1)[0], [0, 0])

@@ -84,6 +84,7 @@ function renderTraining(st) {
   const frac = isNum(done) && isNum(total) && total > 0 ? Math.min(1, done / total) : 0;
   $("run-fill").style.width = (frac * 100).toFixed(1) + "%";
   setText("run-label", isNum(total) ? `${done} / ${total} steps · ${(frac * 100).toFixed(0)}%` : "no run");
+  renderPhase(t.progress);
   const eta = isNum(t.eta_seconds) ? `${dur(t.eta_seconds)} (${clock(new Date(Date.now() + t.eta_seconds * 1000).toISOString())})` : "–";
   setText("eta", eta);
   setText("tps", isNum(t.tokens_per_second) ? t.tokens_per_second.toFixed(0) : "–");
@@ -93,6 +94,17 @@ function renderTraining(st) {
   setText("model", t.base_model ? `${t.base_model} · ${t.device || "?"}${t.load_in_4bit ? " · 4-bit" : ""}` : "–");
   setText("ranks", ranksText(t));
   setText("t-age", isNum(t.age_seconds) ? dur(t.age_seconds) + " ago" + (t.stale ? " (trainer gone)" : "") : "–");
+}
+
+// A long phase's progress (training_status.json's "progress"): "rehearsal answers 120 / 380 prompts · 32% · 4 min left".
+function renderPhase(p) {
+  const on = !!p && isNum(p.done) && isNum(p.total) && p.total > 0;
+  $("phase").hidden = !on;
+  if (!on) return;
+  const frac = Math.min(1, p.done / p.total);
+  $("phase-fill").style.width = (frac * 100).toFixed(1) + "%";
+  const left = isNum(p.eta_seconds) ? ` · ${dur(p.eta_seconds)} left` : " · estimating…";
+  setText("phase-label", `${p.phase} ${p.done} / ${p.total} ${p.unit} · ${(frac * 100).toFixed(0)}%${left}`);
 }
 
 // "1" or "2 · rank 0 cuda:0 3.10/3.40 GB, RAM 2.00 GB · rank 1 ...": world size, then every rank's memory.
