@@ -246,3 +246,14 @@ def spawn_train(config_path: Path, *files: Path) -> subprocess.Popen:
     """Start the real train.py CLI in the background (for tests that signal or kill it)."""
     cmd = [sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(config_path)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright: one per test module (the browser tests)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

@@ -14,23 +14,13 @@ import json
 import pytest
 
 from _web_helpers import ServerThread, live_status_dir
-from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import ARTIFACTS, CHROMIUM
 from ultimate_trainer.web.monitor import create_app
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install chromium)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture()

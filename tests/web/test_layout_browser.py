@@ -12,7 +12,7 @@ import json
 import pytest
 
 from _web_helpers import ServerThread, live_status_dir
-from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import ARTIFACTS, CHROMIUM
 from ultimate_trainer.web.monitor import create_app
 
 pytestmark = [
@@ -26,16 +26,6 @@ HIDDEN = "[...document.querySelectorAll('main.grid > section.card')].filter(c =>
 FOCUS = "document.activeElement.getAttribute('aria-label') || document.activeElement.id"
 WIDE = "[...document.querySelectorAll('main.grid > section.card.span2')].map(c => c.id)"
 DEFAULT_WIDE = ["training", "loss", "stability", "accuracy", "examples"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 @pytest.fixture()

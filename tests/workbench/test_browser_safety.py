@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from _workbench_helpers import UvicornThread, light_project
-from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS as ARGS
+from conftest import ARTIFACTS, CHROMIUM
 from ultimate_trainer.core.config import load as load_config
 
 pytestmark = [
@@ -88,16 +88,6 @@ def served(tmp_path_factory):
     app = create_app(cfg, cfg.path("status"))
     with UvicornThread(app) as srv:
         yield srv, app
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def test_a_page_on_another_origin_cannot_write(served, browser):

@@ -8,6 +8,7 @@ import sys
 
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.checkpoints import MODEL_NAMES_HELP
+from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
 from ultimate_trainer.export import to_gguf
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     from ultimate_trainer.model.loading import ModelError
 
     try:
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                         base_ref=args.base_ref)
     except (ExportError, ModelError, ValueError, to_gguf.GGUFExportError) as e:
         print(f"export: {e}", file=sys.stderr)
-        return 1
+        return Exit.CRASH
     print(result.path)
     if result.format == "adapter":
         print((result.path / "SERVING.md").read_text(encoding="utf-8"))
-    return 0
+    return Exit.OK

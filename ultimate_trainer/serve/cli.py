@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.hosts import bind_error
 from ultimate_trainer.core.logs import setup_logging
@@ -50,17 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = config_or_none(args)
     if cfg is None:
-        return 2
+        return Exit.CONFIG
     host = args.host or cfg.monitor.host
     port = args.port if args.port is not None else cfg.monitor.serve_port
     key = args.api_key or os.environ.get(KEY_ENV) or None
     if not is_loopback(host) and key is None:
         print(f"serve: binding {host} opens the API beyond this machine; set --api-key (or ${KEY_ENV})",
               file=sys.stderr)
-        return 2
+        return Exit.CONFIG
     if args.queue < 0 or args.max_tokens < 1:
         print("serve: --queue must be 0 or more and --max-tokens 1 or more", file=sys.stderr)
-        return 2
+        return Exit.CONFIG
     from ultimate_trainer.model.pool import ModelPool
 
     lower_priority(args.nice)
@@ -78,7 +79,7 @@ def _serve(app: Any, host: str, port: int, threads: int) -> int:
                                clear_untrusted_proxy_headers=True)
     except OSError as e:
         print(bind_error("serve", host, port, e), file=sys.stderr)
-        return 1
+        return Exit.CRASH
     log.info("OpenAI-compatible API on http://%s:%s/v1 (default model: adopted)", host, port)
     try:
         server.run()
@@ -86,4 +87,4 @@ def _serve(app: Any, host: str, port: int, threads: int) -> int:
         pass
     finally:
         server.close()
-    return 0
+    return Exit.OK
