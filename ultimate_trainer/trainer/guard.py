@@ -218,7 +218,25 @@ class GuardCallback(TrainerCallback):
             reason = (f"diverged: {self.total} anomalies in this run (last: {last['kind']} at step "
                       f"{last['global_step']}); files: {', '.join(files) or 'unknown'}")
             self.reporter.update(diverged={"reason": reason, "files": files, "run_id": self.run_id})
+            self._log_stopping_step(state.global_step)
             raise Diverged(reason, files)
+
+    def _log_stopping_step(self, global_step: int) -> None:
+        """The step whose anomaly stops the run ends it before the Trainer logs it: record it here, as
+        RunCallback records a skipped step (its real loss and grad norm, null and text when not finite)."""
+        skipped = self.skipped.get(global_step)
+        if skipped is None:
+            return
+        record: dict[str, Any] = {"global_step": global_step, "run_id": self.run_id, "skipped": True,
+                                  "anomaly": skipped["kind"]}
+        for k in ("loss", "grad_norm"):
+            real = skipped[k]
+            record[k] = real if isinstance(real, (int, float)) else None
+            if isinstance(real, str):
+                record[f"{k}_text"] = real
+        self.reporter.log_step({**record, "loss_slope": self.stability.get("loss_slope"),
+                                "stability_score": self.stability.get("score"),
+                                "anomalies": self.stability.get("anomalies"), "shares": self.stability.get("shares")})
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         self.save_window()
