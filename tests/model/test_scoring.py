@@ -37,6 +37,17 @@ def test_matchers(matcher, generated, expected, ok):
     assert score(matcher, generated, expected) is ok
 
 
+@pytest.mark.parametrize("generated, ok", [
+    ("<think>\nThe capital of France is Paris.\n</think>\n\nParis", True),
+    ("<think></think>Paris", True),
+    ("<think>\nLyon? No: Paris.\n</think>\n\nLyon", False),  # the reasoning's words do not count
+    ("<think>\nThe answer is Paris, because", False),  # still thinking: no answer yet
+    ("Paris <think>x</think>", True),  # only a leading block is reasoning; "contains" finds the answer
+])
+def test_a_reasoning_models_answer_is_judged_after_its_think_block(generated, ok):
+    assert score("contains", generated, "Paris") is ok
+
+
 def test_unknown_matcher_is_an_error():
     with pytest.raises(ValueError, match="unknown matcher"):
         score("fuzzy", "a", "a")

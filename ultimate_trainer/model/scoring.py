@@ -8,6 +8,11 @@ Matchers (``eval.matcher``):
 - ``contains``    the normalized expected answer occurs in the normalized generated one
 - ``numeric``     the first number of each (``1,000`` = ``1000.0``) agrees within a relative 1e-6
 
+A generated answer that opens with a closed ``<think>...</think>`` block (reasoning models such as
+Qwen3 and DeepSeek-R1's distillations think before answering, even when the data has no reasoning)
+is judged on what follows the block; an answer still inside an unclosed block has no answer yet and
+counts as wrong (data/reasoning.py describes how reasoning is trained).
+
 Accuracy is counted over individual scored answers, as percentages: ``overall`` (all answers since
 the first run), ``last_20`` and ``last_50`` (the newest 20 and 50). The ``trend`` is ``improving``
 when last_50 beats overall by more than ``eval.margin_trend`` points, ``regressing`` when it trails
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 MATCHERS = ("exact", "normalized", "contains", "numeric")
 MIN_ANSWERS_FOR_TREND = 20
 NUMERIC_REL_TOL = 1e-6
+_THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.DOTALL)
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
@@ -68,10 +74,18 @@ _SCORERS: dict[str, Callable[[str, str], bool]] = {
 }
 
 
+def final_answer(generated: str) -> str:
+    """``generated`` less a leading closed ``<think>`` block; empty while the block is still open."""
+    m = _THINK.match(generated)
+    if m is not None:
+        return generated[m.end():]
+    return "" if generated.lstrip().startswith("<think>") else generated
+
+
 def score(matcher: str, generated: str, expected: str) -> bool:
-    """Whether ``generated`` counts as the ``expected`` answer under ``matcher``."""
+    """Whether ``generated`` (its final answer, after any reasoning) counts as the ``expected`` answer."""
     try:
-        return _SCORERS[matcher](generated, expected)
+        return _SCORERS[matcher](final_answer(generated), expected)
     except KeyError:
         raise ValueError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHERS)}") from None
 
