@@ -181,7 +181,7 @@ def merged_tensors(base_path: str | Path, adapter_dir: str | Path | None, dtype:
 
 def write_merged(base_path: str | Path, adapter_dir: str | Path | None, out: Path, dtype: Any, *,
                  requantize: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                 shard_bytes: int = SHARD_BYTES) -> int:
+                 shard_bytes: int | None = None) -> int:
     """The merged model as a Hugging Face folder in ``out``: safetensors shard by shard, the index, config.json.
 
     Shards are cut before a tensor that would take the current one past ``shard_bytes`` (a tensor
@@ -203,7 +203,7 @@ def write_merged(base_path: str | Path, adapter_dir: str | Path | None, out: Pat
     size = 0
     for t in tensors:
         n = nbytes(t)
-        if groups[-1] and size + n > shard_bytes:
+        if groups[-1] and size + n > (shard_bytes or SHARD_BYTES):
             groups.append([])
             size = 0
         groups[-1].append(t.name)
