@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 def test_qlora_on_builtin_model_continues_across_files_and_survives_sigkill(builtin_model_dir, make_project, tmp_path):
     # The probe (24 questions x 24 tokens, scored at each run's first evaluation) is left out: nothing
     # here asserts on it, and tests/trainer/test_probe.py proves it. Each run is as short as its
-    # assertions allow: 4 steps, then 7 (killed after 2, resumed for the rest).
+    # assertions allow: 4 steps, then about 7 (killed after 2, resumed for the rest).
     cfg = make_project("smollm2-135m-instruct", load_in_4bit=True, eval_steps=4, save_steps=2,
                        training__batch_size=4, training__max_seq_length=128,
                        eval__max_prompts=2, eval__max_new_tokens=6, eval__probe_file=None)
