@@ -46,14 +46,14 @@ def tiny_tokenizer(out: Path, style: str) -> Path:
     return out
 
 
-def tiny_model(out: Path, arch: str, seed: int = 0) -> Path:
-    """A 2-layer, 64-wide random ``llama`` (tied embeddings) or ``qwen2`` (q/k/v biases, untied, padded vocab)."""
+def tiny_model(out: Path, arch: str, seed: int = 0, layers: int = 2) -> Path:
+    """A 2-layer (or ``layers``), 64-wide random ``llama`` (tied embeddings) or ``qwen2`` (q/k/v biases, untied, padded vocab)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tiny_tokenizer(out, "qwen2" if arch == "qwen2" else "smollm")
     tok = AutoTokenizer.from_pretrained(out)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ultimate_trainer.core.hosts import refusal, same_origin
+from ultimate_trainer.core.hosts import is_loopback, refusal, same_origin
 
 
 @pytest.mark.parametrize("origin, host", [
@@ -58,3 +58,13 @@ def test_reads_from_another_site_are_served_only_as_a_navigation():
     assert refusal("GET", {**HOST, "sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate",
                            "sec-fetch-dest": "iframe"}) is not None
     assert refusal("HEAD", {**HOST, "sec-fetch-site": "same-site", "sec-fetch-mode": "cors"}) is not None
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("LOCALHOST", True), ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.5", False),
+    ("example.com", False), ("localhost.evil.example", False),
+])
+def test_is_loopback(host, loopback):
+    """serve.py asks for an API key unless it binds here: the one rule, in core/hosts.py."""
+    assert is_loopback(host) is loopback

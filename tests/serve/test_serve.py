@@ -214,3 +214,21 @@ def test_binding_beyond_loopback_without_an_api_key_is_refused(project, capsys, 
     monkeypatch.delenv("UT_SERVE_API_KEY", raising=False)
     assert serve_main(["--config", str(Path(cfg.path("root")) / "config.json"), "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_an_address_in_use_is_one_line_naming_port(project, capsys):
+    """serve.py binds through the servers' shared loop (core/wsgi.py): the same one-line refusal."""
+    import socket
+
+    cfg, _pool = project
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        rc = serve_main(["--config", str(Path(cfg.path("root")) / "config.json"), "--port",
+                         str(busy.getsockname()[1]), "--nice", "0"])
+    finally:
+        busy.close()
+    assert rc == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("serve: ") and "already in use" in lines[0] and "--port" in lines[0]

@@ -13,9 +13,12 @@ pytestmark = pytest.mark.e2e
 
 
 def test_qlora_on_builtin_model_continues_across_files_and_survives_sigkill(builtin_model_dir, make_project, tmp_path):
+    # The probe (24 questions x 24 tokens, scored at each run's first evaluation) is left out: nothing
+    # here asserts on it, and tests/trainer/test_probe.py proves it. Each run is as short as its
+    # assertions allow: 4 steps, then about 7 (killed after 2, resumed for the rest).
     cfg = make_project("smollm2-135m-instruct", load_in_4bit=True, eval_steps=4, save_steps=2,
                        training__batch_size=4, training__max_seq_length=128,
-                       eval__max_prompts=2, eval__max_new_tokens=6)
+                       eval__max_prompts=2, eval__max_new_tokens=6, eval__probe_file=None)
     root = cfg.parent
     first = write_jsonl(tmp_path / "first.jsonl",
                         [chat(f"Code word for {i}?", f"KX-{i}") for i in range(20)]
@@ -28,7 +31,7 @@ def test_qlora_on_builtin_model_continues_across_files_and_survives_sigkill(buil
     after_first = ck.newest_complete(root / "checkpoints")
     assert after_first.meta["load_in_4bit"] and after_first.meta["run_complete"]
 
-    second = write_jsonl(tmp_path / "second.jsonl", [chat(f"Secret number {i}?", f"{i * 7}") for i in range(60)])
+    second = write_jsonl(tmp_path / "second.jsonl", [chat(f"Secret number {i}?", f"{i * 7}") for i in range(32)])
     sigkill_when(spawn_train(cfg, second),
                  lambda: ck.newest_complete(root / "checkpoints").global_step >= after_first.global_step + 2,
                  timeout=300)

@@ -7,6 +7,7 @@
 - ``exitcodes``   what a trainer's exit code means to the daemon
 - ``checkpoints`` complete-or-absent checkpoints, their marker keys, "is this run complete", the start point
 - ``lineage``     which input files went into which checkpoint or consolidation
-- ``hosts``       the loopback Host-header rule every server applies
+- ``hosts``       the loopback Host-header rule every server applies; is_loopback
+- ``wsgi``        a WSGI app on waitress until Ctrl-C or SIGTERM (the Flask servers, serve.py)
 - ``threads``     the CPU thread policy of a trainer sharing its cores
 """

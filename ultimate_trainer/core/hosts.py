@@ -14,6 +14,7 @@ Pure functions over header values, no web framework: each server applies them in
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -27,6 +28,17 @@ def strip_port(host: str) -> str:
     if host.startswith("["):  # [::1]:8080
         return host[1:].split("]", 1)[0]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine: ``localhost`` or a loopback address
+    (127.0.0.0/8, ``::1``, bracketed or not). A wildcard or any other name is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def allowed_hosts(bind_host: str, extra: list[str] | None = None) -> frozenset[str]:

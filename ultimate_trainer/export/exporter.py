@@ -111,26 +111,40 @@ def _torch_dtype(dtype: str) -> Any:
     return {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
 
 
-def _merged(cfg: Config, spec: ModelSpec, base_path: str) -> Any:
+def _requantize(cfg: Config, spec: ModelSpec) -> dict[str, Any] | None:
+    """The NF4 round trip of a checkpoint trained on the 4-bit base (stored in full precision), as the
+    4-bit loader on this machine's CPU applies it; None when the weights trained on are the stored ones."""
+    if not (spec.quantized and spec.adapter is not None):
+        return None
+    from ultimate_trainer.model.loading import compute_dtype
+
+    return {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
+            "dtype": compute_dtype(cfg, "cpu")}
+
+
+def _threads(cfg: Config) -> None:
     import torch
 
-    from ultimate_trainer.model.loading import load_merged
-
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cfg.monitor.workbench_threads)))
-    return load_merged(cfg, base_path, spec.adapter, quantized=spec.quantized and spec.adapter is not None,
-                       device="cpu", dtype=torch.float32)
 
 
 def _write_hf(cfg: Config, spec: ModelSpec, base_path: str, tmp: Path, dtype: str) -> dict[str, Any]:
+    from transformers import AutoConfig, GenerationConfig
+
     from ultimate_trainer.model.loading import load_tokenizer
+    from ultimate_trainer.model.merging import write_merged
     from ultimate_trainer.model.scoring import stop_token_ids
 
+    _threads(cfg)
     tokenizer = load_tokenizer(base_path)
-    model = _merged(cfg, spec, base_path).to(_torch_dtype(dtype))
-    gen = model.generation_config
+    write_merged(base_path, spec.adapter, tmp, _torch_dtype(dtype), requantize=_requantize(cfg, spec))
+    try:
+        gen = GenerationConfig.from_pretrained(base_path)
+    except OSError:  # no generation_config.json: the one transformers derives from the config
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp))
     gen.eos_token_id = stop_token_ids(tokenizer) or gen.eos_token_id  # engines stop at the end of the turn
     gen.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp, safe_serialization=True)
+    gen.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return {"dtype": dtype, "stop_token_ids": gen.eos_token_id}
 
@@ -242,9 +256,10 @@ def _write_gguf(cfg: Config, spec: ModelSpec, base_path: str, tmp: Path, quant: 
     tokenizer = load_tokenizer(base_path)
     tok_dir = tmp / ".tokenizer"
     tokenizer.save_pretrained(tok_dir)  # tokenizer.json + chat template, whatever the base folder held
-    model = _merged(cfg, spec, base_path)
+    _threads(cfg)
     file_name = f"{name}.{quant}.gguf"
-    info = to_gguf.write_gguf(model, tok_dir, tmp / file_name, quant, name)
+    info = to_gguf.write_gguf(base_path, spec.adapter, tok_dir, tmp / file_name, quant, name,
+                              requantize=_requantize(cfg, spec))
     shutil.rmtree(tok_dir)
     atomic_write_text(tmp / "Modelfile", modelfile_text(file_name, tokenizer.chat_template,
                                                         _default_system(tokenizer)))

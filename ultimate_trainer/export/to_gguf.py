@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -125,21 +126,28 @@ def add_vocab(writer: Any, tokenizer_dir: Path, n_vocab: int) -> str:
     return pre
 
 
-def _tensor(name: str, data: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
-    """``(array, raw_dtype or None)`` as written for ``quant``."""
+def _layout(name: str, shape: tuple[int, ...], quant: str) -> tuple[Any, tuple[int, ...], Any]:
+    """``(numpy dtype, shape, raw_dtype or None)`` of a tensor as written for ``quant``; a quantized
+    tensor's shape is its bytes' (``uint8``), as the gguf library's quantizer returns it."""
     import gguf
 
-    if data.ndim == 1 or quant == "f32":
-        return data.astype(np.float32), None
+    if len(shape) == 1 or quant == "f32":
+        return np.float32, shape, None
     if quant == "f16":
-        return data.astype(np.float16), None
+        return np.float16, shape, None
     qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
              "q4_0": gguf.GGMLQuantizationType.Q4_0}[quant]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
-        log.info("%s: rows of %d do not divide into blocks of %d; written as f16", name, data.shape[-1], block)
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+    if shape[-1] % block:
+        log.info("%s: rows of %d do not divide into blocks of %d; written as f16", name, shape[-1], block)
+        return np.float16, shape, None
+    return np.uint8, tuple(gguf.quant_shape_to_byte_shape(shape, qtype)), qtype
+
+
+def _tensor(data: np.ndarray, dtype: Any, raw: Any) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.quantize(data.astype(np.float32), raw) if raw is not None else data.astype(dtype)
 
 
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -151,22 +159,43 @@ def estimate_bytes(n_params: int, quant: str) -> int:
     return int(n_params * per) + 64 * 1024**2  # the vocabulary and metadata, generously
 
 
-def write_gguf(model: Any, tokenizer_dir: Path, path: Path, quant: str, name: str) -> dict[str, Any]:
-    """Write ``model`` (a merged transformers causal LM) and the tokenizer in ``tokenizer_dir`` to ``path``."""
+def write_gguf(base_path: str | Path, adapter_dir: str | Path | None, tokenizer_dir: Path, path: Path, quant: str,
+               name: str, requantize: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Base + adapter merged (``model/merging``) and the tokenizer in ``tokenizer_dir``, written to ``path``.
+
+    Tensor by tensor: the header and every tensor's name, shape and type are written first (from the
+    safetensors headers), then each merged tensor as it comes; no more than one is held at a time.
+    """
     import gguf
+    import torch
+    from transformers import AutoConfig
+
+    from ultimate_trainer.model import merging
 
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    config = model.config
+    config = AutoConfig.from_pretrained(base_path)
     arch, permute = _arch(config)
     theta, _ = _rope_theta(config)
     n_layers = config.num_hidden_layers
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    state = model.state_dict()
-    n_vocab = state["model.embed_tokens.weight"].shape[0]
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    stored = merging.plan(base_path)
+    layout: dict[str, tuple[str, Any, Any]] = {}  # HF name -> (GGUF name, numpy dtype, raw dtype)
+    infos = []
+    for t in stored:
+        if (tied and t.name == "lm_head.weight") or t.name.endswith("rotary_emb.inv_freq"):
+            continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
+        new = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise GGUFExportError(f"no GGUF name for tensor {t.name} of {gguf.MODEL_ARCH_NAMES[arch]}")
+        dtype, shape, raw = _layout(new, t.shape, quant)
+        layout[t.name] = (new, dtype, raw)
+        infos.append((new, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize, raw))
+    n_vocab = next(t.shape[0] for t in stored if t.name == "model.embed_tokens.weight")
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
@@ -186,28 +215,25 @@ def write_gguf(model: Any, tokenizer_dir: Path, path: Path, quant: str, name: st
     writer.add_file_type(int(getattr(gguf.LlamaFileType, FILE_TYPES[quant])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     pre = add_vocab(writer, tokenizer_dir, n_vocab)
-
-    names = gguf.get_tensor_name_map(arch, n_layers)
-    written = 0
-    for hf_name, t in state.items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the output projection from token_embd when output.weight is absent
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue
-        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise GGUFExportError(f"no GGUF name for tensor {hf_name} of {gguf.MODEL_ARCH_NAMES[arch]}")
-        data = t.detach().float().cpu().numpy()
-        if permute and hf_name.endswith("self_attn.q_proj.weight"):
-            data = llama_rope_permute(data, n_head)
-        elif permute and hf_name.endswith("self_attn.k_proj.weight"):
-            data = llama_rope_permute(data, n_kv)
-        array, raw = _tensor(new, data, quant)
-        writer.add_tensor(new, array, raw_dtype=raw)
-        written += 1
+    for new, shape, dtype, nbytes, raw in infos:
+        writer.add_tensor_info(new, shape, dtype, nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "quant": quant, "tensors": written,
+    writer.write_ti_data_to_file()
+    try:
+        for hf_name, t in merging.merged_tensors(base_path, adapter_dir, torch.float32, requantize=requantize,
+                                                 tensors=stored):
+            if hf_name not in layout:
+                continue
+            new, dtype, raw = layout[hf_name]
+            data = t.numpy()
+            del t
+            if permute and hf_name.endswith("self_attn.q_proj.weight"):
+                data = llama_rope_permute(data, n_head)
+            elif permute and hf_name.endswith("self_attn.k_proj.weight"):
+                data = llama_rope_permute(data, n_kv)
+            writer.write_tensor_data(_tensor(data, dtype, raw))
+    finally:
+        writer.close()
+    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "quant": quant, "tensors": len(infos),
             "tokenizer_pre": pre, "vocab_size": n_vocab}

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
-from typing import Any
 
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import config_or_none
-from ultimate_trainer.core.hosts import bind_error
+from ultimate_trainer.core import wsgi
+from ultimate_trainer.core.hosts import is_loopback
 from ultimate_trainer.core.logs import setup_logging
 from ultimate_trainer.serve.api import create_app, lower_priority
 
@@ -37,15 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -68,23 +58,4 @@ def main(argv: list[str] | None = None) -> int:
     pool = ModelPool(cfg)
     app = create_app(cfg, pool, host, api_key=key, queue=args.queue, max_tokens=args.max_tokens,
                      extra_hosts=args.allow_host)
-    return _serve(app, host, port, threads=args.queue + 3)
-
-
-def _serve(app: Any, host: str, port: int, threads: int) -> int:
-    from waitress.server import create_server
-
-    try:
-        server = create_server(app, host=host, port=port, threads=threads, ident="ultimate-trainer-serve",
-                               clear_untrusted_proxy_headers=True)
-    except OSError as e:
-        print(bind_error("serve", host, port, e), file=sys.stderr)
-        return Exit.CRASH
-    log.info("OpenAI-compatible API on http://%s:%s/v1 (default model: adopted)", host, port)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return Exit.OK
+    return wsgi.serve(app, host, port, "serve", threads=args.queue + 3, path="/v1")

@@ -1,4 +1,5 @@
-"""What both servers share: Host-header check, security headers, JSON errors, command line, waitress.
+"""What both servers share: Host-header check, security headers, JSON errors, command line (the
+waitress loop is core/wsgi.py, shared with serve.py).
 
 Every JSON answer is strict JSON: a non-finite number (a NaN loss read from an old history file)
 is served as ``null``, never as ``NaN``, which would make the page's ``JSON.parse`` reject it all.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import config_or_none
-from ultimate_trainer.core.hosts import allowed_hosts, bind_error, strip_port
+from ultimate_trainer.core.hosts import allowed_hosts, strip_port
 
 log = logging.getLogger(__name__)
 
@@ -106,44 +106,3 @@ def settings(args: argparse.Namespace, default_port_key: str) -> tuple[config_mo
     port = args.port if args.port is not None else getattr(cfg.monitor, default_port_key)
     status_dir = Path(args.status_dir) if args.status_dir else cfg.path("status")
     return cfg, host, port, status_dir
-
-
-def bind(app: Flask, host: str, port: int, name: str, threads: int = 8) -> Any | None:
-    """A waitress server listening on host:port, or None after a one-line message (address in use names --port)."""
-    from waitress.server import create_server
-
-    try:
-        return create_server(app, host=host, port=port, threads=threads, ident=name,
-                             clear_untrusted_proxy_headers=True)
-    except OSError as e:
-        print(bind_error(name, host, port, e), file=sys.stderr)
-        return None
-
-
-def run(server: Any, name: str) -> int:
-    """Serve until interrupted (Ctrl-C or SIGTERM from the daemon); exit code 0."""
-    import signal
-
-    def _term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, _term)
-    except ValueError:  # not the main thread (tests): Ctrl-C handling is the caller's
-        pass
-    # A name that resolves to several addresses gives a multi-socket server without effective_*.
-    host = getattr(server, "effective_host", "?")
-    shown = f"[{host}]" if ":" in str(host) else host
-    log.info("%s serving on http://%s:%s/", name, shown, getattr(server, "effective_port", "?"))
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
-
-
-def serve(app: Flask, host: str, port: int, name: str, threads: int = 8) -> int:
-    server = bind(app, host, port, name, threads)
-    return 1 if server is None else run(server, name)

@@ -25,6 +25,7 @@ from ultimate_trainer.web import export
 from ultimate_trainer.web.history import History
 from ultimate_trainer.web.skills import SkillTracker
 from ultimate_trainer.web.state import build_state
+from ultimate_trainer.core import wsgi
 from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -85,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg, host, port, status_dir = resolved
     app = create_app(status_dir, cfg.monitor.refresh_seconds, host, args.allow_host, cfg.monitor.workbench_port)
-    return common.serve(app, host, port, "monitor_server")
+    return wsgi.serve(app, host, port, "monitor_server")

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.web import common
 from ultimate_trainer.web.training_metrics import TrainingCollector
+from ultimate_trainer.core import wsgi
 from ultimate_trainer.core.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     th = stats.Thresholds(cfg.monitor.oom_medium_percent, cfg.monitor.oom_high_percent)
     sampler = stats.Sampler(Path(status_dir), th, cfg.monitor.sample_interval)
     # Bind first: a port in use is reported before NVML or the sampler thread start.
-    server = common.bind(create_app(sampler, host, args.allow_host), host, port, "memory_stats_api")
+    server = wsgi.bind(create_app(sampler, host, args.allow_host), host, port, "memory_stats_api")
     if server is None:
         return 1
     sampler.start()
     try:
-        return common.run(server, "memory_stats_api")
+        return wsgi.run(server, "memory_stats_api")
     finally:
         sampler.stop()

@@ -42,6 +42,8 @@ from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
 from ultimate_trainer.core.progress import Progress, Stopped
+from ultimate_trainer.model.loading import ModelError
+from ultimate_trainer.model.merging import merge_layerwise
 
 log = logging.getLogger(__name__)
 
@@ -101,113 +103,6 @@ def merge_fits_in_memory(base_path: str, dtype: Any, device: str) -> bool:
         free, _ = torch.cuda.mem_get_info()
         return need < 0.8 * free
     return need < 0.8 * psutil.virtual_memory().available
-
-
-def _lora_deltas(ckpt: CheckpointInfo) -> tuple[dict[str, tuple[Any, Any]], float]:
-    """``{module name in the base: (A, B)}`` of the checkpoint's adapter and its scale (alpha / r, or rsLoRA's)."""
-    import math
-
-    from safetensors.torch import load_file
-
-    conf = json.loads((ckpt.path / "adapter_config.json").read_text())
-    r, alpha = conf["r"], conf["lora_alpha"]
-    scale = alpha / math.sqrt(r) if conf.get("use_rslora") else alpha / r
-    pairs: dict[str, dict[str, Any]] = {}
-    for key, tensor in load_file(str(ckpt.path / "adapter_model.safetensors")).items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in key:
-                module = key.split(marker)[0].removeprefix("base_model.model.")
-                pairs.setdefault(module, {})[part] = tensor
-    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, scale
-
-
-def _quantized_linears(base_path: str) -> set[str]:
-    """Weights bitsandbytes turns to 4-bit when this base is loaded so: every Linear but the output layer."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-
-
-def merge_layerwise(base_path: str, ckpt: CheckpointInfo, out: Path, dtype: Any,
-                    stages: Progress | None = None, requantize: dict[str, Any] | None = None) -> None:
-    """Base + adapter merged into ``out`` one stored tensor at a time: never a full-precision model in memory.
-
-    Reads the base's safetensors shards as stored (NF4 weights with their quantization state, or
-    plain tensors), dequantizes each 4-bit weight with bitsandbytes (the same function its layers
-    compute with), adds ``scale * B @ A`` in fp32 where the adapter has the module, casts to
-    ``dtype`` and writes it to the matching output shard. Peak memory: one input shard plus one
-    dequantized matrix. The config is the base's without its ``quantization_config``.
-
-    ``requantize`` (``quant_type``, ``double_quant``, ``dtype``): the base is stored in full precision
-    but was trained in 4-bit; each weight the 4-bit loader quantizes goes through the same NF4
-    round trip first, so the merge equals what was trained.
-    """
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    src = Path(base_path)
-    index = src / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    deltas, scale = _lora_deltas(ckpt)
-    roundtrip = _quantized_linears(base_path) if requantize else set()
-    used: set[str] = set()
-    weight_map: dict[str, str] = {}
-    total = 0
-    layers = Progress("merge, layer by layer", len(shards), "shards",
-                      should_stop=stages.should_stop if stages else None)
-    for n, shard in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        merged: dict[str, Any] = {}
-        with safe_open(str(src / shard), framework="pt") as f:
-            keys = set(f.keys())
-            for key in sorted(keys):
-                if ".weight." in key:  # a 4-bit weight's quantization state: read with its weight
-                    continue
-                tensor = f.get_tensor(key)
-                state = {k.removeprefix(key + "."): f.get_tensor(k) for k in keys if k.startswith(key + ".")}
-                if state:
-                    from bitsandbytes.functional import QuantState, dequantize_4bit
-
-                    tensor = dequantize_4bit(tensor, QuantState.from_dict(state, device=torch.device("cpu")))
-                elif key in roundtrip:
-                    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-                    q, qs = quantize_4bit(tensor.to(requantize["dtype"]), blocksize=64, quant_type=requantize["quant_type"],
-                                          compress_statistics=requantize["double_quant"])
-                    tensor = dequantize_4bit(q, qs)
-                module = key.removesuffix(".weight")
-                if key.endswith(".weight") and module in deltas:
-                    a, b = deltas[module]
-                    tensor = (tensor.float() + scale * (b.float() @ a.float())).to(dtype)
-                    used.add(module)
-                merged[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        save_file(merged, str(out / name), metadata={"format": "pt"})
-        for key, t in merged.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-        del merged
-        layers.advance()
-        layers.check()
-    missing = sorted(set(deltas) - used)
-    if missing:
-        raise ConsolidationError(f"the adapter of {ckpt.path.name} has modules the base has no weight for: "
-                                 f"{', '.join(missing[:3])}")
-    atomic_write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                            "weight_map": weight_map})
-    config = json.loads((src / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config["use_cache"] = True
-    atomic_write_json(out / "config.json", config)
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
 
 
 def _judge_unmerged(cfg: Config, ckpt: CheckpointInfo, base_path: str, device: str, gate: "Gate | None",
@@ -271,7 +166,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
 
     ``layerwise`` (default: when two full-precision copies would not fit in memory): the gate scores
     the base and the candidate as the 4-bit (or plain) base with the adapter off and on, unmerged, as
-    training computed them, and ``merge_layerwise`` writes the merge one tensor at a time.
+    training computed them, and ``model/merging.merge_layerwise`` writes the merge one tensor at a time.
     """
     current = current_checkpoints(cfg.path("checkpoints"), cfg.path("models"))
     ckpt = checkpoint or (current[-1] if current else None)
@@ -317,7 +212,8 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
             trained_4bit = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
             requantize = {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
                           "dtype": compute_dtype(cfg, device)} if trained_4bit and not stored_4bit else None
-            merge_layerwise(base_path, ckpt, tmp, _merged_dtype(device), stages, requantize)
+            merge_layerwise(base_path, ckpt.path, tmp, _merged_dtype(device), requantize=requantize,
+                            should_stop=stages.should_stop)
             dtype = str(_merged_dtype(device)).removeprefix("torch.")
         else:
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -410,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         _, adopted = consolidate(cfg, ckpt, files, trained=trained, should_stop=stop.is_set)
-    except ConsolidationError as e:
+    except (ConsolidationError, ModelError) as e:
         log.error("%s", e)
         return Exit.CRASH
     except Stopped as e:
