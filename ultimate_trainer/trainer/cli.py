@@ -181,16 +181,24 @@ def tune_main(cfg: config.Config, args: argparse.Namespace) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return Exit.CONFIG
+    from ultimate_trainer.trainer.tuning.report import candidate_config, default_lrs, default_ranks
+
+    lrs = list(dict.fromkeys(args.lrs or default_lrs(cfg.training.learning_rate)))
+    ranks = list(dict.fromkeys(args.ranks or default_ranks(cfg.lora.r)))
+    try:
+        for lr in lrs:
+            for r in ranks:
+                candidate_config(cfg, lr, r)
+    except config.ConfigError as e:
+        print(f"error: --lrs/--ranks: {e}", file=sys.stderr)
+        return Exit.CONFIG
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ultimate_trainer.trainer.recipe import StopFlag
-    from ultimate_trainer.trainer.tuning.report import default_lrs, default_ranks
     from ultimate_trainer.trainer.tuning.search import Options, tune
 
-    opts = Options(lrs=list(dict.fromkeys(args.lrs or default_lrs(cfg.training.learning_rate))),
-                   ranks=list(dict.fromkeys(args.ranks or default_ranks(cfg.lora.r))), steps=args.steps,
-                   budget=args.budget or None, prompts=args.prompts, report=args.report,
-                   write_config=args.write_config)
+    opts = Options(lrs=lrs, ranks=ranks, steps=args.steps, budget=args.budget or None, prompts=args.prompts,
+                   report=args.report, write_config=args.write_config)
     stop = StopFlag()
     stop.install()
     return tune(cfg, [f.resolve() for f in args.files], opts, stop)

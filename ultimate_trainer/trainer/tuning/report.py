@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core import status as st
+from ultimate_trainer.core.config import Config, from_dict
 from ultimate_trainer.core.times import now_iso
 
 DONE, STOPPED, FAILED, DIVERGED, SKIPPED = "done", "stopped", "failed", "diverged", "skipped"
@@ -35,6 +36,14 @@ def default_lrs(lr: float) -> list[float]:
 def default_ranks(r: int) -> list[int]:
     """Two ranks: half the configured one and it (1 and 2 when it is 1)."""
     return sorted({max(1, r // 2), r}) if r > 1 else [1, 2]
+
+
+def candidate_config(cfg: Config, lr: float, rank: int) -> Config:
+    """``cfg`` with ``training.learning_rate`` and ``lora.r`` set (alpha as configured), validated
+    (``ConfigError`` names a value out of range)."""
+    data = cfg.to_dict()
+    data["training"]["learning_rate"], data["lora"]["r"] = lr, rank
+    return from_dict(data)
 
 
 @dataclass

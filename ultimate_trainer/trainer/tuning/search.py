@@ -38,7 +38,6 @@ from typing import Any, Iterator
 from transformers import TrainerCallback
 
 from ultimate_trainer.core import checkpoints as ck
-from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.core import manifest as mf
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config, ConfigError
@@ -71,13 +70,6 @@ class TuneError(Exception):
     def __init__(self, code: Exit, message: str):
         super().__init__(message)
         self.code = code
-
-
-def candidate_config(cfg: Config, lr: float, rank: int) -> Config:
-    """``cfg`` with ``training.learning_rate`` and ``lora.r`` set (alpha as configured), validated."""
-    data = cfg.to_dict()
-    data["training"]["learning_rate"], data["lora"]["r"] = lr, rank
-    return config_mod.from_dict(data)
 
 
 @contextlib.contextmanager
@@ -114,7 +106,7 @@ class Search:
         stopped = False
         try:
             for lr, r in self.pairs:
-                candidate_config(self.cfg, lr, r)  # a bad --lrs/--ranks value fails before anything loads
+                rp.candidate_config(self.cfg, lr, r)  # a bad --lrs/--ranks value fails before anything loads
             self.prepare()
             self.stop.check()
             self.load_model()
@@ -367,7 +359,7 @@ class Search:
         from ultimate_trainer.model.loading import compute_dtype, lora_config
         from ultimate_trainer.trainer import hf, speed
 
-        cfg = candidate_config(self.cfg, res.lr, res.rank)
+        cfg = rp.candidate_config(self.cfg, res.lr, res.rank)
         name = f"c{i}"
         torch.manual_seed(cfg.training.seed)  # a candidate's adapter starts the same whatever ran before it
         self.model.add_adapter(name, lora_config(cfg))
