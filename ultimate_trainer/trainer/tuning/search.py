@@ -125,6 +125,13 @@ class Search:
         except (StopRequested, Stopped, KeyboardInterrupt) as e:
             log.warning("search stopped%s", f" ({e})" if str(e) else "")
             stopped = True
+        except MemoryError:
+            print("error: out of memory (lower training.batch_size or training.max_seq_length)", file=sys.stderr)
+            return Exit.CRASH
+        except Exception as e:  # noqa: BLE001 - a crash outside any one candidate: the log has the traceback
+            log.exception("tune failed")
+            print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+            return Exit.CRASH
         return self.finish(stopped)
 
     def finish(self, stopped: bool) -> int:
