@@ -3,6 +3,7 @@
 
     python train.py FILE.jsonl [FILE ...] [--config PATH] [--set KEY=VALUE ...] [--max-steps N] [--dry-run]
     python train.py --lineage [CHECKPOINT | CONSOLIDATION | FILE | all]
+    python train.py --tune FILE.jsonl [FILE ...] [--lrs LR,...] [--ranks R,...] [--steps N] [--budget S] [--write-config PATH]
 
 Exit codes: 0 trained (or stopped cleanly), 1 failure, 2 configuration, 3 data, 4 model (docs/STATUS.md).
 """

@@ -31,6 +31,26 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, metavar="JSON",
                         help="the run's manifest (core/manifest.py: the files' hashes and line counts, the files to "
                              "replay), written by the daemon; without it, built here from FILE and queue/done")
+    tune = parser.add_argument_group("tuning (train.py --tune FILE ...; docs/TUNING.md)")
+    tune.add_argument("--tune", action="store_true",
+                      help="search learning rate x LoRA rank on a held-out slice of FILE, from the current start point; "
+                           "print a table and write a JSON report; train nothing of the project's own")
+    tune.add_argument("--lrs", type=_floats, metavar="LR,LR,...",
+                      help="learning rates to try (default: half, the configured one, double)")
+    tune.add_argument("--ranks", type=_ints, metavar="R,R,...",
+                      help="LoRA ranks to try (default: half the configured lora.r, and it)")
+    tune.add_argument("--steps", type=int, default=30, metavar="N",
+                      help="optimizer steps per candidate (default 30; at most the steps a run of FILE takes)")
+    tune.add_argument("--budget", type=float, default=3600.0, metavar="SECONDS",
+                      help="start no candidate that would end past this many seconds, judged by the ones before "
+                           "(default 3600; 0: no limit)")
+    tune.add_argument("--prompts", type=int, default=50, metavar="N",
+                      help="held-out prompts each candidate answers (default 50, at most the held-out slice)")
+    tune.add_argument("--report", type=Path, metavar="JSON",
+                      help="where to write the JSON report (default: tune/tune-<time>.json under paths.root)")
+    tune.add_argument("--write-config", type=Path, metavar="PATH",
+                      help="write the best learning rate and rank into this config file (only those two keys); "
+                           "without it no config file changes")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -43,6 +63,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return Exit.CONFIG
     if args.lineage is not None:
         return print_lineage(cfg, args.lineage)
+    if args.tune:
+        return tune_main(cfg, args)
     if not args.files:
         parser.error("the following arguments are required: FILE.jsonl")
     missing = [str(f) for f in args.files if not f.is_file()]
@@ -111,3 +133,72 @@ def print_lineage(cfg: config.Config, what: str) -> int:
     print(f"error: {what!r} is neither a checkpoint, a consolidation nor a trained file (name or sha256)",
           file=sys.stderr)
     return Exit.CONFIG
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def tune_main(cfg: config.Config, args: argparse.Namespace) -> int:
+    """``--tune``: check the command line and the files, then the search (trainer/tuning/)."""
+    problems = []
+    if not args.files:
+        problems.append("--tune needs the files to tune on: train.py --tune FILE.jsonl [FILE ...]")
+    for f in args.files:
+        if not f.is_file():
+            problems.append(f"{f}: no such file")
+            continue
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            problems.append(f"{f}: cannot read ({e.strerror or e})")
+    if args.steps < 1:
+        problems.append("--steps must be at least 1")
+    if args.prompts < 1:
+        problems.append("--prompts must be at least 1")
+    if args.budget < 0:
+        problems.append("--budget must be 0 (no limit) or more seconds")
+    if args.max_steps is not None or args.dry_run or args.manifest is not None:
+        problems.append("--tune does not combine with --max-steps, --dry-run or --manifest")
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return Exit.CONFIG
+    from ultimate_trainer.trainer.tuning.report import candidate_config, default_lrs, default_ranks
+
+    lrs = list(dict.fromkeys(args.lrs or default_lrs(cfg.training.learning_rate)))
+    ranks = list(dict.fromkeys(args.ranks or default_ranks(cfg.lora.r)))
+    try:
+        for lr in lrs:
+            for r in ranks:
+                candidate_config(cfg, lr, r)
+    except config.ConfigError as e:
+        print(f"error: --lrs/--ranks: {e}", file=sys.stderr)
+        return Exit.CONFIG
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ultimate_trainer.trainer.recipe import StopFlag
+    from ultimate_trainer.trainer.tuning.search import Options, tune
+
+    opts = Options(lrs=lrs, ranks=ranks, steps=args.steps, budget=args.budget or None, prompts=args.prompts,
+                   report=args.report, write_config=args.write_config)
+    stop = StopFlag()
+    stop.install()
+    return tune(cfg, [f.resolve() for f in args.files], opts, stop)

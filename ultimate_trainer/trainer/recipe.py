@@ -361,11 +361,11 @@ def find_start(run: RunState, quarantine: bool) -> str | None:
     if start.kind == "checkpoint" and trained_on not in (None, cfg.base_model):
         return (f"{ckpt_dir} continues {trained_on!r} but base_model is {cfg.base_model!r}: set base_model back, "
                 f"or point paths.checkpoints at a new folder to start another model")
-    run.base_path = _base_path(cfg, start)
+    run.base_path = base_path_for(cfg, start)
     return None
 
 
-def _base_path(cfg: Config, start: ck.StartPoint) -> str:
+def base_path_for(cfg: Config, start: ck.StartPoint) -> str:
     """The base weights the start point continues; the configured base when none is recorded.
 
     A recorded built-in or Hub base that moved (another machine, a new cache) is resolved again by
@@ -502,7 +502,7 @@ def preload(cfg: Config, session: Any) -> None:
         trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
         if start.kind == "consolidation" or trained_on not in (None, cfg.base_model):
             return  # a bootstrap with a fresh adapter, or a refusal: the run's own business
-        base_path = _base_path(cfg, start)
+        base_path = base_path_for(cfg, start)
         session.tokenizer_for(base_path)
         checkpoint = start.checkpoint.path if start.kind == "checkpoint" else None
         device = pick_device(cfg)
