@@ -37,7 +37,7 @@ DATE_PHRASES = ("What is {iso} in DD/MM/YYYY?", "Write the date {iso} as day/mon
                 "Convert {iso} to the DD/MM/YYYY format.", "{iso} in European order (day/month/year)?")
 
 
-def dates_task(folder: Path, n: int = 600, seed: int = 7) -> list[Path]:
+def dates_task(folder: Path, n: int = 400, seed: int = 7) -> list[Path]:
     """Two files of ``n / 2`` date rewrites, "What is 2024-03-15 in DD/MM/YYYY?" -> "15/03/2024"."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def one(task: str, side: str, args: argparse.Namespace, root: Path) -> dict:
     cfg["eval_steps"] = args.eval_steps
     cfg["controller"] = {"enabled": side == "on"}
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
-    files = write_demo_data(root / "data") if task == "demo" else dates_task(root / "data")
+    files = write_demo_data(root / "data") if task == "demo" else dates_task(root / "data", args.dates_lines)
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(root / "config.json")],
                        cwd=REPO, capture_output=True, text=True)
@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--sides", default="on,off", help="controller on, off (each a fresh project)")
     ap.add_argument("--lr", type=float, default=1e-3, help="training.learning_rate (the demo's before it was lowered)")
     ap.add_argument("--eval-steps", type=int, default=25, help="evaluate (and probe, and decide) every N steps")
+    ap.add_argument("--dates-lines", type=int, default=400, help="lines of the dates task (two files)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model-cache", default=str(REPO / "models" / "cache"), help="paths.model_cache to use")
     ap.add_argument("--keep", default=None, help="keep the projects under this folder (default: a temp dir)")

@@ -171,10 +171,10 @@ function renderController(c) {
   if (!c.enabled) {
     setText("ctl-lr", "x1 (controller off)", "");
     setText("ctl-rehearsal", isNum(c.rehearsal_fraction) ? pct(100 * c.rehearsal_fraction) : "–", "");
-    setText("ctl-last", "off (controller.enabled is false)", "muted");
+    setText("ctl-last", "off (controller.enabled is false)", "small muted");
     return;
   }
-  const rate = isNum(c.learning_rate) ? ` · ${c.learning_rate.toExponential(2)}` : "";
+  const rate = isNum(c.learning_rate) ? ` · ${+c.learning_rate.toPrecision(3)}` : "";
   setText("ctl-lr", isNum(c.lr_scale) ? `x${+c.lr_scale.toFixed(4)}${rate}` : "–", c.lr_scale < 1 ? "bad" : "");
   const next = isNum(c.next_rehearsal_fraction) && c.next_rehearsal_fraction !== c.rehearsal_fraction
     ? ` → next run ${pct(100 * c.next_rehearsal_fraction)}` : "";
@@ -183,7 +183,7 @@ function renderController(c) {
   const counts = Object.entries(c.decisions || {}).map(([k, n]) => `${k.replace("_", " ")} ${n}`).join(", ");
   // The reason is text: set through textContent like every other text here.
   setText("ctl-last", d ? `step ${d.global_step}: ${String(d.kind || "").replace("_", " ")} (${d.reason || ""})` +
-          (counts ? ` · ${counts}` : "") : "no decision yet (one after each probe)", DECISION_CLASS[(d || {}).kind] || "");
+          (counts ? ` · ${counts}` : "") : "no decision yet (one after each probe)", "small " + (DECISION_CLASS[(d || {}).kind] || ""));
 }
 
 function renderSkills(st) {
