@@ -91,6 +91,9 @@ class ControllerCallback(TrainerCallback):
             self.state.assign(ControllerState.from_json(distributed.gather(self.state.to_json())[0]))
         if lr_scale(self.state, self.cfg) != before:
             apply_learning_rate(optimizer, lr_scheduler, self.learning_rate())
+            if not self.world.is_main:
+                log.info("rank %d: learning rate x%g (%g) from step %d, rank 0's controller decision", self.world.rank,
+                         lr_scale(self.state, self.cfg), self.learning_rate(), state.global_step + 1)
 
     def _decide(self, global_step: int) -> Decision | None:
         record = self.probe.last or {}
