@@ -209,8 +209,9 @@ def test_two_ranks_take_the_same_decisions_and_rates_as_one(make_project, tiny_m
     assert rates[0] == rates[1]
     a, b = (ck.newest_complete(p.parent / "checkpoints") for p in (one, two))
     assert b.meta["world_size"] == 2 and a.meta["controller"]["lr_scale"] == b.meta["controller"]["lr_scale"] < 1
-    # The same updates: the two-process run's adapter is the one-process run's (gradients summed in another
-    # order, amplified by a rate of 0.05 over the run: a looser bound than test_distributed's 1e-5 at 1e-3).
+    # The same updates: the two-process run's adapter is the one-process run's. Measured: 1.1e-5 apart (gradients
+    # summed in another order, at a rate of 0.05); a rank 1 still on the unscaled rate would move its replica by
+    # about the rate (Adam: ~1e-2 a step) and pull rank 0's through the averaged gradients.
     wa, wb = load_file(a.path / "adapter_model.safetensors"), load_file(b.path / "adapter_model.safetensors")
     worst = max((wb[name] - wa[name]).abs().max().item() for name in wa)
-    assert worst <= 1e-3, worst
+    assert worst <= 1e-4, worst
