@@ -68,7 +68,6 @@ def test_rule(state, retention, accuracy, kind, scale, share) -> None:
 
 def test_rule_without_probe_rehearsal_off_and_the_continued_share() -> None:
     assert decide(ControllerState(), None, 50.0, CFG) is None  # no probe: nothing to judge
-    off = cfg_with(rehearsal_step=0.1)
     off = config_mod.load(None, ["training.rehearsal_fraction=0", "eval.retention_warn=0.95"])
     d = decide(ControllerState(), 0.5, 50.0, off)
     assert d.kind == "step_down" and d.state.lr_scale == 0.5 and rehearsal_share(d.state, off) == 0.0
