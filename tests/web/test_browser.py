@@ -68,6 +68,14 @@ def test_page_shows_the_figures_and_runs_no_injected_script(browser, server):
         assert page.locator("#gn-chart path.line").count() == 1
         assert page.text_content("#stab-score") == "91.5" and "good" in page.get_attribute("#stab-score", "class")
         assert page.text_content("#stab-anomalies") == "1"
+        # The retention-aware controller: its scale and rate, this run's share and the next's, the last decision
+        # and why (as text: the fixture's reason carries markup, which must create nothing).
+        assert page.text_content("#ctl-lr") == "x0.5 · 0.0001" and "bad" in page.get_attribute("#ctl-lr", "class")
+        assert page.text_content("#ctl-rehearsal") == "30.0% → next run 40.0%"
+        assert page.text_content("#ctl-last") == ("step 1100: step down (retention 0.9 < eval.retention_warn 0.95: "
+                                                  "learning rate x1 -> x0.5 <img src=x onerror=alert(1)>) · hold 3, "
+                                                  "step down 1")
+        assert page.locator("#ctl-last *").count() == 0
         assert page.text_content("#stab-last") == "step 1050: loss spike · spiky<img src=x onerror=alert(1)>.jsonl"
         examples = page.text_content("#examples-body")
         assert "猫 (neko) 🐱" in examples

@@ -68,6 +68,20 @@ def test_training_figures_are_exported_from_the_status_files(status_dir):
     assert v[("ut_queue_files", (("state", "done"),))] == ds["done_files"]
 
 
+def test_the_controller_is_exported(status_dir):
+    v = values(scrape(status_dir))
+    assert v[("ut_controller_enabled", ())] == 1.0 and v[("ut_controller_lr_scale", ())] == 0.5
+    assert v[("ut_controller_rehearsal_fraction", ())] == 0.3
+    assert v[("ut_controller_next_rehearsal_fraction", ())] == 0.4
+    assert v[("ut_controller_decisions_total", (("kind", "step_down"),))] == 1
+    assert v[("ut_controller_decisions_total", (("kind", "hold"),))] == 3
+    assert v[("ut_controller_decisions_total", (("kind", "step_back"),))] == 0
+    ts = json.loads((status_dir / status.TRAINING_STATUS).read_text())
+    del ts["controller"]  # a status file from before the controller: nothing about it
+    status.atomic_write_json(status_dir / status.TRAINING_STATUS, ts)
+    assert not [k for k in values(scrape(status_dir)) if k[0].startswith("ut_controller")]
+
+
 def test_figures_not_known_yet_are_absent_not_zero(tmp_path):
     status.atomic_write_json(tmp_path / status.TRAINING_STATUS, {"state": "loading", "global_step": 0, "loss": None,
                                                                  "accuracy": {"overall": None}})

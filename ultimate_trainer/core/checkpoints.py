@@ -66,7 +66,8 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
                 load_in_4bit: bool | None = None, lora: dict[str, Any] | None = None,
                 run_started_at: str | None = None, parent: dict[str, Any] | None = None, world_size: int = 1,
                 distributed: str | None = None, examples_per_step: int | None = None,
-                replay: dict[str, Any] | None = None, rehearsal: dict[str, Any] | None = None) -> dict[str, Any]:
+                replay: dict[str, Any] | None = None, rehearsal: dict[str, Any] | None = None,
+                controller: dict[str, Any] | None = None) -> dict[str, Any]:
     """The marker's fields (``CheckpointMarker``, core/records.py; docs/STATUS.md), less ``created_at``,
     which ``mark_complete`` stamps.
 
@@ -82,7 +83,7 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
         run_complete=run_step >= run_total_steps, files=files, run_started_at=run_started_at, parent=parent,
         base_model=base_model, base_model_name=base_model_name, load_in_4bit=load_in_4bit, lora=lora,
         world_size=world_size, distributed=distributed, examples_per_step=examples_per_step, replay=replay,
-        rehearsal=rehearsal).to_json()
+        rehearsal=rehearsal, controller=controller).to_json()
     del marker["created_at"]
     return marker
 

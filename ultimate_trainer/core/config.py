@@ -165,8 +165,31 @@ class EvalConfig:
         "the shipped general-knowledge set, else a JSONL path (relative to paths.root); null disables.")
     probe_every: int = _f(2, "Score the probe at every Nth evaluation (the first of each run included).", min=1)
     probe_max_new_tokens: int = _f(24, "Bound on each probe answer.", min=1, max=512)
-    retention_warn: float = _f(0.95, "Retention (probe score / baseline) below which the page warns of forgetting.",
+    retention_warn: float = _f(0.95, "Retention (probe score / baseline) below which the page warns of forgetting and the "
+                               "controller steps the learning rate down.",
                                min=0.0, max=1.0)
+
+
+@dataclass
+class ControllerConfig:
+    enabled: bool = _f(True, "The retention-aware controller: after each probe, lower the learning rate and raise the "
+                       "rehearsal share while retention is under eval.retention_warn, and step them back towards the "
+                       "configured values once held-out accuracy stalls with retention safe (docs/TRAINING.md, "
+                       "\"Retention-aware controller\"). false: the configured values, always.")
+    lr_factor: float = _f(0.5, "A step down multiplies the learning rate's scale by this; a step back divides it by "
+                          "this (never above 1: the configured rate).", min=0.05, max=0.95)
+    min_lr_scale: float = _f(0.125, "Lowest scale of the configured learning rate the controller steps down to.",
+                             min=0.001, max=1.0)
+    rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share (applied from the next run: a "
+                               "run's rehearsal lines are drawn at its start); a step back takes it off again. "
+                               "0: the controller leaves the share alone.", min=0.0, max=0.5)
+    max_rehearsal_fraction: float = _f(0.6, "Highest rehearsal share the controller raises it to (the configured "
+                                       "training.rehearsal_fraction when that is higher). A run with rehearsal off "
+                                       "(0) is never given any.", min=0.0, max=0.9)
+    stall_evaluations: int = _f(3, "Probed evaluations in a row without a better held-out accuracy after which "
+                                "accuracy counts as stalled (one step back, when retention is safe).", min=1)
+    safe_margin: float = _f(0.03, "Retention counts as safe for a step back at eval.retention_warn plus this.",
+                            min=0.0, max=1.0)
 
 
 @dataclass
@@ -278,6 +301,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Reading and tokenizing JSONL."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Held-out evaluation while training."})
     guard: GuardConfig = field(default_factory=GuardConfig, metadata={"doc": "The divergence guard (docs/TRAINING.md)."})
+    controller: ControllerConfig = field(default_factory=ControllerConfig, metadata={
+        "doc": "The retention-aware controller of the learning rate and the rehearsal share (docs/TRAINING.md)."})
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig,
                                                metadata={"doc": "The gate before a merge is adopted (docs/DAEMON.md)."})
     status: StatusConfig = field(default_factory=StatusConfig, metadata={"doc": "The status files."})
@@ -415,6 +440,9 @@ def _contradictions(cfg: Config) -> list[str]:
     if cfg.training.replay_fraction + cfg.training.rehearsal_fraction >= 0.95:
         p.append("training.rehearsal_fraction: with training.replay_fraction it must leave at least 5% of a run "
                  "to the run's own files")
+    if cfg.controller.enabled and cfg.training.replay_fraction + cfg.controller.max_rehearsal_fraction >= 0.95:
+        p.append("controller.max_rehearsal_fraction: with training.replay_fraction it must leave at least 5% of a "
+                 "run to the run's own files")
     return p
 
 

@@ -142,12 +142,21 @@ class CheckpointMarker(Record):
                                        "the run's replay, absent when none: `examples`, `files` (done file name -> lines)")
     rehearsal: dict[str, Any] | None = _f(None, "object or null",
                                           "the run's rehearsal, absent when none: `examples`, `answers`, `prompts_file`")
+    controller: dict[str, Any] | None = _f(None, "object or null",
+                                           "the retention-aware controller's state at this save, absent when it "
+                                           "is off (trainer/control_rule.py `ControllerState`): `lr_scale` (x "
+                                           "`training.learning_rate`), `rehearsal_extra` (added to "
+                                           "`training.rehearsal_fraction` for the runs that start from it), "
+                                           "`run_rehearsal_fraction` (the share this run started with: a continued "
+                                           "run keeps it), `best_accuracy`, `evaluations_since_best`, `decisions` "
+                                           "(kind -> count, all runs), `last` (`global_step`, `kind`, `reason`, "
+                                           "`time`). A resumed run and the next run start from it")
     created_at: str | None = _f(None, "string", "when the marker was written")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
-        for optional in ("replay", "rehearsal"):  # absent, not null, when the run had none (as ever)
+        for optional in ("replay", "rehearsal", "controller"):  # absent, not null, when the run had none (as ever)
             if out[optional] is None:
                 del out[optional]
         return out
@@ -193,6 +202,8 @@ class TrainingStatus(Record):
         'lines of earlier files mixed into this run (null: none): `examples` (trained), `files` (done file name -> lines)')
     rehearsal: dict | None = _f(None, 'object or null',
         "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`")
+    controller: dict | None = _f(None, 'object or null',
+        'the retention-aware controller (docs/TRAINING.md), null before training starts: `enabled`, `lr_scale` (x the configured rate, 1 when off), `learning_rate` (configured x scale: the base of the schedule now), `configured_learning_rate`, `rehearsal_fraction` (the share this run trains with), `next_rehearsal_fraction` (the share the next run will take), `configured_rehearsal_fraction`, `decisions` (kind -> count, all runs: `step_down`, `step_back`, `hold`), `last` (the last decision: `global_step`, `kind`, `reason`, `time`; null before the first)')
     stability: dict = _f(_obj({"loss_slope": None, "score": None, "anomalies": 0, "anomalies_this_run": 0, "last_anomaly": None}), 'object',
         'the divergence guard\'s view (docs/TRAINING.md, "Divergence guard"): `loss_slope` (least-squares slope of the step loss per step over the last `guard.slope_steps` steps, null before 2), `score` (stability score 0-100, null before the first step), `anomalies` (anomalous steps so far, all runs: the lines of `history/anomalies.jsonl`), `anomalies_this_run`, `shares` (the last step\'s target tokens by source), `last_anomaly` (`global_step`, `kind`, `files`, `loss`, `grad_norm`, or null)')
     diverged: dict | None = _f(None, 'object or null',
@@ -228,10 +239,40 @@ class TrainingStatus(Record):
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+@dataclass
+class ControllerDecision(Record):
+    """``status/history/controller.jsonl``, one line per decision of the retention-aware controller (after each probe;
+    trainer/controller.py). A run resumed from a checkpoint takes the decisions after it again, identically, so a
+    line may repeat (the same `run_id`, `global_step` and figures)."""
+
+    time: str = _f("", "string", "when it was decided")
+    global_step: int = _f(0, "int", "the step of the probed evaluation")
+    run_id: str = _f("", "string", "the run")
+    kind: str = _f("hold", "string", "`step_down` (retention under the warning: learning rate down, rehearsal share "
+                   "up), `step_back` (accuracy stalled with retention safe: both towards the configured values) or "
+                   "`hold`")
+    reason: str = _f("", "string", "why, in one line (also logged)")
+    retention: float | None = _f(None, "float", "the probe's retention (score / the base's)")
+    retention_warn: float = _f(0.95, "float", "`eval.retention_warn` at the time")
+    accuracy: float | None = _f(None, "float or null", "the evaluation's held-out accuracy, percent")
+    best_accuracy: float | None = _f(None, "float or null", "the best held-out accuracy at a probed evaluation so far")
+    evaluations_since_best: int = _f(0, "int", "probed evaluations since the best (or since the last step)")
+    lr_scale_before: float = _f(1.0, "float", "the learning rate's scale before")
+    lr_scale: float = _f(1.0, "float", "after: applies from the next optimizer step, for the rest of the run and the "
+                         "next runs")
+    learning_rate: float = _f(0.0, "float", "`training.learning_rate` x `lr_scale` (before the schedule's factor)")
+    rehearsal_fraction_before: float = _f(0.0, "float", "the rehearsal share for the next run, before")
+    rehearsal_fraction: float = _f(0.0, "float", "after: the share the next run takes (a run's rehearsal is drawn at "
+                                   "its start)")
+    run_rehearsal_fraction: float = _f(0.0, "float", "the share this run trains with")
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
 RECORDS: dict[str, type[Record]] = {
     "`training_status.json`": TrainingStatus,
     "`reports/<file name>.report.json`": FileReport,
     "`checkpoints/checkpoint-<global_step>/ut_checkpoint.json`": CheckpointMarker,
+    "`history/controller.jsonl`": ControllerDecision,
 }
 
 

@@ -52,6 +52,7 @@ EXAMPLES_HISTORY = "history/examples.jsonl"
 ANOMALIES_HISTORY = "history/anomalies.jsonl"
 PROBE_HISTORY = "history/probe.jsonl"
 PROBE_BASELINE = "history/probe_baseline.json"
+CONTROLLER_HISTORY = "history/controller.jsonl"  # the retention-aware controller's decisions
 GUARD_WINDOW = "history/guard_window.json"  # the divergence guard's accepted steps, for the next run
 REPORTS_DIR = "reports"
 

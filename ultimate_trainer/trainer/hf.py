@@ -68,8 +68,8 @@ class ConfiguredLearningRate(TrainerCallback):
     later run whatever the configuration says. At the start of a run the configured rate replaces
     it; the schedule's position (warm-up done, the factor at this step) is kept."""
 
-    def __init__(self, learning_rate: float):
-        self.learning_rate = learning_rate
+    def __init__(self, learning_rate: float, scale: float = 1.0):
+        self.learning_rate, self.scale = learning_rate * scale, scale  # scale: the retention-aware controller's
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        optimizer: Any = None, lr_scheduler: Any = None, **kw: Any):
@@ -77,7 +77,8 @@ class ConfiguredLearningRate(TrainerCallback):
         lambdas = getattr(sched, "lr_lambdas", None)
         if optimizer is None or lambdas is None or list(sched.base_lrs) == [self.learning_rate] * len(lambdas):
             return
-        log.info("learning rate %s from the configuration (the checkpoint's schedule had %s)", self.learning_rate,
+        log.info("learning rate %s from the configuration%s (the checkpoint's schedule had %s)", self.learning_rate,
+                 f" x {self.scale:g}, the retention-aware controller's scale" if self.scale != 1.0 else "",
                  sched.base_lrs[0])
         sched.base_lrs = [self.learning_rate] * len(lambdas)
         for group, factor in zip(optimizer.param_groups, lambdas):
@@ -229,6 +230,7 @@ class EvalCallback(TrainerCallback):
         self.tracker, self.run_id, self.stop = tracker, run_id, stop
         self.throughput = throughput
         self.model: Any = None
+        self.last_accuracy: float | None = None  # the last evaluation's held-out accuracy, percent (the controller's)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kw: Any):
@@ -287,6 +289,7 @@ class EvalCallback(TrainerCallback):
                    "val_loss": val_loss, **{k: snap[k] for k in ("overall", "last_20", "last_50", "trend")},
                    "seconds": {"generation": round(t1 - t0, 3), "val_loss": round(t2 - t1, 3)}}
         self.reporter.log_evaluation(summary, examples)
+        self.last_accuracy = summary["accuracy"]
         self.reporter.update(accuracy=snap, val_loss=val_loss if val_loss is not None else self.reporter.get("val_loss"))
         log.info("eval at step %d: %d/%d correct, overall %s%%, val_loss %s", global_step, correct,
                  len(examples), snap["overall"], None if val_loss is None else round(val_loss, 4))

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # the phases import these lazily: a dry run never loads torch
     from ultimate_trainer.data.replay import Replay
     from ultimate_trainer.trainer.rehearsal.prompts import Rehearsal
     from ultimate_trainer.trainer.session import Session
+    from ultimate_trainer.trainer.control_rule import ControllerState
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class RunState:
     started_at: str = field(default_factory=now_iso)
     world: World = field(default_factory=World)  # rank 0 alone writes status, reports and markers
     session: Session | None = None  # a worker's loaded tokenizer and model, reused when they fit
+    control: ControllerState | None = None  # the retention-aware controller's state (None: off); trainer/controller.py
+    rehearsal_share: float = 0.0  # this run's rehearsal share (the controller's, else training.rehearsal_fraction)
 
     @property
     def files(self) -> list[Path]:
@@ -170,7 +173,8 @@ class RunState:
             distributed=cfg.training.distributed if self.world.size > 1 else None,
             examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1),
             replay=self.replay_record() if self.replay else None,
-            rehearsal=self.rehearsal_record() if self.rehearsal else None)
+            rehearsal=self.rehearsal_record() if self.rehearsal else None,
+            controller=self.control.to_json() if self.control is not None else None)
 
     def replay_record(self) -> dict[str, Any]:
         """What the checkpoint marker and training_status.json say of the run's replay."""
@@ -391,6 +395,7 @@ def prepare_data(run: RunState, write_reports: bool, rehearse: bool = True) -> N
     store_dir = run.world.rank_path(work / "current")
     shutil.rmtree(store_dir, ignore_errors=True)
     run.replay = replay_for(run, run.world.rank_path(work / "current-replay.jsonl"))
+    start_control(run)
     if rehearse:
         run.rehearsal = rehearsal_for(run, run.world.rank_path(work / "current-rehearsal.jsonl"))
     session = run.session
@@ -407,6 +412,29 @@ def prepare_data(run: RunState, write_reports: bool, rehearse: bool = True) -> N
         run.reporter.update(rehearsal=run.rehearsal_record())
 
 
+def start_control(run: RunState) -> None:
+    """The retention-aware controller's state this run starts from (``run.control``) and the run's rehearsal share.
+
+    The state is the start point's checkpoint marker's (after a consolidation: its source checkpoint's),
+    the initial one when there is none. An interrupted run being continued keeps the share it started
+    with, so that it draws the same rehearsal lines and its plan stays the same."""
+    from ultimate_trainer.trainer.control_rule import ControllerState, run_share
+
+    cfg, checkpoint = run.cfg, run.start.checkpoint if run.start else None
+    if not cfg.controller.enabled:
+        run.control, run.rehearsal_share = None, cfg.training.rehearsal_fraction
+        return
+    meta = checkpoint.meta if checkpoint is not None else {}
+    run.control = ControllerState.from_json(meta.get("controller"))
+    continuing = checkpoint is not None and ck.steps_done(meta, run.run_id) > 0
+    run.rehearsal_share = run_share(run.control, cfg, continuing)
+    run.control.run_rehearsal_fraction = run.rehearsal_share
+    if run.control.lr_scale != 1.0 or run.rehearsal_share != cfg.training.rehearsal_fraction:
+        log.info("retention-aware controller: learning rate x%g (%g), rehearsal share %g (configured %g)%s",
+                 run.control.lr_scale, cfg.training.learning_rate * run.control.lr_scale, run.rehearsal_share,
+                 cfg.training.rehearsal_fraction, f", from {checkpoint.name}" if checkpoint is not None else "")
+
+
 def replay_for(run: RunState, out: Path) -> Any:
     """This run's replay of the manifest's earlier files (``data/replay.py``), drawn by the run id; None when off."""
     from ultimate_trainer.data.replay import write_replay
@@ -416,9 +444,14 @@ def replay_for(run: RunState, out: Path) -> Any:
 
 def rehearsal_for(run: RunState, out: Path) -> Any:
     """This run's rehearsal (``trainer/rehearsal/``): the base's own answers, drawn by the run id."""
+    import dataclasses
+
     from ultimate_trainer.trainer.rehearsal.answers import rehearsal_for as draw
 
-    return draw(run.cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session,
+    cfg = run.cfg
+    if run.rehearsal_share != cfg.training.rehearsal_fraction:  # the controller's share for this run
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, rehearsal_fraction=run.rehearsal_share))
+    return draw(cfg, run.base_path, run.tokenizer, run.manifest.lines, run.run_id, out, session=run.session,
                 track=lambda total: run.reporter.progress("rehearsal answers", total, "prompts", run.stop.stopped))
 
 
@@ -522,6 +555,8 @@ def train(run: RunState) -> None:
     from ultimate_trainer.model.scoring import AccuracyTracker
     from ultimate_trainer.trainer import distributed, hf, speed
     from ultimate_trainer.trainer.guard import GuardCallback, step_describer, step_sources
+    from ultimate_trainer.trainer.controller import ControllerCallback
+    from ultimate_trainer.trainer.control_rule import lr_scale
     from ultimate_trainer.trainer.probe.callback import probe_callback
     from ultimate_trainer.trainer.reporter import Throughput
 
@@ -541,12 +576,16 @@ def train(run: RunState) -> None:
     # handed explicitly (the throughput meter, the guard's stability), never through the reporter.
     #
     #   callback                 events                      contributes
-    #   ConfiguredLearningRate   train_begin                 the configured LR over the checkpoint's schedule;
-    #                                                        first, so the others' train_begin see it
+    #   ConfiguredLearningRate   train_begin                 the configured LR (x the controller's scale) over the
+    #                                                        checkpoint's schedule; first, so the others see it
     #   EvalCallback             train_begin, step_end       held-out answers and validation loss, every
     #                                                        eval_steps and at the run's end (evals.jsonl)
     #   ProbeCallback (if any)   train_begin, step_end       the base-knowledge probe; after EvalCallback,
     #                                                        whose evaluations it counts
+    #   ControllerCallback       train_begin, step_end       the retention-aware controller (if on): after each
+    #     (if on)                                            probe, the learning rate's scale (applied to the
+    #                                                        scheduler now) and the next run's rehearsal share;
+    #                                                        before SealCallback, whose marker carries its state
     #   RunCallback              train_begin, step_end, log  training_status.json and steps.jsonl; the stop
     #                                                        request (all ranks agree) and the run's last save
     #   SealCallback             step_end, save              the "saving" state; the marker sealing each
@@ -564,8 +603,19 @@ def train(run: RunState) -> None:
     probe = probe_callback(cfg, reporter, run.tokenizer, tracker, run.base_path, p.run_id, throughput,
                            run.stop)
     status = hf.RunCallback(reporter, run.stop, p, [f.name for f in run.files], guard, throughput, world)
-    callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate), evaluation, *filter(None, [probe]), status,
-                 hf.SealCallback(reporter, run.checkpoint_meta), speed.ThreadGovernor(), guard]
+    controller = ControllerCallback(cfg, reporter, run.control, run.rehearsal_share, evaluation, probe, p.run_id,
+                                    world) if run.control is not None else None
+    scale = lr_scale(run.control, cfg) if run.control is not None else 1.0
+    if controller is None:
+        reporter.update(controller={"enabled": False, "lr_scale": 1.0, "learning_rate": cfg.training.learning_rate,
+                                    "configured_learning_rate": cfg.training.learning_rate,
+                                    "rehearsal_fraction": run.rehearsal_share,
+                                    "next_rehearsal_fraction": cfg.training.rehearsal_fraction,
+                                    "configured_rehearsal_fraction": cfg.training.rehearsal_fraction,
+                                    "decisions": {}, "last": None})
+    callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate, scale), evaluation,
+                 *filter(None, [probe, controller]), status, hf.SealCallback(reporter, run.checkpoint_meta),
+                 speed.ThreadGovernor(), guard]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
     problem = distributed.optimizer_state_problem(start.checkpoint.meta, world.size, cfg.training.distributed) \
         if start.kind == "checkpoint" else None

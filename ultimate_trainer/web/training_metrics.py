@@ -20,6 +20,7 @@ from ultimate_trainer.core.times import epoch_seconds
 
 TRAINING_STATES = st.TRAINING_STATES
 ACCURACY_WINDOWS = ("overall", "last_20", "last_50")
+CONTROLLER_KINDS = ("step_down", "step_back", "hold")  # trainer/control_rule.py's (web imports no trainer code)
 
 
 def _num(value: Any) -> float | None:
@@ -68,6 +69,24 @@ class TrainingCollector:
         ret = ts.get("retention") if isinstance(ts.get("retention"), dict) else {}
         yield from gauge("ut_training_retention_ratio", "Base-knowledge probe score / its baseline (1 = nothing "
                          "forgotten).", ret.get("ratio"))
+
+        ctl = ts.get("controller") if isinstance(ts.get("controller"), dict) else {}
+        if ctl:
+            yield from gauge("ut_controller_enabled", "1 when the retention-aware controller is on.",
+                             float(bool(ctl.get("enabled"))))
+            yield from gauge("ut_controller_lr_scale", "The retention-aware controller's scale on training.learning_rate "
+                             "(1 = the configured rate).", ctl.get("lr_scale"))
+            yield from gauge("ut_controller_rehearsal_fraction", "Rehearsal share the current run trains with.",
+                             ctl.get("rehearsal_fraction"))
+            yield from gauge("ut_controller_next_rehearsal_fraction", "Rehearsal share the next run will take (the "
+                             "controller's decision).", ctl.get("next_rehearsal_fraction"))
+            decisions = ctl.get("decisions") if isinstance(ctl.get("decisions"), dict) else {}
+            fam = CounterMetricFamily("ut_controller_decisions", "The retention-aware controller's decisions, all "
+                                      "runs, by kind (step_down, step_back, hold).", labels=["kind"])
+            for kind in sorted(set(CONTROLLER_KINDS) | set(decisions)):
+                if _num(decisions.get(kind, 0)) is not None:
+                    fam.add_metric([str(kind)], _num(decisions.get(kind, 0)))
+            yield fam
 
         stab = ts.get("stability") if isinstance(ts.get("stability"), dict) else {}
         yield from gauge("ut_training_loss_slope", "Least-squares slope of the step loss per step.",

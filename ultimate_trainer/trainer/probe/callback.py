@@ -59,6 +59,8 @@ class ProbeCallback(TrainerCallback):
         self.baseline: dict[str, Any] | None = None
         self.seen_evaluations = tracker.evaluations
         self.model: Any = None
+        self.probes = 0  # probes scored in this run (the controller decides after each)
+        self.last: dict[str, Any] | None = None  # the last probe's record
 
     def _score(self, model: Any, phase: str = "probe") -> dict[str, Any]:
         ev = self.cfg.eval
@@ -121,6 +123,7 @@ class ProbeCallback(TrainerCallback):
         record = {"global_step": global_step, "run_id": self.run_id, **result,
                   "baseline": self.baseline["score"], "retention": ratio}
         st.append_jsonl(self.history, {"time": now_iso(), **record})
+        self.probes, self.last = self.probes + 1, record
         status = retention_status(list(st.iter_jsonl(self.history)), self.cfg.eval.retention_warn)
         self.reporter.update(retention=status)
         self.reporter.write()

@@ -161,6 +161,29 @@ function renderAccuracy(st) {
   const r = (st.training || {}).retention || {};
   setText("ret-now", isNum(r.ratio) ? pct(100 * r.ratio) : "–", r.forgetting ? "bad" : RETENTION_CLASS[r.trend] || "");
   setText("ret-probe", isNum(r.correct) ? `${r.correct}/${r.total} · ${r.trend || "first probe"}` : "–");
+  renderController((st.training || {}).controller);
+}
+
+const DECISION_CLASS = {step_down: "bad", step_back: "good", hold: "neutral"};
+
+function renderController(c) {
+  if (!c) { ["ctl-lr", "ctl-rehearsal", "ctl-last"].forEach(id => setText(id, "–", "")); return; }
+  if (!c.enabled) {
+    setText("ctl-lr", "x1 (controller off)", "");
+    setText("ctl-rehearsal", isNum(c.rehearsal_fraction) ? pct(100 * c.rehearsal_fraction) : "–", "");
+    setText("ctl-last", "off (controller.enabled is false)", "small muted");
+    return;
+  }
+  const rate = isNum(c.learning_rate) ? ` · ${+c.learning_rate.toPrecision(3)}` : "";
+  setText("ctl-lr", isNum(c.lr_scale) ? `x${+c.lr_scale.toFixed(4)}${rate}` : "–", c.lr_scale < 1 ? "bad" : "");
+  const next = isNum(c.next_rehearsal_fraction) && c.next_rehearsal_fraction !== c.rehearsal_fraction
+    ? ` → next run ${pct(100 * c.next_rehearsal_fraction)}` : "";
+  setText("ctl-rehearsal", isNum(c.rehearsal_fraction) ? pct(100 * c.rehearsal_fraction) + next : "–");
+  const d = c.last;
+  const counts = Object.entries(c.decisions || {}).map(([k, n]) => `${k.replace("_", " ")} ${n}`).join(", ");
+  // The reason is text: set through textContent like every other text here.
+  setText("ctl-last", d ? `step ${d.global_step}: ${String(d.kind || "").replace("_", " ")} (${d.reason || ""})` +
+          (counts ? ` · ${counts}` : "") : "no decision yet (one after each probe)", "small " + (DECISION_CLASS[(d || {}).kind] || ""));
 }
 
 function renderSkills(st) {

@@ -1,0 +1,216 @@
+"""The retention-aware controller: its rule, a run where retention falls and the optimizer's learning rate
+drops, a SIGKILLed run resumed to the same decisions, the next run starting from the saved state, the off switch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import chat, newest_step, run_train, sigkill_when, spawn_train, write_jsonl
+from ultimate_trainer.core import checkpoints as ck
+from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.trainer.control_rule import ControllerState, decide, rehearsal_share, run_share
+from test_probe import own_answers_probe
+
+# ---------------------------------------------------------------- the rule
+
+
+def cfg_with(**controller) -> config_mod.Config:
+    sets = ["eval.retention_warn=0.95", "training.learning_rate=0.001", "training.rehearsal_fraction=0.3",
+            "training.replay_fraction=0.05"] + [f"controller.{k}={json.dumps(v)}" for k, v in controller.items()]
+    return config_mod.load(None, sets)
+
+
+CFG = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
+               stall_evaluations=2, safe_margin=0.03)
+
+
+@pytest.mark.parametrize("state, retention, accuracy, kind, scale, share", [
+    # retention under the warning: LR halves, rehearsal + 0.1
+    (ControllerState(), 0.94, 50.0, "step_down", 0.5, 0.4),
+    # the floor and the ceiling bound the step: 0.5 -> 0.25 (not 0.125 below), 0.4 -> 0.5 (not 0.6 above)
+    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1), 0.5, 50.0, "step_down", 0.25, 0.5),
+    # both at their bounds: hold, said why
+    (ControllerState(lr_scale=0.25, rehearsal_extra=0.2), 0.5, 50.0, "hold", 0.25, 0.5),
+    # exactly at the warning level is not under it: hold (not safe for a step back either)
+    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=5),
+     0.95, 80.0, "hold", 0.5, 0.4),
+    # stalled (2nd probed evaluation without a better accuracy) and safe: step back
+    (ControllerState(lr_scale=0.25, rehearsal_extra=0.2, best_accuracy=90.0, evaluations_since_best=1),
+     0.99, 90.0, "step_back", 0.5, 0.4),
+    # stepping back never passes the configured values
+    (ControllerState(lr_scale=0.75, rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
+     1.0, 85.0, "step_back", 1.0, 0.3),
+    # improving accuracy: no stall, hold
+    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=80.0, evaluations_since_best=1),
+     1.0, 85.0, "hold", 0.5, 0.4),
+    # stalled but only just above the warning (under warn + margin): hold
+    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=1),
+     0.96, 90.0, "hold", 0.5, 0.4),
+    # already at the configured values: hold
+    (ControllerState(best_accuracy=90.0, evaluations_since_best=4), 1.0, 90.0, "hold", 1.0, 0.3),
+    # no held-out accuracy: a stall on retention alone
+    (ControllerState(lr_scale=0.5, evaluations_since_best=1), 1.0, None, "step_back", 1.0, 0.3),
+])
+def test_rule(state, retention, accuracy, kind, scale, share) -> None:
+    before = state.to_json()
+    d = decide(state, retention, accuracy, CFG, global_step=7)
+    assert d is not None and d.kind == kind, d.reason
+    assert d.state.lr_scale == pytest.approx(scale) and rehearsal_share(d.state, CFG) == pytest.approx(share)
+    assert d.state.decisions == {**state.decisions, kind: 1} and d.state.last["kind"] == kind
+    assert d.state.last["global_step"] == 7 and d.reason == d.state.last["reason"]
+    assert state.to_json() == before  # pure: the state handed in is not changed
+    assert decide(state, retention, accuracy, CFG, 7).state.to_json() == d.state.to_json()  # deterministic
+
+
+def test_rule_without_probe_rehearsal_off_and_the_continued_share() -> None:
+    assert decide(ControllerState(), None, 50.0, CFG) is None  # no probe: nothing to judge
+    off = config_mod.load(None, ["training.rehearsal_fraction=0", "eval.retention_warn=0.95"])
+    d = decide(ControllerState(), 0.5, 50.0, off)
+    assert d.kind == "step_down" and d.state.lr_scale == 0.5 and rehearsal_share(d.state, off) == 0.0
+    moved = ControllerState(rehearsal_extra=0.2, run_rehearsal_fraction=0.3)
+    assert run_share(moved, CFG, continuing=False) == pytest.approx(0.5)  # a new run takes the new share
+    assert run_share(moved, CFG, continuing=True) == 0.3  # a continued run keeps the share it was drawn with
+    assert ControllerState.from_json({"lr_scale": "x"}).to_json() == ControllerState().to_json()
+
+
+def test_config_bounds_the_share_with_replay() -> None:
+    with pytest.raises(config_mod.ConfigError, match="controller.max_rehearsal_fraction"):
+        config_mod.load(None, ["controller.max_rehearsal_fraction=0.9", "training.replay_fraction=0.1"])
+    config_mod.load(None, ["controller.max_rehearsal_fraction=0.9", "training.replay_fraction=0.1",
+                           "controller.enabled=false"])
+
+
+# ---------------------------------------------------------------- runs
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def optimizer_lrs(checkpoint: Path) -> list[float]:
+    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+    return [g["lr"] for g in state["param_groups"]]
+
+
+def project(make_project, tiny_model_dir: Path, root: Path, **extra) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    own_answers_probe(tiny_model_dir, root / "probe.jsonl", [f"Question number {i}?" for i in range(6)])
+    settings = dict(eval__probe_file="probe.jsonl", eval__probe_every=1, eval__probe_max_new_tokens=6,
+                    eval__retention_warn=1.0, eval_steps=3, save_steps=4, training__learning_rate=0.05,
+                    training__replay_fraction=0.0, controller__lr_factor=0.5, controller__min_lr_scale=0.25)
+    return make_project(tiny_model_dir, root=root, **{**settings, **extra})
+
+
+DATA = [chat(f"say {i}", f"word{i % 5}") for i in range(32)]
+
+
+def test_retention_falls_and_the_optimizer_rate_drops_then_the_next_run_starts_from_it(
+        make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "p"
+    cfg = project(make_project, tiny_model_dir, root)
+    r = run_train(cfg, write_jsonl(tmp_path / "a.jsonl", DATA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    decisions = lines(root / "status/history/controller.jsonl")
+    probes = lines(root / "status/history/probe.jsonl")
+    assert len(decisions) == len(probes)  # one decision per probe
+    downs = [d for d in decisions if d["kind"] == "step_down"]
+    assert downs, f"retention never fell under 1.0: {[p['retention'] for p in probes]}"
+    first = downs[0]
+    assert first["retention"] < 1.0 and first["lr_scale_before"] == 1.0 and first["lr_scale"] == 0.5
+    assert "retention" in first["reason"] and "controller at step %d: step down" % first["global_step"] in r.stderr
+    # The rate the Trainer logs drops right after the decision, to the configured 0.05 x the scale...
+    steps = {s["global_step"]: s for s in lines(root / "status/history/steps.jsonl")}
+    assert steps[first["global_step"] - 1]["learning_rate"] == pytest.approx(0.05)
+    assert steps[first["global_step"] + 1]["learning_rate"] == pytest.approx(0.05 * first["lr_scale"])
+    # ...and so does the optimizer's own: the last checkpoint's param groups and the marker's state.
+    last = ck.newest_complete(root / "checkpoints")
+    final_scale = decisions[-1]["lr_scale"]
+    lrs = optimizer_lrs(last.path)
+    assert final_scale <= 0.5 and lrs and lrs == pytest.approx([0.05 * final_scale] * len(lrs))
+    assert last.meta["controller"]["lr_scale"] == final_scale
+    assert last.meta["controller"]["decisions"]["step_down"] == len(downs)
+    status = json.loads((root / "status/training_status.json").read_text())
+    ctl = status["controller"]
+    assert ctl["enabled"] and ctl["lr_scale"] == final_scale and ctl["last"]["kind"] == decisions[-1]["kind"]
+    assert ctl["decisions"] == last.meta["controller"]["decisions"]
+
+    # The next run (other files) starts from the saved state: its first step trains at the scaled rate.
+    r = run_train(cfg, write_jsonl(tmp_path / "b.jsonl", [chat(f"tell {i}", f"item{i % 3}") for i in range(8)]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"retention-aware controller: learning rate x{final_scale:g}" in r.stderr
+    steps2 = [s for s in lines(root / "status/history/steps.jsonl") if s["global_step"] > last.global_step]
+    assert steps2[0]["learning_rate"] == pytest.approx(0.05 * final_scale)
+
+
+def test_off_switch_keeps_the_configured_rate(make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "off"
+    cfg = project(make_project, tiny_model_dir, root, controller__enabled=False)
+    r = run_train(cfg, write_jsonl(tmp_path / "a.jsonl", DATA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (root / "status/history/controller.jsonl").exists()
+    probes = lines(root / "status/history/probe.jsonl")
+    assert any(p["retention"] < 1.0 for p in probes)  # it would have stepped down
+    assert {s["learning_rate"] for s in lines(root / "status/history/steps.jsonl")} == {0.05}
+    last = ck.newest_complete(root / "checkpoints")
+    assert "controller" not in last.meta and set(optimizer_lrs(last.path)) == {0.05}
+    assert json.loads((root / "status/training_status.json").read_text())["controller"]["enabled"] is False
+
+
+def test_sigkilled_run_resumes_to_the_same_decisions(make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "a.jsonl", [chat(f"say {i}", f"word{i % 5}") for i in range(40)])
+    straight = project(make_project, tiny_model_dir, tmp_path / "straight")
+    killed = project(make_project, tiny_model_dir, tmp_path / "killed")
+    r = run_train(straight, data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    total = newest_step(straight.parent / "checkpoints")
+    sigkill_when(spawn_train(killed, data), lambda: newest_step(killed.parent / "checkpoints") >= 8, timeout=600)
+    killed_at = newest_step(killed.parent / "checkpoints")
+    assert 8 <= killed_at < total, "the run finished before it could be killed"
+    r = run_train(killed, data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "continuing interrupted run" in r.stderr
+
+    def by_step(root: Path) -> dict[int, tuple]:  # a decision taken again after the crash keeps its last line
+        return {d["global_step"]: (d["kind"], d["lr_scale"], d["rehearsal_fraction"], d["retention"], d["accuracy"])
+                for d in lines(root / "status/history/controller.jsonl")}
+
+    expected, got = by_step(straight.parent), by_step(killed.parent)
+    assert "step_down" in {k for k, *_ in expected.values()}
+    assert got == expected
+    a, b = (ck.newest_complete(p.parent / "checkpoints") for p in (straight, killed))
+    drop = ("last",)  # its time differs
+    assert {k: v for k, v in a.meta["controller"].items() if k not in drop} == \
+        {k: v for k, v in b.meta["controller"].items() if k not in drop}
+    assert optimizer_lrs(a.path) == optimizer_lrs(b.path)
+
+
+def test_two_ranks_take_the_same_decisions_and_rates_as_one(make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 decides; rank 1 must apply the same rate at the same step, or its gradients (averaged into rank 0's
+    update) would pull the two-process run away from the one-process run."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "a.jsonl", DATA)
+    same_batch = dict(training__gradient_accumulation_steps=2, training__packing="off", eval_steps=2, save_steps=100)
+    one = project(make_project, tiny_model_dir, tmp_path / "one", **same_batch)
+    two = project(make_project, tiny_model_dir, tmp_path / "two", **same_batch)
+    for cfg, n in ((one, 1), (two, 2)):
+        r = run_train(cfg, data, extra=["--set", f"training.num_processes={n}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "launching through torchrun" in r.stderr
+    decisions = [[(d["global_step"], d["kind"], d["lr_scale"]) for d in lines(p.parent / "status/history/controller.jsonl")]
+                 for p in (one, two)]
+    assert decisions[0] == decisions[1] and "step_down" in {k for _, k, _ in decisions[0]}
+    rates = [{s["global_step"]: s["learning_rate"] for s in lines(p.parent / "status/history/steps.jsonl")}
+             for p in (one, two)]
+    assert rates[0] == rates[1]
+    a, b = (ck.newest_complete(p.parent / "checkpoints") for p in (one, two))
+    assert b.meta["world_size"] == 2 and a.meta["controller"]["lr_scale"] == b.meta["controller"]["lr_scale"] < 1
+    # The same updates: the two-process run's adapter is the one-process run's. Measured: 1.1e-5 apart (gradients
+    # summed in another order, at a rate of 0.05); a rank 1 still on the unscaled rate would move its replica by
+    # about the rate (Adam: ~1e-2 a step) and pull rank 0's through the averaged gradients.
+    wa, wb = load_file(a.path / "adapter_model.safetensors"), load_file(b.path / "adapter_model.safetensors")
+    worst = max((wb[name] - wa[name]).abs().max().item() for name in wa)
+    assert worst <= 1e-4, worst
