@@ -14,8 +14,9 @@ Three runs in one project, as a user who walks away would have them:
    anomalies): the salad file must be the one blamed.
 
 Everything but the paths, the device (CPU), the batch (``--batch`` examples a step, no
-accumulation; the shipped 16 takes minutes a step here), evaluation (off: its generation is slow on
-a CPU and is not the guard) and checkpoints (one at the end of each run) is the shipped config: the
+accumulation; the shipped 16 takes minutes a step here), evaluation and the probe (off: their
+generation is slow on a CPU and is not the guard) and checkpoints (one at the end of each run) is
+the shipped config: the
 guard's settings, rehearsal at 0.3 of each run, replay, LoRA, 4-bit. The base's rehearsal answers
 are seeded with ordinary lines (generating the 380 answers takes ~40 min on this CPU). Prints, per
 run, the exit code, each anomaly (step, kind, loss, threshold, files) and the step losses.
@@ -72,7 +73,7 @@ def main() -> int:
             "paths": {**shipped["paths"], "root": str(root), "model_cache": str(cache)},
             "training": {**shipped["training"], "batch_size": args.batch, "gradient_accumulation_steps": 1,
                          "device": "cpu"},
-            "eval": {**shipped["eval"], "at_start": False}}
+            "eval": {**shipped["eval"], "at_start": False, "probe_file": None}}
     cfg_path = root / "config.json"
 
     def write_config(lr: float | None = None) -> None:

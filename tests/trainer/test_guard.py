@@ -455,6 +455,7 @@ def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_m
     r = run_train(cfg, write_jsonl(tmp_path / "normal2.jsonl", normal_records(40, seed=12)))
     assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
     kinds = [json.loads(x)["kind"] for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
-    assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss growth", "loss above chance"}
+    assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss spike on a new file", "loss growth",
+                                              "loss above chance"}
     # The wrecked adapter is neither saved nor continued from: the next run starts from run 1's checkpoint.
     assert ck.newest_complete(root / "checkpoints").path == kept.path

@@ -73,6 +73,36 @@ def test_sigterm_while_the_base_answers_the_rehearsal_prompts_ends_the_run_at_on
     assert final["state"] == "idle" and final["progress"] is None
 
 
+def test_sigterm_during_the_probe_baseline_ends_the_run_at_once(tiny_model_dir, make_project, tmp_path):
+    """The base's probe baseline (a new project's first evaluation): progress with an ETA, and SIGTERM
+    ends it within a generated token, storing no half baseline."""
+    cfg = make_project(tiny_model_dir, eval__probe_max_new_tokens=160, eval__batch_size=1)
+    root = cfg.parent
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(20)])
+    proc = spawn_train(cfg, data)
+
+    def baseline_progress() -> dict:
+        p = _status(root).get("progress") or {}
+        return p if p.get("phase") == "probe baseline" else {}
+
+    try:
+        wait_for(lambda: baseline_progress().get("done", 0) >= 1, timeout=300, proc=proc)
+        shown = baseline_progress() or _status(root)["progress"]
+        assert shown["unit"] == "questions" and shown["total"] > 1
+        assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "probe baseline stopped at" in err
+    assert not (root / "status" / st.PROBE_BASELINE).exists()  # no baseline from half the questions
+    assert not list((root / "checkpoints").glob("checkpoint-*"))
+    assert _status(root)["progress"] is None
+
+
 def test_sigterm_during_the_consolidation_gate_adopts_nothing_and_exits_stopped(tmp_path, tiny_model_dir):
     from test_consolidate import make_checkpoint
 
