@@ -14,9 +14,10 @@ is judged from its first steps; the level of this run's own files is known after
 ``guard.min_run_steps`` steps. Until then, a step of them is judged against what the user's files
 of earlier runs cost when they were new (their levels over their first steps, kept in the window
 file): more than ``guard.new_file_growth`` times that is an anomaly, so a file of word salad is
-caught at its first step while a new file that is merely harder than the last passes. Whatever the spread, a step whose loss is more than
-``guard.max_growth`` times what the lowest levels of this run predict is an anomaly (a learning
-rate that makes the loss climb tenfold), and from the very first step so is a loss above
+caught at its first step while a new file that is merely harder than the last passes. Whatever
+the spread, a step whose loss is more than ``guard.max_growth`` times what the lowest levels of
+this run predict is an anomaly (a learning rate that makes the loss climb tenfold), and from the
+very first step so is a loss above
 ``CHANCE_MARGIN * ln(vocabulary size)``: a model that does worse than a uniform guess over its
 vocabulary has been broken, whatever data it reads (a pretrained model scores ordinary text far
 below that; a randomly initialised one sits at ``ln(vocabulary)``, under the margin).
