@@ -161,6 +161,12 @@ def test_culprits_are_the_files_in_every_anomalous_step():
     events = [{"files": ["a.jsonl", "p.jsonl"]}, {"files": ["p.jsonl"]}, {"files": ["b.jsonl", "p.jsonl"]}]
     assert culprits(events) == ["p.jsonl"]
     assert culprits([{"files": ["a.jsonl"]}, {"files": ["b.jsonl"]}]) == ["a.jsonl", "b.jsonl"]
+    # Salad beside an ordinary file, a line of each in every anomalous step: the ordinary file also trained
+    # cleanly in accepted steps, the salad never did (the built-in model's run, docs/PERFORMANCE.md).
+    both = [{"files": ["ordinary.jsonl", "salad.jsonl"]}] * 3
+    assert culprits(both) == ["ordinary.jsonl", "salad.jsonl"]
+    assert culprits(both, clean={"ordinary.jsonl"}) == ["salad.jsonl"]
+    assert culprits(both, clean={"ordinary.jsonl", "salad.jsonl"}) == ["ordinary.jsonl", "salad.jsonl"]  # lr 1.0
 
 
 # --------------------------------------------------------------------------- a real poisoned model

@@ -100,6 +100,7 @@ class GuardCallback(TrainerCallback):
         self.rule.seed(load_window(window_path), [r["level"] for r in self.new_levels])
         self.flags: deque[bool] = deque(maxlen=cfg.window)  # whether each recent step was an anomaly
         self.events: list[dict[str, Any]] = []
+        self.accepted: deque[int] = deque(maxlen=BLAME_STEPS)  # this run's last accepted steps: their files
         self.skipped: dict[int, dict[str, Any]] = {}  # global step -> its real loss and grad norm (text when non-finite)
         self.run_losses: deque[float] = deque(maxlen=cfg.window)  # this run's accepted step losses (score, slope)
         self.total = 0
@@ -190,6 +191,7 @@ class GuardCallback(TrainerCallback):
             if loss is not None:
                 self.rule.accept(loss, shares)
                 self.run_losses.append(loss)
+            self.accepted.append(global_step)
             self.flags.append(False)
             self._publish(global_step, shares)
             return
@@ -233,7 +235,9 @@ class GuardCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if self.cfg.enabled and self.total >= self.cfg.max_anomalies:
-            files = culprits(self.events)
+            clean = {f for step in self.accepted for f in self.describe_step(step).get("files") or []} \
+                if self.world.is_main else set()
+            files = culprits(self.events, clean)
             last = self.events[-1]
             reason = (f"diverged: {self.total} anomalies in this run (last: {last['kind']} at step "
                       f"{last['global_step']}); files: {', '.join(files) or 'unknown'}")
@@ -286,6 +290,7 @@ def _finite_or_str(x: float | None) -> float | str | None:
 
 
 PREVIEW_CHARS = 200
+BLAME_STEPS = 200  # accepted steps whose files are spared the blame when the guard stops a run
 
 
 def step_sources(run: Any) -> Callable[[int], dict[str, float]]:

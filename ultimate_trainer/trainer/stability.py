@@ -81,13 +81,16 @@ def stability_score(losses: Sequence[float], anomalies_in_window: int, window: i
     return round(100.0 * clean / (1.0 + spread + rise), 1)
 
 
-def culprits(events: list[dict[str, Any]]) -> list[str]:
-    """Files present in every anomalous step (or, when none is, in any of them)."""
+def culprits(events: list[dict[str, Any]], clean: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Files present in every anomalous step (or, when none is, in any of them); of those, the ones
+    never in an accepted step (``clean``: files of this run's accepted steps) when there are any: a
+    file of word salad beside an ordinary one shares every anomalous step with it when a step holds
+    a line of each, but only the ordinary file also trained cleanly."""
     sets = [set(e.get("files") or []) for e in events]
     if not sets:
         return []
-    common = set.intersection(*sets)
-    return sorted(common or set.union(*sets))
+    common = set.intersection(*sets) or set.union(*sets)
+    return sorted(common - set(clean) or common)
 
 
 # --------------------------------------------------------------------------- the spike rule by source
