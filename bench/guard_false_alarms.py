@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/guard_false_alarms.py [--model guard-tiny | smollm2-135m-instruct | PATH]
                                                  [--runs 4] [--lines 240] [--rehearsal 0.3] [--batch 2]
-                                                 [--accumulation 1] [--out DIR]
+                                                 [--accumulation 1] [--out DIR | --judge DIR]
 
 Trains ``--runs`` runs in a row through the real ``train.py`` (one file each, rehearsal mixed in at
 the shipped share), with the guard observing only (its thresholds set out of reach), so every step
@@ -12,7 +12,9 @@ that same series, step by step, as they would have in training:
 - pooled: the rule before issue 23 (``median + k * max(1.4826 * MAD, 0.05 * median)`` of the run's
   last 50 accepted step losses, judged from the run's 21st step);
 - by source: ``stability.SpikeRule`` (per-source levels, the spread of the fit's residuals, the
-  earlier runs' window at each run's start, the growth and chance rules).
+  earlier runs' window at each run's start, the growth and chance rules, and the new-file rule:
+  each run's first steps against the earlier runs' files' levels when new, at the shipped
+  ``guard.new_file_growth``).
 
 Every flag on this data is a false alarm. ``--model guard-tiny`` is the tests' tiny model trained
 on the ordinary lines (tests/_guard_helpers.py: fast, and it knows its language); the built-in
@@ -64,6 +66,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accumulation", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--judge", type=Path, default=None, help="judge the steps of this earlier --out again, training nothing")
     args = ap.parse_args()
 
     from _guard_helpers import cached_guard_model, chat, normal_records
@@ -71,10 +74,10 @@ def main() -> int:
     from ultimate_trainer.model.loading import resolve_base
     from ultimate_trainer.core import config
     from ultimate_trainer.trainer.rehearsal.prompts import cache_path, load_prompts
-    from ultimate_trainer.trainer.stability import Observation, SpikeRule
+    from ultimate_trainer.trainer.stability import Observation, SpikeRule, fit_levels
 
     cache = REPO / "models" / "cache"
-    root = args.out or Path(tempfile.mkdtemp(prefix="guard-false-alarms-"))
+    root = args.judge or args.out or Path(tempfile.mkdtemp(prefix="guard-false-alarms-"))
     root.mkdir(parents=True, exist_ok=True)
     model = args.model
     if model == "guard-tiny":
@@ -90,14 +93,15 @@ def main() -> int:
             "data": {"heldout_fraction": 0.0},
             "guard": {"spike_k": 1e9, "max_growth": 1e9, "max_anomalies": 10**6}}
     cfg_path = root / "config.json"
-    cfg_path.write_text(json.dumps(data, indent=2))
-    if args.rehearsal:  # the base's answers: ordinary lines it knows (generation by a real base is slow here)
+    if not args.judge:
+        cfg_path.write_text(json.dumps(data, indent=2))
+    if args.rehearsal and not args.judge:  # the base's answers: ordinary lines it knows (generation by a real base is slow here)
         cfg = config.load(str(cfg_path), [])
         rehearsal = cache_path(cfg, resolve_base(cfg), load_prompts(cfg))
         rehearsal.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(rehearsal, normal_records(200, seed=999) + [chat("Say hello.", "Hello!")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for i in range(args.runs):
+    for i in range(0 if args.judge else args.runs):
         f = write_jsonl(root / f"part{i}.jsonl", normal_records(args.lines, seed=100 + i))
         done = root / "queue" / "done"  # replay draws from the files trained before
         r = subprocess.run([sys.executable, str(REPO / "train.py"), str(f), "--config", str(cfg_path)], env=env,
@@ -122,22 +126,29 @@ def main() -> int:
     for k in (6.0, 8.0, 10.0):
         pooled = sum(pooled_flags([s["loss"] for s in v], k) for v in runs.values())
         pooled_judged = sum(max(0, len(v) - 20) for v in runs.values())
-        flags = judged = 0
+        flags = judged = new_flags = 0
         earlier: list[Observation] = []
+        levels: list[float] = []  # each earlier run's own files' level when new (guard_window.json)
+        new_growth = config.Config().guard.new_file_growth
         for v in runs.values():
-            rule = SpikeRule(k, 50, 20, 4, 10.0, chance=chance)
-            rule.seed(earlier)
+            rule = SpikeRule(k, 50, 20, 4, 10.0, chance=chance, new_file_growth=new_growth)
+            rule.seed(earlier, levels)
             for s in v:
                 shares = s.get("shares") or {"user": 1.0}
+                new = rule.new_file_threshold(shares, fit_levels(rule.window))
                 verdict = rule.judge(s["loss"], shares)
-                judged += verdict.threshold is not None and verdict.expected is not None
+                judged += (verdict.threshold is not None and verdict.expected is not None) or new is not None
+                if new is not None and s["loss"] > new:
+                    new_flags += 1
                 if verdict.kind:
                     flags += 1
                 else:
                     rule.accept(s["loss"], shares)
             earlier = list(rule.window)  # as the next run reads it (seed() makes this run's files "earlier")
+            levels += [rule.new_level] if rule.new_level is not None else []
         print(f"{k:>4.0f} {pooled:>6} ({100 * pooled / max(1, pooled_judged):.2f}%) {flags:>8} "
-              f"({100 * flags / max(1, judged):.2f}%) {pooled_judged:>14} {judged:>17}")
+              f"({100 * flags / max(1, judged):.2f}%) {pooled_judged:>14} {judged:>17}   "
+              f"(of the by-source flags, {new_flags} by the new-file rule)")
     print(f"(project: {root}; {args.batch * args.accumulation} examples a step)")
     return 0
 

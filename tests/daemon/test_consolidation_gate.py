@@ -121,3 +121,51 @@ def test_a_refused_consolidation_is_reported_and_not_retried(tmp_path: Path) -> 
 @pytest.mark.parametrize("code", [Exit.REFUSED])
 def test_exit_code_is_documented(code: Exit) -> None:
     assert code == 6 and "refused" in code.meaning
+
+
+def test_the_daemon_status_carries_the_running_merges_progress(tmp_path: Path) -> None:
+    """While the merge child runs, daemon_status.json's consolidation.progress is the phase the child shows
+    in its consolidation_status.json (trainer/consolidation/merge.py MergeStatus): the page and any client
+    of the daemon's status see the merge's progress and ETA, not only the daemon's log."""
+    checkpoint(tmp_path, 10, "/models/base")
+    # Stand-in merge child: the real MergeStatus and Progress, then it waits until the daemon's status shows
+    # its progress, records what it saw, and refuses its candidate (exit 6) as the gate would.
+    script = """
+import json, pathlib, sys, time
+from ultimate_trainer.core.progress import Progress
+from ultimate_trainer.trainer.consolidation.merge import STAGES, MergeStatus
+root = pathlib.Path(sys.argv[1])
+status = MergeStatus(root / 'status' / 'consolidation_status.json')
+Progress('consolidation', len(STAGES), 'stages', on_update=status.stage).advance()
+Progress('gate: the base', 40, 'prompts', on_update=status.phase).advance(12)
+seen, deadline = None, time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        seen = json.loads((root / 'status' / 'daemon_status.json').read_text())['consolidation']
+    except (OSError, ValueError, KeyError):
+        seen = None
+    if seen and seen.get('progress'):
+        break
+    time.sleep(0.1)
+(root / 'seen.json').write_text(json.dumps(seen))
+m = root / 'models/consolidated/.refused/20261127-030000'
+m.mkdir(parents=True)
+(m / 'manifest.json').write_text(json.dumps({'global_step': 10, 'adopted': False, 'gate': {'adopted': False,
+    'reason': 'stand-in'}, 'created_at': '2026-11-27T03:00:00+0000'}))
+status.finish('refused', str(m))
+sys.exit(6)
+"""
+    cfg = cfg_for(tmp_path)
+    d = Daemon(cfg, str(_config(tmp_path)), SETS + [f"paths.root={tmp_path}"], once=True, consolidate_now=True,
+               consolidate_cmd=lambda files_json: [sys.executable, "-c", script, str(tmp_path)])
+    assert d.tick() == 0
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["running"] is True
+    progress = seen["progress"]
+    assert progress["phase"] == "gate: the base" and (progress["done"], progress["total"]) == (12, 40)
+    assert progress["unit"] == "prompts" and "eta_seconds" in progress
+    assert progress["stage"] == {"done": 1, "total": 5, "name": "score the base (gate)"}
+    after = json.loads((tmp_path / "status" / "daemon_status.json").read_text())["consolidation"]
+    assert after["running"] is False and after["progress"] is None  # the merge is over
+    merge = json.loads((tmp_path / "status" / "consolidation_status.json").read_text())
+    assert merge["state"] == "refused" and merge["progress"] is None

@@ -20,8 +20,8 @@ from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import config
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.trainer.distributed import free_port
-from ultimate_trainer.trainer.stability import (Observation, SpikeRule, culprits, loss_slope, spike_threshold,
-                                                stability_score)
+from ultimate_trainer.trainer.stability import (Observation, SpikeRule, culprits, fit_levels, loss_slope,
+                                                spike_threshold, stability_score)
 
 POISON_WORD = " Poison"  # one token of the built-in tokenizer
 
@@ -98,6 +98,36 @@ def test_a_run_is_judged_from_its_first_steps_with_the_earlier_runs_history():
     assert fresh.judge(salad_step, {"user": 0.7, "rehearsal": 0.3}).kind is None
 
 
+def test_a_new_files_first_steps_are_judged_against_what_earlier_files_cost_when_new():
+    """Issue 23: a run's own new file is not judged until its level is known (guard.min_run_steps): word
+    salad in its first steps trained, and became the level its later steps were judged against.
+    Earlier runs' files' levels when *they* were new are the prior: salad is caught at step 1, a merely
+    harder file is not."""
+    rng = random.Random(3)
+    earlier = [Observation(loss, shares) for loss, shares in _mixed_steps(50, rng)]
+    mix = {"user": 0.7, "rehearsal": 0.3}
+    salad_step = 0.7 * 13.0 + 0.3 * 0.5
+    without = _rule()
+    without.seed(earlier)
+    assert without.judge(salad_step, mix).kind is None  # no history of new files: not judged yet (chance aside)
+    rule = _rule()
+    rule.seed(earlier, new_levels=[3.1, 2.9, 3.4])
+    verdict = rule.judge(salad_step, mix)
+    # the prior: the median new-file level 3.1 for the user's share, rehearsal at its fitted ~0.5
+    assert verdict.kind == "loss spike on a new file"
+    assert verdict.threshold == pytest.approx(3.0 * (0.7 * 3.1 + 0.3 * 0.5), rel=0.03)
+    assert rule.judge(13.0, {"user": 1.0}).kind == "loss spike on a new file"  # a step of the new file alone
+    assert rule.judge(0.6, {"rehearsal": 1.0}).kind is None  # rehearsal alone is not the new file's business
+    # A new file harder than the earlier ones (4.5 against ~3): no alarm; its own level is known after 4 steps.
+    for i in range(6):
+        loss = 4.5 + 0.1 * (i % 3)
+        assert rule.judge(loss, mix).kind is None
+        rule.accept(loss, mix)
+    assert rule.new_level == pytest.approx((4.6 - 0.3 * 0.5) / 0.7, abs=0.3)  # its level over its first steps
+    assert rule.new_file_threshold(mix, fit_levels(rule.window)) is None  # from now on judged by its own level
+    assert rule.judge(salad_step, mix).kind == "loss spike"
+
+
 def test_a_tenfold_growth_is_caught_whatever_the_spread_and_a_loss_worse_than_chance_at_once():
     rule = _rule(min_history=5)
     rng = random.Random(2)
@@ -131,6 +161,12 @@ def test_culprits_are_the_files_in_every_anomalous_step():
     events = [{"files": ["a.jsonl", "p.jsonl"]}, {"files": ["p.jsonl"]}, {"files": ["b.jsonl", "p.jsonl"]}]
     assert culprits(events) == ["p.jsonl"]
     assert culprits([{"files": ["a.jsonl"]}, {"files": ["b.jsonl"]}]) == ["a.jsonl", "b.jsonl"]
+    # Salad beside an ordinary file, a line of each in every anomalous step: the ordinary file also trained
+    # cleanly in accepted steps, the salad never did (the built-in model's run, docs/PERFORMANCE.md).
+    both = [{"files": ["ordinary.jsonl", "salad.jsonl"]}] * 3
+    assert culprits(both) == ["ordinary.jsonl", "salad.jsonl"]
+    assert culprits(both, clean={"ordinary.jsonl"}) == ["salad.jsonl"]
+    assert culprits(both, clean={"ordinary.jsonl", "salad.jsonl"}) == ["ordinary.jsonl", "salad.jsonl"]  # lr 1.0
 
 
 # --------------------------------------------------------------------------- a real poisoned model
@@ -353,6 +389,7 @@ def test_word_salad_beside_normal_data_fails_the_salad_file(guard_model_dir, mak
     assert not (root / "status/history/anomalies.jsonl").exists()
     window = json.loads((root / "status/history/guard_window.json").read_text())
     assert {"user", "rehearsal"} <= {k for s in window["steps"] for k in s["shares"]}
+    assert len(window["new_file_levels"]) == 1  # the next run's new file is judged from its first step by it
 
     # 2. A file of word salad beside an ordinary one: the salad steps are skipped and the salad file is blamed.
     tok = AutoTokenizer.from_pretrained(guard_model_dir)
@@ -371,6 +408,43 @@ def test_word_salad_beside_normal_data_fails_the_salad_file(guard_model_dir, mak
     assert all(isinstance(s["loss"], float) and s["loss"] > 5 for s in skipped)  # the real loss, not 0.0
 
 
+def test_word_salad_as_a_new_files_first_lines_is_caught_at_its_first_step(guard_model_dir, make_project, tmp_path):
+    """A run's own new file is judged from its first step against what earlier runs' files cost when
+    new (guard_window.json's new_file_levels), not only after guard.min_run_steps steps of it, when
+    the salad would have been its level: every step holding salad is skipped, none of it trained.
+    (An ordinary new file beside salad raises no alarm: the test above.) The tiny model reads its own
+    lines at ~4.5 nats, so the shipped 3x of that is as high as the chance rule's bar (13.5) and the
+    salad (~16.7) is over both; at 2x the new-file rule alone is seen at work, under the chance bar.
+    (On the built-in model, lines at ~2.8 and salad at 12.7-14.5: bench/guard_builtin.py.)"""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from _guard_helpers import normal_records, salad_records
+    from ultimate_trainer.trainer.stability import CHANCE_MARGIN
+
+    cfg = _walked_away_project(make_project, guard_model_dir, tmp_path / "project", 1e-3)
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "guard": {"new_file_growth": 2.0}}))
+    root = cfg.parent
+    r = run_train(cfg, write_jsonl(tmp_path / "normal.jsonl", normal_records(24, seed=11)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    levels = json.loads((root / "status/history/guard_window.json").read_text())["new_file_levels"]
+    assert len(levels) == 1 and 0 < levels[0]["level"] < 6  # ordinary lines cost ~2-4 nats to the tiny model
+
+    tok = AutoTokenizer.from_pretrained(guard_model_dir)
+    r = run_train(cfg, write_jsonl(tmp_path / "salad.jsonl", salad_records(12, tok)))
+    assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
+    events = [json.loads(x) for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
+    steps = [s for s in (json.loads(x) for x in (root / "status/history/steps.jsonl").read_text().splitlines())
+             if s.get("run_id") == events[0]["run_id"]]
+    with_salad = [s for s in steps if (s.get("shares") or {}).get("user")]
+    assert with_salad and all(s.get("skipped") for s in with_salad)  # not one salad step was trained
+    assert [e["global_step"] for e in events] == [s["global_step"] for s in with_salad][:3]
+    # judged by the new-file rule (2 x the earlier file's level), far under the chance rule's bar
+    chance = CHANCE_MARGIN * math.log(len(tok))
+    assert all(e["threshold"] < 0.8 * chance for e in events), [e["threshold"] for e in events]
+
+
 def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_model_dir, make_project, tmp_path):
     """Learning rate 1.0 with a LoRA scaling of 32 (alpha 256, rank 8): the first update wrecks the model
     (the loss of ordinary lines goes from ~3.5 to ~12-17), as 1.0 alone did to the issue's 135M model."""
@@ -387,6 +461,7 @@ def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_m
     r = run_train(cfg, write_jsonl(tmp_path / "normal2.jsonl", normal_records(40, seed=12)))
     assert r.returncode == Exit.DIVERGED, r.stderr[-3000:]
     kinds = [json.loads(x)["kind"] for x in (root / "status/history/anomalies.jsonl").read_text().splitlines()]
-    assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss growth", "loss above chance"}
+    assert len(kinds) == 3 and set(kinds) <= {"loss spike", "loss spike on a new file", "loss growth",
+                                              "loss above chance"}
     # The wrecked adapter is neither saved nor continued from: the next run starts from run 1's checkpoint.
     assert ck.newest_complete(root / "checkpoints").path == kept.path

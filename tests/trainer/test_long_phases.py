@@ -73,6 +73,36 @@ def test_sigterm_while_the_base_answers_the_rehearsal_prompts_ends_the_run_at_on
     assert final["state"] == "idle" and final["progress"] is None
 
 
+def test_sigterm_during_the_probe_baseline_ends_the_run_at_once(tiny_model_dir, make_project, tmp_path):
+    """The base's probe baseline (a new project's first evaluation): progress with an ETA, and SIGTERM
+    ends it within a generated token, storing no half baseline."""
+    cfg = make_project(tiny_model_dir, eval__probe_max_new_tokens=160, eval__batch_size=1)
+    root = cfg.parent
+    data = write_jsonl(tmp_path / "data.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(20)])
+    proc = spawn_train(cfg, data)
+
+    def baseline_progress() -> dict:
+        p = _status(root).get("progress") or {}
+        return p if p.get("phase") == "probe baseline" else {}
+
+    try:
+        wait_for(lambda: baseline_progress().get("done", 0) >= 1, timeout=300, proc=proc)
+        shown = baseline_progress() or _status(root)["progress"]
+        assert shown["unit"] == "questions" and shown["total"] > 1
+        assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "probe baseline stopped at" in err
+    assert not (root / "status" / st.PROBE_BASELINE).exists()  # no baseline from half the questions
+    assert not list((root / "checkpoints").glob("checkpoint-*"))
+    assert _status(root)["progress"] is None
+
+
 def test_sigterm_during_the_consolidation_gate_adopts_nothing_and_exits_stopped(tmp_path, tiny_model_dir):
     from test_consolidate import make_checkpoint
 
@@ -82,6 +112,7 @@ def test_sigterm_during_the_consolidation_gate_adopts_nothing_and_exits_stopped(
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"paths": {"root": str(tmp_path)}, "training": {"device": "cpu"},
                                   "eval": {"probe_max_new_tokens": 512, "batch_size": 1}}))
+    merge_status = tmp_path / "status" / st.CONSOLIDATION_STATUS
     proc = subprocess.Popen([sys.executable, "-m", "ultimate_trainer.trainer.consolidation", "--config", str(config)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -90,6 +121,18 @@ def test_sigterm_during_the_consolidation_gate_adopts_nothing_and_exits_stopped(
             lines.append(line)
             if "gate: the base:" in line:  # the gate has started scoring the base
                 break
+        # ... and shows it in its status file (the daemon's status and the page carry it): stage and phase, with an ETA
+        def gate_progress() -> dict:
+            p = (st.read_json(merge_status) or {}).get("progress") or {}
+            return p if p.get("phase") == "gate: the base" else {}
+
+        wait_for(lambda: gate_progress().get("done", 0) >= 1, timeout=300, proc=proc)
+        shown = st.read_json(merge_status)
+        assert shown["state"] == "running" and shown["pid"] == proc.pid and shown["checkpoint"] == "checkpoint-5"
+        assert shown["stage"] == {"done": 1, "total": 5, "name": "score the base (gate)"}
+        progress = shown["progress"]
+        assert progress["phase"] == "gate: the base" and progress["unit"] == "prompts" and progress["total"] > 1
+        assert isinstance(progress["eta_seconds"], (int, float)) and progress["eta_seconds"] > 0
         proc.send_signal(signal.SIGTERM)
         lines += proc.stderr.readlines()
         code = proc.wait(timeout=120)
@@ -101,3 +144,5 @@ def test_sigterm_during_the_consolidation_gate_adopts_nothing_and_exits_stopped(
     assert "consolidation stopped" in err and "gate: the base stopped at" in err
     consolidated = tmp_path / "models" / "consolidated"
     assert not consolidated.exists() or not any(consolidated.iterdir())  # no candidate, no temp folder
+    final = st.read_json(merge_status)
+    assert final["state"] == "stopped" and final["progress"] is None and "gate: the base stopped at" in final["result"]

@@ -182,3 +182,30 @@ def test_a_nan_step_in_the_history_keeps_the_page_refreshing(browser, tmp_path):
             assert not [p for p in problems if "page error" in p], problems
         finally:
             ctx.close()
+
+
+def test_the_merges_progress_shows_in_the_phase_bar(browser, tmp_path):
+    """The daily merge shows its phase and ETA on the page as the trainer's long phases do."""
+    import os
+
+    from ultimate_trainer.core import status
+    from ultimate_trainer.core.times import now_iso
+
+    sd = live_status_dir(tmp_path / "status")
+    ts = json.loads((sd / status.TRAINING_STATUS).read_text())
+    status.atomic_write_json(sd / status.TRAINING_STATUS, {**ts, "state": "idle", "progress": None})
+    status.atomic_write_json(sd / status.CONSOLIDATION_STATUS, {
+        "schema_version": 1, "state": "running", "pid": os.getpid(), "updated_at": now_iso(),
+        "stage": {"done": 1, "total": 5, "name": "score the base (gate)"},
+        "progress": {"phase": "gate: the base", "done": 12, "total": 40, "unit": "prompts",
+                     "elapsed_seconds": 60.0, "eta_seconds": 140.0, "started_at": now_iso()}})
+    with ServerThread(create_app(sd, refresh_seconds=0.5)) as srv:
+        ctx, page, problems = _open(browser, srv.url, 1400, 1000)
+        try:
+            assert page.is_visible("#phase")
+            assert page.text_content("#phase-label") == ("consolidation · gate: the base 12 / 40 prompts · 30% · "
+                                                         "2 min left")
+            assert page.text_content("#co-next") == "running now · stage 2/5: score the base (gate)"
+            assert not [p for p in problems if "page error" in p], problems
+        finally:
+            ctx.close()

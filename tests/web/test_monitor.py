@@ -239,3 +239,20 @@ def test_a_nan_in_old_history_files_is_served_as_null(live):
     assert doc["steps"][-1]["loss"] is None and doc["steps"][-1]["skipped"] is True
     points = _strict(app.get("/api/history").get_data(as_text=True))["steps"]["points"]
     assert points[-1]["skipped"] == 1 and points[-1]["loss"] is None  # no 0.0 dip on the chart
+
+
+def test_state_carries_the_running_merges_progress_and_not_a_dead_ones(live):
+    """The merge child's consolidation_status.json is read directly (fresh, and there without a daemon)."""
+    import os
+
+    doc = {"schema_version": 1, "state": "running", "pid": os.getpid(), "updated_at": "2026-12-06T10:00:00+0000",
+           "checkpoint": "checkpoint-900", "global_step": 900,
+           "stage": {"done": 1, "total": 5, "name": "score the base (gate)"},
+           "progress": {"phase": "gate: the base", "done": 12, "total": 40, "unit": "prompts",
+                        "elapsed_seconds": 60.0, "eta_seconds": 140.0, "started_at": "2026-12-06T09:59:00+0000"}}
+    status.atomic_write_json(live / status.CONSOLIDATION_STATUS, doc)
+    merge = get(live, "/api/state").get_json()["consolidation"]
+    assert merge["running"] is True and merge["progress"]["eta_seconds"] == 140.0
+    assert merge["stage"]["name"] == "score the base (gate)"
+    status.atomic_write_json(live / status.CONSOLIDATION_STATUS, {**doc, "pid": 999999})  # killed: not running
+    assert get(live, "/api/state").get_json()["consolidation"]["running"] is False

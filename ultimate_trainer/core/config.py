@@ -203,6 +203,9 @@ class GuardConfig:
     min_run_steps: int = _f(4, "Steps of this run's own files before their loss level is known and judged.", min=1)
     max_growth: float = _f(10.0, "A loss more than this many times the lowest level of this run is an anomaly "
                            "whatever the spread.", min=1.0)
+    new_file_growth: float = _f(3.0, "Until this run's own files have a known level (guard.min_run_steps), a step "
+                                "of them whose loss is more than this many times what earlier runs' files cost "
+                                "when they were new is an anomaly (word salad at its first step).", min=1.0)
     max_anomalies: int = _f(3, "Anomalies in one run after which it stops and its files are failed (not retried).", min=1)
     slope_steps: int = _f(20, "Steps over which the loss slope is fitted.", min=2)
 

@@ -7,6 +7,7 @@ file                        writer              what
 ==========================  ==================  ===========================================
 training_status.json        train.py            the live state of the current/last run
 daemon_status.json          daemon.py           queue, throughput, ETA, consolidation, disk
+consolidation_status.json   consolidation child the merge under way (stage, progress, ETA) or the last one
 memory_status.json          memory_stats_api    latest RAM/GPU sample and OOM risk
 history/steps.jsonl         train.py            one line per logged optimizer step (append)
 history/evals.jsonl         train.py            one line per evaluation (append)
@@ -45,6 +46,7 @@ SCHEMA_VERSION = 1
 
 TRAINING_STATUS = "training_status.json"
 DAEMON_STATUS = "daemon_status.json"
+CONSOLIDATION_STATUS = "consolidation_status.json"
 MEMORY_STATUS = "memory_status.json"
 STEPS_HISTORY = "history/steps.jsonl"
 EVALS_HISTORY = "history/evals.jsonl"

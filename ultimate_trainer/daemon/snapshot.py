@@ -18,7 +18,8 @@ from ultimate_trainer.daemon import schedule
 from ultimate_trainer.core.checkpoints import list_consolidations, list_refused
 from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.core.spool import PROCESSING, WAITING
-from ultimate_trainer.core.status import SCHEMA_VERSION, TRAINING_STATUS, read_json, report_path
+from ultimate_trainer.core.status import (CONSOLIDATION_STATUS, SCHEMA_VERSION, TRAINING_STATUS, pid_alive, read_json,
+                                          report_path)
 from ultimate_trainer.core.times import iso, now_iso, parse_iso
 from ultimate_trainer.core.config import Config
 from ultimate_trainer.daemon.inbox import Spool
@@ -55,6 +56,16 @@ def retention_since_original(hist: list[dict[str, Any]]) -> dict[str, Any] | Non
         return None
     return {"ratio": measured[-1][1], "global_step": measured[-1][0].get("global_step"),
             "best": max(r for _, r in measured), "consolidations": len(measured)}
+
+
+def merge_progress(status_dir: Path) -> dict[str, Any] | None:
+    """The running merge's ``progress`` (its consolidation_status.json, trainer/consolidation/merge.py), with
+    its ``stage``; None when no merge child is running."""
+    doc = read_json(status_dir / CONSOLIDATION_STATUS)
+    if not doc or doc.get("state") != "running" or not pid_alive(doc.get("pid")):
+        return None
+    progress = doc.get("progress")
+    return {**progress, "stage": doc.get("stage")} if isinstance(progress, dict) else None
 
 
 def last_refused(cfg: Config) -> dict[str, Any] | None:
@@ -140,6 +151,7 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
             "last_path": hist[-1]["path"] if hist else None,
             "next_at": iso(schedule.next_consolidation(hour, due, now_dt)),
             "running": snap.consolidation_running,
+            "progress": merge_progress(status_dir) if snap.consolidation_running else None,
             "history": [{"path": h["path"], "global_step": h.get("global_step"), "created_at": h.get("created_at")}
                         for h in hist[-RECENT_DONE:]],
             "last_refused": last_refused(cfg),

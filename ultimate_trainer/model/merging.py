@@ -122,12 +122,14 @@ def plan(base_path: str | Path, meta: Any = None) -> list[Stored]:
 
 def merged_tensors(base_path: str | Path, adapter_dir: str | Path | None, dtype: Any, *,
                    requantize: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                   tensors: list[Stored] | None = None, meta: Any = None) -> Iterator[tuple[str, Any]]:
+                   tensors: list[Stored] | None = None, meta: Any = None,
+                   on_update: Callable[[dict[str, Any]], None] | None = None) -> Iterator[tuple[str, Any]]:
     """``(name, tensor)`` of base + adapter merged, one at a time, in ``plan``'s order, cast to ``dtype``.
 
     ``requantize`` (``quant_type``, ``double_quant``, ``dtype``): the base is stored in full precision
     but was trained in 4-bit; each weight the 4-bit loader quantizes goes through the same NF4 round
-    trip first. ``should_stop`` is asked after every tensor (``Stopped`` is raised then). Raises
+    trip first. ``should_stop`` is asked after every tensor (``Stopped`` is raised then); ``on_update``
+    gets the count's ``Progress`` snapshot as it moves (the consolidation shows it on the page). Raises
     MergeError, after the last tensor, when the adapter has a module the base has no weight for.
     """
     import torch
@@ -141,7 +143,8 @@ def merged_tensors(base_path: str | Path, adapter_dir: str | Path | None, dtype:
     roundtrip = quantized_linears(meta) if requantize else set()
     del meta
     used: set[str] = set()
-    progress = Progress("merge, tensor by tensor", len(tensors), "tensors", should_stop=should_stop)
+    progress = Progress("merge, tensor by tensor", len(tensors), "tensors", should_stop=should_stop,
+                        on_update=on_update)
     i = 0
     while i < len(tensors):
         shard = tensors[i].shard
@@ -181,7 +184,7 @@ def merged_tensors(base_path: str | Path, adapter_dir: str | Path | None, dtype:
 
 def write_merged(base_path: str | Path, adapter_dir: str | Path | None, out: Path, dtype: Any, *,
                  requantize: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
-                 shard_bytes: int | None = None) -> int:
+                 shard_bytes: int | None = None, on_update: Callable[[dict[str, Any]], None] | None = None) -> int:
     """The merged model as a Hugging Face folder in ``out``: safetensors shard by shard, the index, config.json.
 
     Shards are cut before a tensor that would take the current one past ``shard_bytes`` (a tensor
@@ -225,7 +228,7 @@ def write_merged(base_path: str | Path, adapter_dir: str | Path | None, out: Pat
         pending.clear()
 
     for name, tensor in merged_tensors(src, adapter_dir, dtype, requantize=requantize, should_stop=should_stop,
-                                       tensors=tensors, meta=meta):
+                                       tensors=tensors, meta=meta, on_update=on_update):
         if shard_of[name] != current:
             flush()
             current = shard_of[name]
@@ -245,9 +248,11 @@ def write_merged(base_path: str | Path, adapter_dir: str | Path | None, out: Pat
 
 
 def merge_layerwise(base_path: str | Path, adapter_dir: str | Path, out: Path, dtype: Any, *,
-                    requantize: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> None:
+                    requantize: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
+                    on_update: Callable[[dict[str, Any]], None] | None = None) -> None:
     """The daily consolidation's merge: ``write_merged`` plus the base's generation config."""
-    write_merged(base_path, adapter_dir, out, dtype, requantize=requantize, should_stop=should_stop)
+    write_merged(base_path, adapter_dir, out, dtype, requantize=requantize, should_stop=should_stop,
+                 on_update=on_update)
     src = Path(base_path)
     if (src / "generation_config.json").is_file():
         shutil.copy2(src / "generation_config.json", out / "generation_config.json")

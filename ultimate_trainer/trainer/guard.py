@@ -9,7 +9,9 @@ training loss (its micro-batches' losses summed, as the Trainer's ``compute_loss
 - so is a loss spike or growth (``stability.SpikeRule``): a loss far above what the step's mix of
   sources (this run's files, replay, rehearsal) predicts from the recent accepted steps, of this
   run and of earlier ones (``history/guard_window.json``), or more than ``guard.max_growth`` times
-  the lowest level of this run, or above 1.25 x ln(vocabulary): worse than a uniform guess.
+  the lowest level of this run, or above 1.25 x ln(vocabulary): worse than a uniform guess; in a
+  run's first steps, before its own files' level is known, more than ``guard.new_file_growth``
+  times what earlier runs' files cost when they were new (kept in the same file).
 
 An anomalous step's update is skipped exactly: every gradient is set to ``None``, and PyTorch's
 optimizers (AdamW, and bitsandbytes' 8-bit ones) leave a parameter without a gradient untouched:
@@ -44,8 +46,8 @@ from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import GuardConfig
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.reporter import StatusReporter
-from ultimate_trainer.trainer.stability import (USER, Diverged, Observation, SpikeRule, culprits, loss_slope,
-                                                shares_of, stability_score)
+from ultimate_trainer.trainer.stability import (NEW_LEVELS_KEPT, USER, Diverged, Observation, SpikeRule, culprits,
+                                                loss_slope, shares_of, stability_score)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,21 @@ def load_window(path: Path | None) -> list[Observation]:
     if not isinstance(steps, list):
         return []
     return [o for o in (Observation.from_json(r) for r in steps) if o is not None]
+
+
+def load_new_levels(path: Path | None) -> list[dict[str, Any]]:
+    """``new_file_levels`` of ``history/guard_window.json``: ``{"run_id", "level"}`` of the earlier runs, oldest first."""
+    data = st.read_json(path) if path else None
+    levels = data.get("new_file_levels") if data else None
+    out = []
+    for rec in levels if isinstance(levels, list) else []:
+        try:
+            level = float(rec["level"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(level) and level > 0:
+            out.append({"run_id": str(rec.get("run_id")), "level": level})
+    return out[-NEW_LEVELS_KEPT:]
 
 
 # --------------------------------------------------------------------------- the callback
@@ -76,10 +93,14 @@ class GuardCallback(TrainerCallback):
         self.cfg, self.reporter, self.describe_step, self.run_id = cfg, reporter, describe_step, run_id
         self.step_sources = step_sources or (lambda step: {USER: 1.0})
         self.window_path, self.world = window_path, world or distributed.World()
-        self.rule = SpikeRule(cfg.spike_k, cfg.window, cfg.min_history, cfg.min_run_steps, cfg.max_growth)
-        self.rule.seed(load_window(window_path))
+        self.rule = SpikeRule(cfg.spike_k, cfg.window, cfg.min_history, cfg.min_run_steps, cfg.max_growth,
+                              new_file_growth=cfg.new_file_growth)
+        # an attempt of this same run after a crash does not judge its files against their own first level
+        self.new_levels = [r for r in load_new_levels(window_path) if r["run_id"] != run_id]
+        self.rule.seed(load_window(window_path), [r["level"] for r in self.new_levels])
         self.flags: deque[bool] = deque(maxlen=cfg.window)  # whether each recent step was an anomaly
         self.events: list[dict[str, Any]] = []
+        self.accepted: deque[int] = deque(maxlen=BLAME_STEPS)  # this run's last accepted steps: their files
         self.skipped: dict[int, dict[str, Any]] = {}  # global step -> its real loss and grad norm (text when non-finite)
         self.run_losses: deque[float] = deque(maxlen=cfg.window)  # this run's accepted step losses (score, slope)
         self.total = 0
@@ -170,6 +191,7 @@ class GuardCallback(TrainerCallback):
             if loss is not None:
                 self.rule.accept(loss, shares)
                 self.run_losses.append(loss)
+            self.accepted.append(global_step)
             self.flags.append(False)
             self._publish(global_step, shares)
             return
@@ -213,7 +235,9 @@ class GuardCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if self.cfg.enabled and self.total >= self.cfg.max_anomalies:
-            files = culprits(self.events)
+            clean = {f for step in self.accepted for f in self.describe_step(step).get("files") or []} \
+                if self.world.is_main else set()
+            files = culprits(self.events, clean)
             last = self.events[-1]
             reason = (f"diverged: {self.total} anomalies in this run (last: {last['kind']} at step "
                       f"{last['global_step']}); files: {', '.join(files) or 'unknown'}")
@@ -249,8 +273,11 @@ class GuardCallback(TrainerCallback):
         if not (self.cfg.enabled and self.window_path and self.world.is_main and self.reporter.live):
             return
         try:
+            mine = [] if self.rule.new_level is None else [{"run_id": self.run_id,
+                                                            "level": round(self.rule.new_level, 6)}]
             st.atomic_write_json(self.window_path, {"schema_version": st.SCHEMA_VERSION, "run_id": self.run_id,
-                                                    "steps": [o.to_json() for o in self.rule.window]})
+                                                    "steps": [o.to_json() for o in self.rule.window],
+                                                    "new_file_levels": (self.new_levels + mine)[-NEW_LEVELS_KEPT:]})
         except OSError as e:  # the next run judges from its own steps only
             log.warning("could not keep the guard's window (%s)", e)
 
@@ -263,6 +290,7 @@ def _finite_or_str(x: float | None) -> float | str | None:
 
 
 PREVIEW_CHARS = 200
+BLAME_STEPS = 200  # accepted steps whose files are spared the blame when the guard stops a run
 
 
 def step_sources(run: Any) -> Callable[[int], dict[str, float]]:

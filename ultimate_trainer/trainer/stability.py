@@ -11,9 +11,13 @@ share of its target tokens from each source, and the window's step losses are fi
 against the loss its own mix predicts, with the spread of the fit's residuals. The levels of the
 shared sources and the spread come from earlier runs too (``history/guard_window.json``), so a run
 is judged from its first steps; the level of this run's own files is known after
-``guard.min_run_steps`` steps. Whatever the spread, a step whose loss is more than
-``guard.max_growth`` times what the lowest levels of this run predict is an anomaly (a learning
-rate that makes the loss climb tenfold), and from the very first step so is a loss above
+``guard.min_run_steps`` steps. Until then, a step of them is judged against what the user's files
+of earlier runs cost when they were new (their levels over their first steps, kept in the window
+file): more than ``guard.new_file_growth`` times that is an anomaly, so a file of word salad is
+caught at its first step while a new file that is merely harder than the last passes. Whatever
+the spread, a step whose loss is more than ``guard.max_growth`` times what the lowest levels of
+this run predict is an anomaly (a learning rate that makes the loss climb tenfold), and from the
+very first step so is a loss above
 ``CHANCE_MARGIN * ln(vocabulary size)``: a model that does worse than a uniform guess over its
 vocabulary has been broken, whatever data it reads (a pretrained model scores ordinary text far
 below that; a randomly initialised one sits at ``ln(vocabulary)``, under the margin).
@@ -77,13 +81,16 @@ def stability_score(losses: Sequence[float], anomalies_in_window: int, window: i
     return round(100.0 * clean / (1.0 + spread + rise), 1)
 
 
-def culprits(events: list[dict[str, Any]]) -> list[str]:
-    """Files present in every anomalous step (or, when none is, in any of them)."""
+def culprits(events: list[dict[str, Any]], clean: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Files present in every anomalous step (or, when none is, in any of them); of those, the ones
+    never in an accepted step (``clean``: files of this run's accepted steps) when there are any: a
+    file of word salad beside an ordinary one shares every anomalous step with it when a step holds
+    a line of each, but only the ordinary file also trained cleanly."""
     sets = [set(e.get("files") or []) for e in events]
     if not sets:
         return []
-    common = set.intersection(*sets)
-    return sorted(common or set.union(*sets))
+    common = set.intersection(*sets) or set.union(*sets)
+    return sorted(common - set(clean) or common)
 
 
 # --------------------------------------------------------------------------- the spike rule by source
@@ -93,6 +100,7 @@ SOURCES = (USER, "replay", "rehearsal", "earlier")  # earlier: earlier runs' own
 HUBER = 1.5  # residuals beyond this many spreads weigh less in the fit (robust to a spike the window kept)
 CHANCE_MARGIN = 1.25  # a loss above 1.25 * ln(vocabulary) is worse than guessing: broken weights
 GROWTH_LEVEL_FLOOR = 0.1  # nats/token: below it a level is "memorised", and tenfold of it is not yet divergence
+NEW_LEVELS_KEPT = 20  # earlier runs' new-file levels the prior is the median of
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,7 @@ def fit_levels(window: Sequence[Observation], iterations: int = 4) -> Fit | None
 
 @dataclass
 class Verdict:
-    kind: str | None  # None: accepted; "loss spike" or "loss growth"
+    kind: str | None  # None: accepted; "loss spike", "loss spike on a new file", "loss growth", "loss above chance"
     threshold: float | None  # the loss above which this step would have been an anomaly (None: not judged)
     expected: float | None  # the loss its mix predicts
 
@@ -190,13 +198,33 @@ class SpikeRule:
     min_run_steps: int
     max_growth: float
     chance: float | None = None  # ln(vocabulary size): the loss of a uniform guess
+    new_file_growth: float = 3.0  # before this run's level is known: times the earlier runs' new-file level
     window: list[Observation] = field(default_factory=list)
     run_steps: float = 0.0  # this run's accepted steps' worth of its own files' tokens
     lowest: dict[str, float] = field(default_factory=dict)  # each source's lowest level seen in this run
+    new_levels: list[float] = field(default_factory=list)  # earlier runs' own files' levels when they were new
+    new_level: float | None = None  # this run's own files' level over its first steps, once known
 
-    def seed(self, earlier: Sequence[Observation]) -> None:
-        """Earlier runs' accepted steps (their own files become the ``earlier`` source)."""
+    def seed(self, earlier: Sequence[Observation], new_levels: Sequence[float] = ()) -> None:
+        """Earlier runs' accepted steps (their own files become the ``earlier`` source) and their
+        files' levels when new (``new_level`` of each earlier run, oldest first)."""
         self.window = [o.earlier() for o in earlier][-self.window_size:]
+        self.new_levels = [float(x) for x in new_levels if math.isfinite(x) and x > 0][-NEW_LEVELS_KEPT:]
+
+    def new_file_threshold(self, shares: dict[str, float], fit: Fit | None) -> float | None:
+        """Before this run's own level is known: the loss above which a step of its files is an
+        anomaly, ``guard.new_file_growth`` times what the step would cost were its files as the
+        earlier runs' files were when new (the other sources at their fitted levels); None without
+        such a history, once the run's level is known, or for a step without the run's own tokens."""
+        if not self.new_levels or shares.get(USER, 0.0) <= 0 or self.run_steps >= self.min_run_steps:
+            return None
+        prior = statistics.median(self.new_levels)
+        levels = {**(fit.levels if fit else {}), USER: prior}
+        support = {**(fit.support if fit else {}), USER: math.inf}
+        expected = Fit(levels, support, 0.0).predict(shares)
+        if expected is None:  # a source without a level yet: judge the run's own share alone
+            expected = shares[USER] * prior
+        return self.new_file_growth * max(expected, GROWTH_LEVEL_FLOOR)
 
     def judge(self, loss: float, shares: dict[str, float]) -> Verdict:
         """Whether a finite step loss with these shares is a spike (or a growth), against the window."""
@@ -206,6 +234,11 @@ class SpikeRule:
             if loss > verdict.threshold:
                 verdict.kind = "loss above chance"
         fit = fit_levels(self.window)
+        new = self.new_file_threshold(shares, fit)
+        if new is not None:
+            verdict.threshold = new if verdict.threshold is None else min(verdict.threshold, new)
+            if loss > new:
+                verdict.kind = verdict.kind or "loss spike on a new file"
         if fit is None:
             return verdict
         need = {USER: float(self.min_run_steps)}
@@ -235,6 +268,8 @@ class SpikeRule:
             enough = self.min_run_steps if k == USER else 1.0
             if fit.support.get(k, 0.0) >= enough and (k != USER or self.run_steps >= self.min_run_steps):
                 self.lowest[k] = min(self.lowest.get(k, math.inf), level)
+                if k == USER and self.new_level is None:  # the level of the run's files over its first steps
+                    self.new_level = level
 
     @property
     def losses(self) -> list[float]:

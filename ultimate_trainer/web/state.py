@@ -87,6 +87,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
     training = status.read_json(sd / status.TRAINING_STATUS)
     daemon = status.read_json(sd / status.DAEMON_STATUS)
     memory = status.read_json(sd / status.MEMORY_STATUS)
+    merge = status.read_json(sd / status.CONSOLIDATION_STATUS)
 
     if training is not None:
         alive = status.pid_alive(training.get("pid"))
@@ -99,6 +100,10 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
     if daemon is not None:
         daemon["alive"] = status.pid_alive(daemon.get("pid"))
         daemon["age_seconds"] = _age(daemon, now)
+    if merge is not None:  # the merge child's own file: fresher than the daemon's copy, and there without a daemon
+        merge["alive"] = status.pid_alive(merge.get("pid"))
+        merge["running"] = merge.get("state") == "running" and merge["alive"]
+        merge["age_seconds"] = _age(merge, now)
     memory_fresh = None
     if memory is not None:
         memory["age_seconds"] = _age(memory, now)
@@ -114,6 +119,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
         "training": training,
         "daemon": daemon,
         "memory": memory,
+        "consolidation": merge,
         # The page's health light: from fresh memory figures plus the trainer's and daemon's states.
         "health": stats.health(memory_fresh, training, daemon),
         "verdict": verdict(training),

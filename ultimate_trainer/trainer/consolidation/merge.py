@@ -13,10 +13,12 @@ The merged weights are bfloat16 on CUDA and float32 on the CPU. The trainer then
 merged model with a fresh adapter, keeping the global step (see ultimate_trainer/checkpoints.py).
 
 A stop (SIGTERM from the daemon, ^C) is honoured within seconds: the gate's generation ends at the
-next token, the other stages end at the next stage boundary; the half-built temp folder is removed,
-nothing is adopted, and the process exits ``STOPPED`` (143, as if killed by SIGTERM) so that the
-daemon never takes it for a finished merge. Each stage, and the gate's scoring batch by batch, is
-logged with its progress and ETA.
+next token, the layer-by-layer merge at the next tensor, the other stages at the next stage
+boundary; the half-built temp folder is removed, nothing is adopted, and the process exits
+``STOPPED`` (143, as if killed by SIGTERM) so that the daemon never takes it for a finished merge.
+Each stage, and the gate's scoring batch by batch, is logged with its progress and ETA, and shown
+in ``status/consolidation_status.json`` (``MergeStatus``; this child is its one writer), which the
+daemon's status and the live page carry while the merge runs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ultimate_trainer.core.checkpoints import MANIFEST, REFUSED_DIR, CheckpointI
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core import spool
 from ultimate_trainer.core.config import Config, add_arguments
-from ultimate_trainer.core.status import atomic_write_json
+from ultimate_trainer.core.status import CONSOLIDATION_STATUS, SCHEMA_VERSION, atomic_write_json
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.logs import setup_logging
@@ -53,6 +55,56 @@ STAGES = ("load and dequantize the base", "score the base (gate)", "merge", "sco
 
 class ConsolidationError(RuntimeError):
     pass
+
+
+class MergeStatus:
+    """``status/consolidation_status.json`` while the merge runs and after it (docs/STATUS.md).
+
+    ``stage``: the stage under way (``STAGES``: ``done`` of ``total``, its ``name``). ``progress``:
+    the phase under way, the same object as ``training_status.json``'s (core/progress.py): the gate
+    scoring a model prompt by prompt, the layer-by-layer merge tensor by tensor, each with its ETA;
+    between such phases, the stage itself (``phase`` ``consolidation: <stage>``, no ETA: stages
+    differ too much in length for one). ``state``: ``running``, then ``adopted``, ``refused``,
+    ``stopped`` or ``failed``. A write that fails (full disk) is logged once and never stops the merge.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "state": "running", "pid": os.getpid(),
+                                    "started_at": now_iso(), "updated_at": now_iso(), "finished_at": None,
+                                    "checkpoint": None, "global_step": None, "stage": None, "progress": None,
+                                    "result": None}
+        self._warned = False
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        self.doc["updated_at"] = now_iso()
+        try:
+            atomic_write_json(self.path, self.doc)
+        except OSError as e:
+            if not self._warned:
+                log.warning("%s: cannot write (%s); the merge goes on", self.path, e)
+                self._warned = True
+
+    def update(self, **fields: Any) -> None:
+        self.doc.update(fields)
+        self.write()
+
+    def stage(self, snap: dict[str, Any]) -> None:
+        """The stages' ``Progress`` moved: a new stage is under way (or all are done)."""
+        done, total = snap["done"], snap["total"]
+        name = STAGES[done] if done < total else "done"
+        self.update(stage={"done": done, "total": total, "name": name},
+                    progress={**snap, "phase": f"consolidation: {name}", "eta_seconds": None})
+
+    def phase(self, snap: dict[str, Any]) -> None:
+        """A phase inside a stage (gate scoring, layer-by-layer merge) moved."""
+        self.update(progress=snap)
+
+    def finish(self, state: str, result: str | None = None) -> None:
+        self.update(state=state, result=result, progress=None, finished_at=now_iso())
 
 
 def _merged_dtype(device: str) -> Any:
@@ -152,7 +204,8 @@ def _save_tokenizer(base_path: str, ckpt: CheckpointInfo, out: Path) -> None:
 
 def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_since_last: list[str] | None = None,
                 device: str | None = None, trained: list[Path] | None = None,
-                should_stop: Callable[[], bool] | None = None, layerwise: bool | None = None) -> tuple[Path, bool]:
+                should_stop: Callable[[], bool] | None = None, layerwise: bool | None = None,
+                status: MergeStatus | None = None) -> tuple[Path, bool]:
     """Write one consolidation of ``checkpoint`` (default: the newest on the current base).
 
     ``trained``: the files trained so far, newest first (the daemon's ``queue/done``), whose held-out
@@ -167,6 +220,8 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     ``layerwise`` (default: when two full-precision copies would not fit in memory): the gate scores
     the base and the candidate as the 4-bit (or plain) base with the adapter off and on, unmerged, as
     training computed them, and ``model/merging.merge_layerwise`` writes the merge one tensor at a time.
+
+    ``status``: where the stage and the phase under way are shown (``MergeStatus``).
     """
     current = current_checkpoints(cfg.path("checkpoints"), cfg.path("models"))
     ckpt = checkpoint or (current[-1] if current else None)
@@ -174,8 +229,12 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
         raise ConsolidationError(f"no complete checkpoint in {cfg.path('checkpoints')}: nothing to consolidate")
     t0 = time.monotonic()
     log.info("merging %s (global step %d) into its base", ckpt.path.name, ckpt.global_step)
-    stages = Progress("consolidation", len(STAGES), "stages", should_stop=should_stop, log_every=0.0)
-    gate = Gate(cfg, ckpt, trained or [], should_stop) if cfg.consolidation.gate else None
+    if status is not None:
+        status.update(checkpoint=ckpt.path.name, global_step=ckpt.global_step)
+    stages = Progress("consolidation", len(STAGES), "stages", should_stop=should_stop, log_every=0.0,
+                      on_update=status.stage if status else None)
+    phase = status.phase if status else None
+    gate = Gate(cfg, ckpt, trained or [], should_stop, phase) if cfg.consolidation.gate else None
     from ultimate_trainer.model.loading import pick_device, resolve_base
 
     device = device or pick_device(cfg)
@@ -213,7 +272,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
             requantize = {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
                           "dtype": compute_dtype(cfg, device)} if trained_4bit and not stored_4bit else None
             merge_layerwise(base_path, ckpt.path, tmp, _merged_dtype(device), requantize=requantize,
-                            should_stop=stages.should_stop)
+                            should_stop=stages.should_stop, on_update=phase)
             dtype = str(_merged_dtype(device)).removeprefix("torch.")
         else:
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -242,18 +301,19 @@ class Gate:
     """Scores the base (adapter off) before the merge and the merged candidate after it (gate.py)."""
 
     def __init__(self, cfg: Config, ckpt: CheckpointInfo, trained: list[Path],
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None,
+                 on_update: Callable[[dict[str, Any]], None] | None = None):
         from ultimate_trainer.model.loading import load_tokenizer, resolve_base
         from ultimate_trainer.trainer.consolidation import gate
 
-        self.cfg, self.gate, self.should_stop = cfg, gate, should_stop
+        self.cfg, self.gate, self.should_stop, self.on_update = cfg, gate, should_stop, on_update
         self.inputs = gate.gate_inputs(cfg, trained)
         self.tokenizer = load_tokenizer(str(ckpt.meta.get("base_model") or resolve_base(cfg)))
         self.base: dict[str, Any] = {}
 
     def _progress(self, what: str) -> Progress:
         n = len(self.inputs.examples) + (len(self.inputs.probe.items) if self.inputs.probe else 0)
-        return Progress(f"gate: {what}", n, "prompts", should_stop=self.should_stop)
+        return Progress(f"gate: {what}", n, "prompts", should_stop=self.should_stop, on_update=self.on_update)
 
     def score_base(self, model: Any) -> None:
         with model.disable_adapter():
@@ -304,14 +364,21 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    status = MergeStatus(cfg.path("status") / CONSOLIDATION_STATUS)
     try:
-        _, adopted = consolidate(cfg, ckpt, files, trained=trained, should_stop=stop.is_set)
+        out, adopted = consolidate(cfg, ckpt, files, trained=trained, should_stop=stop.is_set, status=status)
     except (ConsolidationError, ModelError) as e:
         log.error("%s", e)
+        status.finish("failed", str(e))
         return Exit.CRASH
     except Stopped as e:
         log.warning("consolidation stopped (%s); nothing written, the current base stays", e)
+        status.finish("stopped", str(e))
         return STOPPED
+    except BaseException as e:
+        status.finish("failed", f"{type(e).__name__}: {e}")
+        raise
+    status.finish("adopted" if adopted else "refused", str(out))
     return Exit.OK if adopted else Exit.REFUSED
 
 

@@ -84,7 +84,7 @@ function renderTraining(st) {
   const frac = isNum(done) && isNum(total) && total > 0 ? Math.min(1, done / total) : 0;
   $("run-fill").style.width = (frac * 100).toFixed(1) + "%";
   setText("run-label", isNum(total) ? `${done} / ${total} steps · ${(frac * 100).toFixed(0)}%` : "no run");
-  renderPhase(t.progress);
+  renderPhase(t.progress, mergeProgress(st));
   const eta = isNum(t.eta_seconds) ? `${dur(t.eta_seconds)} (${clock(new Date(Date.now() + t.eta_seconds * 1000).toISOString())})` : "–";
   setText("eta", eta);
   setText("tps", isNum(t.tokens_per_second) ? t.tokens_per_second.toFixed(0) : "–");
@@ -96,15 +96,24 @@ function renderTraining(st) {
   setText("t-age", isNum(t.age_seconds) ? dur(t.age_seconds) + " ago" + (t.stale ? " (trainer gone)" : "") : "–");
 }
 
-// A long phase's progress (training_status.json's "progress"): "rehearsal answers 120 / 380 prompts · 32% · 4 min left".
-function renderPhase(p) {
-  const on = !!p && isNum(p.done) && isNum(p.total) && p.total > 0;
+// The daily merge's phase while its child runs (consolidation_status.json's "progress"), else null.
+function mergeProgress(st) {
+  const c = st.consolidation;
+  return c && c.running && c.progress ? c.progress : null;
+}
+
+// A long phase's progress (training_status.json's "progress", or the merge's): "rehearsal answers 120 / 380
+// prompts · 32% · 4 min left"; the merge's read "consolidation · gate: the base 12 / 40 prompts · 30% · 2 min left".
+function renderPhase(p, merge) {
+  const shown = p || merge;
+  const on = !!shown && isNum(shown.done) && isNum(shown.total) && shown.total > 0;
   $("phase").hidden = !on;
   if (!on) return;
-  const frac = Math.min(1, p.done / p.total);
+  const frac = Math.min(1, shown.done / shown.total);
   $("phase-fill").style.width = (frac * 100).toFixed(1) + "%";
-  const left = isNum(p.eta_seconds) ? ` · ${dur(p.eta_seconds)} left` : " · estimating…";
-  setText("phase-label", `${p.phase} ${p.done} / ${p.total} ${p.unit} · ${(frac * 100).toFixed(0)}%${left}`);
+  const left = isNum(shown.eta_seconds) ? ` · ${dur(shown.eta_seconds)} left` : " · estimating…";
+  const prefix = !p && !String(shown.phase).startsWith("consolidation") ? "consolidation · " : "";
+  setText("phase-label", `${prefix}${shown.phase} ${shown.done} / ${shown.total} ${shown.unit} · ${(frac * 100).toFixed(0)}%${left}`);
 }
 
 // "1" or "2 · rank 0 cuda:0 3.10/3.40 GB, RAM 2.00 GB · rank 1 ...": world size, then every rank's memory.
@@ -319,7 +328,8 @@ function renderQueue(st) {
 function renderCheckpoints(st) {
   const t = st.training || {}, d = st.daemon || {}, c = d.consolidation || {};
   setText("ck-last", t.last_checkpoint || "none yet");
-  setText("co-next", c.running ? "running now" : c.enabled === false ? "disabled" : c.next_at ? clock(c.next_at) : "–");
+  const m = st.consolidation || {}, stage = m.running && m.stage ? ` · stage ${Math.min(m.stage.done + 1, m.stage.total)}/${m.stage.total}: ${m.stage.name}` : "";
+  setText("co-next", c.running || m.running ? "running now" + stage : c.enabled === false ? "disabled" : c.next_at ? clock(c.next_at) : "–");
   const kept = c.retention_since_original || {};
   setText("co-kept", isNum(kept.ratio) ? `${(100 * kept.ratio).toFixed(1)}% (best ${(100 * kept.best).toFixed(1)}%)` : "–",
           isNum(kept.ratio) && kept.ratio < 0.95 ? "bad" : "");
