@@ -57,15 +57,6 @@ def outcome(code: int, run_complete: bool, stopped_for: str | None) -> Outcome:
     return Outcome.CRASHED
 
 
-def diverged_files(training: dict | None, pid: int, names: list[str]) -> tuple[list[str], str | None]:
-    """After exit 5: the run's files the guard blamed (all of them when it named none) and its reason."""
-    div = (training or {}).get("diverged") if (training or {}).get("pid") == pid else None
-    if not isinstance(div, dict):
-        return list(names), None
-    blamed = [n for n in names if n in (div.get("files") or [])]
-    return blamed or list(names), div.get("reason")
-
-
 def describe_exit(code: int) -> str:
     """``exited 2 (configuration error)``, ``exited 1``, ``killed by signal 9``."""
     if code < 0:

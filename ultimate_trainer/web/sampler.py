@@ -23,6 +23,7 @@ from typing import Any, Callable
 import psutil
 
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import TrainingStatus
 from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ def process_tree_rss(pid: int | None) -> int | None:
     return total
 
 
-def training_pid(training: dict[str, Any] | None, daemon: dict[str, Any] | None) -> int | None:
+def training_pid(training: TrainingStatus | None, daemon: dict[str, Any] | None) -> int | None:
     """The live trainer's pid: ``training_status.json`` unless idle/error/dead, else the daemon's current run."""
-    if training and training.get("state") not in ("idle", "error") and status.pid_alive(training.get("pid")):
-        return training["pid"]
+    if training is not None and training.state not in ("idle", "error") and status.pid_alive(training.pid):
+        return training.pid
     run = (daemon or {}).get("current_run")
     if isinstance(run, dict) and status.pid_alive(run.get("pid")):
         return run["pid"]
@@ -177,7 +178,7 @@ def _gb(n: int | float | None) -> float | None:
 def take_sample(status_dir: str | Path, th: Thresholds, gpu: GpuReader) -> dict[str, Any]:
     """The ``/api/memory_stats`` payload (see docs/STATUS.md, ``memory_status.json``)."""
     sd = Path(status_dir)
-    training = status.read_json(sd / status.TRAINING_STATUS)
+    training = TrainingStatus.read(sd / status.TRAINING_STATUS)
     daemon = status.read_json(sd / status.DAEMON_STATUS)
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()

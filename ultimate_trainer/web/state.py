@@ -15,6 +15,7 @@ from typing import Any
 
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.web.history import History
 from ultimate_trainer.web.skills import SkillTracker
@@ -48,14 +49,14 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
     entries.sort(key=mtime, reverse=True)
     out = []
     for e in entries[: MAX_REPORTS * 5]:
-        rep = status.read_json(e.path)
-        if not rep or (rep.get("usable", True) and not rep.get("bad_lines") and not rep.get("warnings")):
+        rep = FileReport.read(e.path)
+        if rep is None or (rep.usable and not rep.bad_lines and not rep.warnings):
             continue
-        name = Path(str(rep.get("file") or e.name)).name
-        bad = [b for b in rep.get("bad") or [] if isinstance(b, dict)][:MAX_BAD_LINES]
-        warnings = [w for w in rep.get("warnings") or [] if isinstance(w, str)][:MAX_BAD_LINES]
-        out.append({"file": name, "usable": rep.get("usable"), "error": rep.get("error"),
-                    "bad_lines": rep.get("bad_lines"), "examples": rep.get("examples"),
+        name = Path(rep.file or e.name).name
+        bad = [b for b in rep.bad if isinstance(b, dict)][:MAX_BAD_LINES]
+        warnings = [w for w in rep.warnings if isinstance(w, str)][:MAX_BAD_LINES]
+        out.append({"file": name, "usable": rep.usable, "error": rep.error,
+                    "bad_lines": rep.bad_lines, "examples": rep.examples,
                     "bad": [status.bad_entry_text(name, b) for b in bad],
                     "warnings": [f"{name}: {w}" for w in warnings]})
         if len(out) >= MAX_REPORTS:
