@@ -36,6 +36,7 @@ from ultimate_trainer.data.collate import packed_inputs
 from ultimate_trainer.model import attention
 from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
 from ultimate_trainer.trainer import distributed
+from ultimate_trainer.trainer.plan import RunPlan
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
 
 if TYPE_CHECKING:
@@ -117,8 +118,8 @@ class SealCallback(TrainerCallback):
     fields (global step, run step, whether it ends the run) are set here, from ``plan``, at each save.
     """
 
-    def __init__(self, reporter: StatusReporter, marker: CheckpointMarker, plan: Any):
-        self.reporter, self.marker, self.plan = reporter, marker, plan  # plan: recipe.RunPlan
+    def __init__(self, reporter: StatusReporter, marker: CheckpointMarker, plan: RunPlan):
+        self.reporter, self.marker, self.plan = reporter, marker, plan
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if control.should_save:  # the Trainer saves right after this step's callbacks
@@ -136,9 +137,9 @@ class SealCallback(TrainerCallback):
 
 
 class RunCallback(TrainerCallback):
-    def __init__(self, reporter: StatusReporter, stop: Any, plan: Any, files: list[str], guard: GuardCallback,
+    def __init__(self, reporter: StatusReporter, stop: Any, plan: RunPlan, files: list[str], guard: GuardCallback,
                  throughput: Throughput, world: distributed.World | None = None):
-        self.reporter, self.stop, self.plan = reporter, stop, plan  # plan: recipe.RunPlan
+        self.reporter, self.stop, self.plan = reporter, stop, plan
         self.guard = guard  # guard.GuardCallback: its ``stability`` goes into each step's line
         self.world = world or distributed.World()
         self.start_step, self.total_steps = plan.start_step, plan.total_steps

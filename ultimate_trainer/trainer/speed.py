@@ -22,11 +22,12 @@ from ultimate_trainer.core import threads
 from ultimate_trainer.data.collate import PackedCollator, PackedRows
 from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.data.tokenstore import TokenStore
+from ultimate_trainer.trainer.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-def training_data(store: TokenStore, plan: Any, tokenizer: PreTrainedTokenizerBase) -> tuple[Any, Any]:
+def training_data(store: TokenStore, plan: RunPlan, tokenizer: PreTrainedTokenizerBase) -> tuple[Any, Any]:
     """``(dataset, collator)`` for what is left of ``plan``."""
     pad = Collator(tokenizer).pad_token_id
     if plan.rows is not None:
