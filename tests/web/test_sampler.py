@@ -103,9 +103,9 @@ def test_health_levels():
     assert stats.health({"oom_risk": "LOW", "gpus": []})["level"] == "ok"
     high = stats.health({"oom_risk": "HIGH", "oom_reason": "x", "gpus": []})
     assert high["level"] == "critical" and high["reasons"][0]["source"] == "ram"
-    err = stats.health(None, {"state": "error", "error": "CUDA out of memory", "pid": os.getpid()})
+    err = stats.health(None, ts(state="error", error="CUDA out of memory", pid=os.getpid()))
     assert err["level"] == "critical" and "CUDA out of memory" in err["reasons"][0]["message"]
-    stale = stats.health(None, {"state": "training", "pid": 2**22 + 12345})
+    stale = stats.health(None, ts(state="training", pid=2**22 + 12345))
     assert stale["level"] == "warning" and stale["reasons"][0]["source"] == "trainer"
 
 

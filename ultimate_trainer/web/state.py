@@ -15,7 +15,7 @@ from typing import Any
 
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
-from ultimate_trainer.core.records import FileReport
+from ultimate_trainer.core.records import FileReport, TrainingStatus
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.web.history import History
 from ultimate_trainer.web.skills import SkillTracker
@@ -85,17 +85,18 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
                 skills: SkillTracker | None = None, workbench_port: int | None = None) -> dict[str, Any]:
     sd = Path(status_dir)
     now = time.time()
-    training = status.read_json(sd / status.TRAINING_STATUS)
+    training = status.read_json(sd / status.TRAINING_STATUS)  # the page gets the file's object, annotated
+    record = TrainingStatus.from_json(training, sd / status.TRAINING_STATUS)  # what is decided here reads this
     daemon = status.read_json(sd / status.DAEMON_STATUS)
     memory = status.read_json(sd / status.MEMORY_STATUS)
 
-    if training is not None:
-        alive = status.pid_alive(training.get("pid"))
+    if training is not None and record is not None:
+        alive = status.pid_alive(record.pid)
+        state = None if "state" in record.missing else record.state
         training["alive"] = alive
-        training["stale"] = training.get("state") not in ("idle", "error", None) and not alive
+        training["stale"] = state not in ("idle", "error", None) and not alive
         training["age_seconds"] = _age(training, now)
-        examples = training.get("recent_examples")
-        if not isinstance(examples, list):
+        if not isinstance(training.get("recent_examples"), list):  # written before the field: the history has them
             training["recent_examples"] = status.tail_jsonl(sd / status.EXAMPLES_HISTORY, RECENT_EXAMPLES)
     if daemon is not None:
         daemon["alive"] = status.pid_alive(daemon.get("pid"))
@@ -116,7 +117,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
         "daemon": daemon,
         "memory": memory,
         # The page's health light: from fresh memory figures plus the trainer's and daemon's states.
-        "health": stats.health(memory_fresh, training, daemon),
+        "health": stats.health(memory_fresh, record, daemon),
         "verdict": verdict(training),
         "loss_trend": hist["loss_trend"],
         "last_val_loss": hist["last_val_loss"],
