@@ -47,6 +47,27 @@ def test_a_run_takes_the_files_tokenized_ahead_and_gets_the_same_data(tmp_path):
     assert ahead.reports[str(b)].heldout_duplicates == 2
 
 
+def test_files_given_with_the_manifest_hash_are_not_hashed_again(tmp_path, monkeypatch):
+    """The prefetch child keys its entries by the daemon's hashes (core/manifest.py): it never hashes."""
+    from ultimate_trainer.core.manifest import digest
+
+    tok = smol_tokenizer()
+    a = write_jsonl(tmp_path / "a.jsonl", _records(20, "alpha"))
+    cfg = make_cfg(tmp_path)
+    cache = tmp_path / "cache"
+    entry = digest(a)  # what the daemon's journal holds for the file
+
+    def no_hash(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(tokcache, "file_sha256", no_hash)
+    assert len(data.fill_cache([entry], tok, cfg, cache)) == 1
+    ahead = data.prepare([entry], tok, cfg, tmp_path / "ahead", cache_dir=cache)
+    assert ahead.cache_hits == [str(a)] and ahead.reports[str(a)].sha256 == entry.sha256
+    monkeypatch.undo()
+    _same(ahead, data.prepare([a], tok, cfg, tmp_path / "plain"))
+
+
 def test_a_wrong_or_stale_hint_is_not_used(tmp_path):
     tok = smol_tokenizer()
     a = write_jsonl(tmp_path / "a.jsonl", _records(20, "alpha"))
