@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -49,6 +50,13 @@ def _allowed(annotation: Any) -> tuple[type, ...]:
     for a in args:
         out += _JSON_TYPES.get(typing.get_origin(a) or a, (object,))
     return out
+
+
+@functools.cache
+def _allowed_types(cls: type[Record]) -> dict[str, tuple[type, ...]]:
+    """Each field of the record with the Python types of the JSON values it admits (worked out once)."""
+    hints = typing.get_type_hints(cls)
+    return {n: _allowed(hints[n]) for n in cls.names()}
 
 
 def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
@@ -122,13 +130,13 @@ class Record:
             if strict:
                 raise RecordError(f"{where or cls.__name__}: not a JSON object")
             return None
-        hints = typing.get_type_hints(cls)
-        known = set(cls.names())
+        allowed = _allowed_types(cls)
+        known = set(allowed)
         values, wrong = {}, []
         for k, v in data.items():
             if k not in known:
                 continue
-            if _fits(v, _allowed(hints[k])):
+            if _fits(v, allowed[k]):
                 values[k] = v
             else:
                 wrong.append(f"{k}: {type(v).__name__} {json.dumps(v, default=str)[:60]}, "
