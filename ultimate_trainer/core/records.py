@@ -123,8 +123,9 @@ class Record:
         """The record of a file's object; None when there is no object (missing, unreadable, not JSON).
 
         A field of the wrong JSON type takes its default and is reported (a warning naming ``where``
-        and the field, once per file); ``strict``: a wrong type, a missing or an unknown field raises
-        ``RecordError`` listing them all.
+        and the field, once per file); fields it does not know are kept and named once (info); a
+        missing field takes its default (``missing`` lists them: older writers). ``strict``: a wrong
+        type, a missing or an unknown field raises ``RecordError`` listing them all.
         """
         if not isinstance(data, dict):
             if strict:
@@ -154,6 +155,10 @@ class Record:
             if key not in _warned:
                 _warned.add(key)
                 log.warning("%s: %s field %s; read as its default", where or "a file", cls.__name__, problem)
+        if rec.extra and (cls.__name__, str(where), "") not in _warned:  # a newer writer's: said once, kept
+            _warned.add((cls.__name__, str(where), ""))
+            log.info("%s: %s fields this version does not know, kept as they are: %s", where or "a file",
+                     cls.__name__, ", ".join(rec.unknown))
         return rec
 
     @classmethod
