@@ -86,15 +86,27 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
         rehearsal=rehearsal)
 
 
-def steps_done(marker: CheckpointMarker, run_id: str) -> int:
+def _marker(marker: CheckpointMarker | dict[str, Any]) -> CheckpointMarker:
+    """A marker as its record; a dict (a marker file's object, from callers that still hold one) parsed."""
+    return marker if isinstance(marker, CheckpointMarker) else CheckpointMarker.from_json(marker) or CheckpointMarker()
+
+
+def run_complete(marker: CheckpointMarker | dict[str, Any]) -> bool:
+    """Whether the checkpoint ends its run. Markers older than the field count as complete."""
+    return _marker(marker).run_complete
+
+
+def steps_done(marker: CheckpointMarker | dict[str, Any], run_id: str) -> int:
     """Run steps of ``run_id`` already trained, when this checkpoint cut that run short; else 0."""
+    marker = _marker(marker)
     if marker.run_id != run_id or marker.run_complete:
         return 0
     return max(marker.run_step, 0)
 
 
-def completes_files(marker: CheckpointMarker, sha256s: list[str]) -> bool:
+def completes_files(marker: CheckpointMarker | dict[str, Any], sha256s: list[str]) -> bool:
     """Whether the checkpoint ends a run over exactly these files (by content)."""
+    marker = _marker(marker)
     trained = sorted(f.get("sha256", "") for f in marker.files if isinstance(f, dict))
     return marker.run_complete and trained == sorted(sha256s)
 

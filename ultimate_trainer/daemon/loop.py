@@ -39,7 +39,7 @@ from ultimate_trainer.daemon.consolidation import ConsolidateCmd, Consolidations
 from ultimate_trainer.daemon.intake import Intake
 from ultimate_trainer.daemon.journal import BatchRecord
 from ultimate_trainer.daemon.notify import Notifier
-from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, outcome, runs_files, \
+from ultimate_trainer.daemon.runner import ChildRunner, Outcome, describe_exit, diverged_files, outcome, runs_files, \
     terminate_pid
 from ultimate_trainer.daemon.snapshot import Snapshot, build_status, report_examples
 from ultimate_trainer.daemon.worker_client import WorkerClient, WorkerCmd
@@ -377,7 +377,7 @@ class Daemon:
 
     def _fail_diverged(self, batch: BatchRecord, names: list[str], code: int, pid: int) -> None:
         """The guard stopped the run: retrying the same data would diverge again. Its files fail."""
-        blamed, reason = (self._training() or TrainingStatus()).diverged_files(pid, names)
+        blamed, reason = diverged_files(self._training(), pid, names)
         reason = f"train.py {reason or describe_exit(code)}"
         self.snap.last_error = reason
         for n in blamed:
