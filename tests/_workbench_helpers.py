@@ -14,6 +14,7 @@ from typing import Any
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import status
 from ultimate_trainer.core.lineage import run_files
+from ultimate_trainer.core.records import FileReport
 
 SKILLS = {"math.jsonl": "arithmetic", "geo.jsonl": "geography"}
 
@@ -75,8 +76,8 @@ def make_workbench_project(root: Path, model_dir: Path) -> tuple[Path, list[dict
     data.mkdir(parents=True, exist_ok=True)
     (data / "a.jsonl").write_text('{"prompt": "1?", "response": "1"}\n{"prompt": "2?", "response": "2"}\n')
     (data / "b.jsonl").write_text('{"prompt": "3?", "response": "3"}\n')
-    reports = {str(data / n): {"sha256": f"{n[0] * 64}", "size_bytes": (data / n).stat().st_size,
-                               "examples": 2 if n == "a.jsonl" else 1} for n in ("a.jsonl", "b.jsonl")}
+    reports = {str(data / n): FileReport(sha256=f"{n[0] * 64}", size_bytes=(data / n).stat().st_size,
+                                         examples=2 if n == "a.jsonl" else 1) for n in ("a.jsonl", "b.jsonl")}
     r1 = run_files([data / "a.jsonl"], reports, "2026-11-27T09:00:00+00:00")
     r2 = run_files([data / "b.jsonl"], reports, "2026-11-27T11:00:00+00:00")
     add_checkpoint(root, model_dir, 3, "r1", r1, 3, 3, seed=1)

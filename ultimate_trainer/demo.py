@@ -18,6 +18,7 @@ import sys
 from ultimate_trainer.core import config
 from ultimate_trainer.data import sample as sample_data
 from ultimate_trainer.core import status as st
+from ultimate_trainer.core.records import TrainingStatus
 
 REPO = config.REPO_DIR
 
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         first, last = evals[0], evals[-1]
         print(f"demo: held-out accuracy {first['accuracy']}% at step {first['global_step']} -> "
               f"{last['accuracy']}% at step {last['global_step']} ({len(evals)} evaluations)")
-    status = st.read_json(cfg.path("status") / st.TRAINING_STATUS) or {}
-    for ex in (status.get("recent_examples") or [])[-3:]:
+    status = TrainingStatus.read(cfg.path("status") / st.TRAINING_STATUS) or TrainingStatus()
+    for ex in status.recent_examples[-3:]:
         mark = "ok " if ex.get("correct") else "bad"
         print(f"  [{mark}] {ex.get('prompt')!r} -> {ex.get('generated')!r} (expected {ex.get('expected')!r})")
     print(f"demo: checkpoints in {cfg.path('checkpoints')}; files in {cfg.path('queue')}/done/")

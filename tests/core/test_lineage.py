@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import REPO
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.lineage import Lineage, run_files
+from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.core.status import atomic_write_json
 
 A = {"name": "a.jsonl", "sha256": "aa" * 32}  # an older marker: no size, examples or trained_at
@@ -29,7 +30,7 @@ def two_runs(root: Path) -> list[dict]:
     """Run r1 (a, b: steps 1-5, saved at 3 and 5), a consolidation of checkpoint-5, run r2 (c: 6-8)."""
     c_file = root / "c.jsonl"
     c_file.write_text('{"prompt": "q", "response": "a"}\n')
-    reports = {str(c_file): {"sha256": "cc" * 32, "size_bytes": 33, "examples": 1}}
+    reports = {str(c_file): FileReport(sha256="cc" * 32, size_bytes=33, examples=1)}
     c_entries = run_files([c_file], reports, "2026-11-27T10:00:00+00:00")
     _ckpt(root, 3, "r1", [A, B], 3, 5)
     _ckpt(root, 5, "r1", [A, B], 5, 5)
@@ -101,6 +102,6 @@ def test_train_py_lineage_prints_the_files_of_a_checkpoint(tmp_path, make_projec
 def test_checkpoint_meta_written_by_training_is_read_back(tmp_path):
     """The marker keys the trainer writes (trainer/hf.py) are the ones lineage reads."""
     f = tmp_path / "x.jsonl"
-    entries = run_files([f], {str(f): {"sha256": "ff" * 32, "size_bytes": 10, "examples": 2}}, "T")
+    entries = run_files([f], {str(f): FileReport(sha256="ff" * 32, size_bytes=10, examples=2)}, "T")
     assert entries == [{"name": "x.jsonl", "sha256": "ff" * 32, "size": 10, "examples": 2, "trained_at": "T"}]
     assert json.loads(json.dumps(entries)) == entries

@@ -95,3 +95,46 @@ def test_old_records_read_unchanged(tmp_path):
     rep = FileReport.from_json({"file": "/x/a.jsonl", "examples": 3, "usable": True})
     assert (rep.examples, rep.usable, rep.bad) == (3, True, [])
     assert FileReport.from_json(None) is None and FileReport.from_json([1]) is None
+
+
+def test_records_read_old_files_keep_unknown_fields_and_report_wrong_types(tmp_path, caplog):
+    """core/records.py: a reader parses a file once; an older file loads, a newer one's fields survive,
+    a field of the wrong type is named (and read as its default), and the strict parse lists every problem."""
+    import pytest
+
+    from ultimate_trainer.core import checkpoints as ck
+    from ultimate_trainer.core.records import CheckpointMarker, RecordError, TrainingStatus
+
+    old = {"global_step": 4, "run_id": "r", "run_step": 2, "run_total_steps": 4, "files": []}  # before run_complete
+    marker = CheckpointMarker.from_json(old)
+    assert marker.run_complete and marker.global_step == 4 and "run_complete" in marker.missing
+    assert ck.steps_done(marker, "r") == 0  # a marker without the field counts as complete, as ever
+
+    newer = {**marker.to_json(), "from_the_future": {"x": 1}}
+    again = CheckpointMarker.from_json(newer)
+    assert again.unknown == ["from_the_future"] and again.to_json() == newer  # written back as it was
+
+    with caplog.at_level("WARNING"):
+        ts = TrainingStatus.from_json({"state": "training", "global_step": "7", "pid": True}, "status.json")
+    assert ts.state == "training" and ts.global_step == 0 and ts.pid == 0
+    assert "status.json" in caplog.text and "global_step: str" in caplog.text and "pid: bool" in caplog.text
+
+    with pytest.raises(RecordError) as e:
+        TrainingStatus.from_json({"state": 3, "zzz": 1}, "t.json", strict=True)
+    text = str(e.value)
+    assert text.startswith("t.json: ") and "state: int" in text and "zzz: not a field" in text \
+        and "global_step: missing" in text
+
+    ck.mark_complete(tmp_path, ck.marker_meta(global_step=3, run_id="r", run_step=1, run_total_steps=2, files=[],
+                                              base_model="b"))
+    written = st_read(tmp_path / ck.MARKER)
+    sealed = CheckpointMarker.from_json(written, strict=True)  # the writer's marker has every field, typed
+    assert sealed.run_complete is False and sealed.created_at and "replay" not in written
+    assert TrainingStatus.from_json(json.loads((REPO / "docs" / "examples" / "training_status.json").read_text()),
+                                    strict=True) is not None
+
+
+def st_read(path):
+    from ultimate_trainer.core import status
+
+    return status.read_json(path)

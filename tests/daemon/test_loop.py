@@ -7,6 +7,7 @@ the trainer child is the test double that follows train.py's contract without a 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import signal
@@ -203,7 +204,12 @@ def test_each_run_tells_the_worker_which_files_are_queued_after_it(proj: Path) -
     requests = [json.loads(f.read_text()) for f in sorted((proj / ".work" / "worker" / "requests").glob("*.json"))]
     assert [[Path(f).name for f in r["files"]] for r in requests] == [["a.jsonl", "b.jsonl"], ["c.jsonl"]]
     # the hint: the second run's files, where they wait while the first trains; nothing after the last
-    assert [[Path(f).parent.name + "/" + Path(f).name for f in r["next"]] for r in requests] == [["waiting/c.jsonl"], []]
+    assert [[Path(f["path"]).parent.name + "/" + Path(f["path"]).name for f in r["next"]] for r in requests] == \
+        [["waiting/c.jsonl"], []]
+    # each with the journal's hash, size and lines: the prefetch child hashes nothing
+    done_c = proj / "queue" / "done" / "c.jsonl"
+    assert requests[0]["next"][0]["sha256"] == hashlib.sha256(done_c.read_bytes()).hexdigest()
+    assert requests[0]["next"][0]["size"] == done_c.stat().st_size and requests[0]["next"][0]["lines"] == 2
 
 
 @pytest.mark.parametrize("kill_at_step", [2, 6])

@@ -72,9 +72,10 @@ def test_a_reason_from_watch_stops_the_child_once():
 
 
 def test_diverged_files_are_the_ones_the_guard_blamed():
-    from ultimate_trainer.daemon.runner import diverged_files
+    from ultimate_trainer.core.records import TrainingStatus
 
-    status = {"pid": 7, "diverged": {"reason": "diverged: 3 anomalies", "files": ["b.jsonl"]}}
-    assert diverged_files(status, 7, ["a.jsonl", "b.jsonl"]) == (["b.jsonl"], "diverged: 3 anomalies")
-    assert diverged_files(status, 8, ["a.jsonl", "b.jsonl"]) == (["a.jsonl", "b.jsonl"], None)  # another trainer
-    assert diverged_files({"pid": 7, "diverged": {"files": ["zzz"]}}, 7, ["a.jsonl"])[0] == ["a.jsonl"]
+    status = TrainingStatus.from_json({"pid": 7, "diverged": {"reason": "diverged: 3 anomalies", "files": ["b.jsonl"]}})
+    assert status.diverged_files(7, ["a.jsonl", "b.jsonl"]) == (["b.jsonl"], "diverged: 3 anomalies")
+    assert status.diverged_files(8, ["a.jsonl", "b.jsonl"]) == (["a.jsonl", "b.jsonl"], None)  # another trainer
+    other = TrainingStatus.from_json({"pid": 7, "diverged": {"files": ["zzz"]}})
+    assert other.diverged_files(7, ["a.jsonl"])[0] == ["a.jsonl"]

@@ -126,14 +126,14 @@ def test_trained_spans_and_skip_reasons(tmp_path, name):
     p = _prepare(tmp_path, [CORPUS / name], tok)
     rep = p.reports[str(CORPUS / name)]
     unit = "item" if name.endswith(".json") else "line"
-    assert rep["unit"] == unit
-    bad = {b[unit]: b["reason"] for b in rep["bad"]}
+    assert rep.unit == unit
+    bad = {b[unit]: b["reason"] for b in rep.bad}
     want_bad = {n: r for n, r in EXPECTED[name].items() if isinstance(r, str)}
     assert sorted(bad) == sorted(want_bad)
     for n, reason in want_bad.items():
         assert bad[n].startswith(reason), (n, bad[n])
     good = [n for n, w in sorted(EXPECTED[name].items()) if not isinstance(w, str)]
-    assert rep["examples"] == rep["train_examples"] == len(p.train) == len(good)
+    assert rep.examples == rep.train_examples == len(p.train) == len(good)
     for i, n in enumerate(good):
         assert _trained_runs(tok, p.train[i]) == EXPECTED[name][n][1], f"{name}:{n}"
 
@@ -143,7 +143,7 @@ def test_template_without_tool_support_skips_tool_lines_with_a_reason(tmp_path):
     p = _prepare(tmp_path, files, smol_tokenizer())  # SmolLM2's ChatML renders no tools
     for name, lines in TOOL_LINES.items():
         rep = p.reports[str(CORPUS / name)]
-        bad = {b[rep["unit"]]: b["reason"] for b in rep["bad"]}
+        bad = {b[rep.unit]: b["reason"] for b in rep.bad}
         for n in lines:
             assert "chat template has no tool support" in bad[n]
             assert "does not render tool definitions, tool calls" in bad[n]
@@ -153,16 +153,16 @@ def test_placeholders_are_one_warning_per_file_and_reach_the_monitor(tmp_path):
     tok = tool_tokenizer(smol_tokenizer())
     p = _prepare(tmp_path, [CORPUS / "identity.json"], tok)
     rep = p.reports[str(CORPUS / "identity.json")]
-    assert rep["warnings"] == ["template placeholder {{name}}: 2 examples (first at item 1), trained verbatim: "
+    assert rep.warnings == ["template placeholder {{name}}: 2 examples (first at item 1), trained verbatim: "
                                "fill it in before training if it is not meant literally"]
-    assert data.summarize(p, 256)["warnings"] == [f"identity.json: {rep['warnings'][0]}"]
+    assert data.summarize(p, 256)["warnings"] == [f"identity.json: {rep.warnings[0]}"]
     shown = _problem_reports(tmp_path / "status")
-    assert shown[0]["warnings"] == [f"identity.json: {rep['warnings'][0]}"]
+    assert shown[0]["warnings"] == [f"identity.json: {rep.warnings[0]}"]
 
 
 def test_monitor_shows_array_items_as_file_item_n(tmp_path):
     p = _prepare(tmp_path, [CORPUS / "llamafactory_sharegpt.json"], tool_tokenizer(smol_tokenizer()))
-    assert p.reports[str(CORPUS / "llamafactory_sharegpt.json")]["bad_lines"] == 2
+    assert p.reports[str(CORPUS / "llamafactory_sharegpt.json")].bad_lines == 2
     shown = _problem_reports(tmp_path / "status")
     assert shown[0]["bad"] == [
         'llamafactory_sharegpt.json:item 3: multimodal: field "images" is set; only text is trained, line skipped',
@@ -178,7 +178,7 @@ def test_json_that_is_no_array_nor_lines_is_unusable_with_a_clear_reason(tmp_pat
 def test_json_lines_under_a_json_name_are_read_as_lines(tmp_path):
     f = write_jsonl(tmp_path / "datasets_export.json", [{"prompt": "p", "completion": "c"}] * 2)
     p = _prepare(tmp_path, [f], smol_tokenizer())
-    assert p.reports[str(f)]["unit"] == "line" and p.reports[str(f)]["examples"] == 2
+    assert p.reports[str(f)].unit == "line" and p.reports[str(f)].examples == 2
 
 
 def test_broken_array_keeps_items_before_the_error(tmp_path):
@@ -186,10 +186,10 @@ def test_broken_array_keeps_items_before_the_error(tmp_path):
     f.write_text('[{"prompt": "p", "completion": "c"}, {"prompt": "q", "compl', encoding="utf-8")
     p = _prepare(tmp_path, [f], smol_tokenizer())
     rep = p.reports[str(f)]
-    assert rep["examples"] == 1
-    assert rep["bad"] == [{"item": 2, "reason": "invalid JSON after item 1: parse error: premature EOF; the rest "
+    assert rep.examples == 1
+    assert rep.bad == [{"item": 2, "reason": "invalid JSON after item 1: parse error: premature EOF; the rest "
                                                 "of the file is not read"}]
-    assert status.bad_entry_text("cut.json", rep["bad"][0]).startswith("cut.json:item 2: invalid JSON")
+    assert status.bad_entry_text("cut.json", rep.bad[0]).startswith("cut.json:item 2: invalid JSON")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

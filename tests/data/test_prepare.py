@@ -14,6 +14,7 @@ from conftest import UnstableTemplate, chat, make_cfg, smol_tokenizer, write_jso
 from ultimate_trainer.data import prepare as data
 from ultimate_trainer.data.collate import Collator
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.data.encoding import TemplateError
 from ultimate_trainer.data.formats import BadLine, parse_line
 from ultimate_trainer.data.heldout import is_heldout
@@ -127,7 +128,7 @@ def test_bad_lines_reported_with_line_numbers_and_run_continues(tmp_path):
     ])
     p = _prepare(tmp_path, [f], max_line_bytes=700, heldout_fraction=0.0)
     rep = p.reports[str(f)]
-    bad = {b["line"]: b["reason"] for b in rep["bad"]}
+    bad = {b["line"]: b["reason"] for b in rep.bad}
     assert bad[2].startswith("invalid JSON")
     assert bad[3].startswith("not UTF-8")
     assert bad[4].startswith("unknown shape (keys: unknown): none of the accepted shapes' keys is there")
@@ -136,12 +137,13 @@ def test_bad_lines_reported_with_line_numbers_and_run_continues(tmp_path):
     assert bad[7].startswith("over-long: ") and "> max_seq_length 256" in bad[7]
     assert bad[8] == "line longer than 700 bytes (800 bytes)"
     assert set(bad) == {2, 3, 4, 5, 6, 7, 8}
-    assert rep["lines"] == 10 and rep["bad_lines"] == 7 and rep["examples"] == 2
-    assert rep["formats"]["chat"] == 1 and rep["formats"]["prompt_response"] == 1
-    assert rep["usable"] is True and rep["error"] is None
+    assert rep.lines == 10 and rep.bad_lines == 7 and rep.examples == 2
+    assert rep.formats["chat"] == 1 and rep.formats["prompt_response"] == 1
+    assert rep.usable is True and rep.error is None
     assert len(p.train) == 2
     on_disk = status.read_json(status.report_path(tmp_path / "status", f))
-    assert on_disk == rep
+    assert on_disk == rep.to_json()
+    assert FileReport.from_json(on_disk, strict=True) == rep  # every field, of its documented type, and no other
 
 
 def test_report_sha256_and_size_match_file(tmp_path):
@@ -150,15 +152,15 @@ def test_report_sha256_and_size_match_file(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}", f"a{i}") for i in range(5)])
     rep = _prepare(tmp_path, [f]).reports[str(f)]
     content = f.read_bytes()
-    assert rep["sha256"] == hashlib.sha256(content).hexdigest()
-    assert rep["size_bytes"] == len(content)
+    assert rep.sha256 == hashlib.sha256(content).hexdigest()
+    assert rep.size_bytes == len(content)
 
 
 def test_last_line_without_newline_and_crlf_are_read(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_bytes(_line(chat("q1", "a1")) + b"\r\n" + _line(chat("q2", "a2")))
     p = _prepare(tmp_path, [f], heldout_fraction=0.0)
-    assert p.reports[str(f)]["examples"] == 2 and p.reports[str(f)]["bad_lines"] == 0
+    assert p.reports[str(f)].examples == 2 and p.reports[str(f)].bad_lines == 0
 
 
 def test_overlong_truncate_keeps_cut_example(tmp_path):
@@ -171,7 +173,7 @@ def test_overlong_truncate_keeps_cut_example(tmp_path):
 def test_overlong_truncate_with_no_assistant_token_left_is_bad(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [chat("word " * 400, "answer")])
     p = _prepare(tmp_path, [f], overlong="truncate", heldout_fraction=0.0)
-    assert p.reports[str(f)]["bad"] == [{"line": 1, "reason": "over-long: no assistant token within max_seq_length 256"}]
+    assert p.reports[str(f)].bad == [{"line": 1, "reason": "over-long: no assistant token within max_seq_length 256"}]
     assert [u[0] for u in p.unusable] == [str(f)]
 
 
@@ -187,8 +189,8 @@ def test_file_with_no_usable_example_is_unusable(tmp_path):
     assert reasons[str(bad)] == "no usable example (2 bad lines; first: line 1: invalid JSON: Expecting value at column 1)"
     assert "empty" in reasons[str(empty)] and "\n" not in reasons[str(empty)]
     assert reasons[str(missing)].startswith("cannot read: ")
-    assert p.reports[str(bad)]["usable"] is False
-    assert p.reports[str(good)]["usable"] is True
+    assert p.reports[str(bad)].usable is False
+    assert p.reports[str(good)].usable is True
 
 
 # ------------------------------------------------------------------ held-out split
@@ -201,7 +203,7 @@ def test_heldout_is_deterministic_capped_and_never_trained(tmp_path):
     held1 = [e.source for e in p1.heldout]
     assert held1 == [e.source for e in p2.heldout]
     assert len(held1) == 15
-    assert p1.reports[str(f)]["heldout_examples"] == 15 and p1.reports[str(f)]["train_examples"] == 385
+    assert p1.reports[str(f)].heldout_examples == 15 and p1.reports[str(f)].train_examples == 385
     # Same line, held out whatever its position: decided by content.
     assert all(is_heldout(json.dumps(records[e.line - 1]).encode(), 0.1) for e in p1.heldout)
     held_answers = {e.expected for e in p1.heldout}
@@ -218,7 +220,7 @@ def test_tiny_file_entirely_heldout_is_trained_instead(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", [rec])
     p = _prepare(tmp_path, [f], heldout_fraction=0.5)
     assert len(p.train) == 1 and p.heldout == [] and p.heldout_encoded == []
-    assert p.reports[str(f)]["train_examples"] == 1 and p.reports[str(f)]["heldout_examples"] == 0
+    assert p.reports[str(f)].train_examples == 1 and p.reports[str(f)].heldout_examples == 0
 
 
 def test_text_examples_never_become_eval_prompts(tmp_path):
@@ -234,7 +236,7 @@ def test_eval_file_is_all_heldout(tmp_path):
     p = _prepare(tmp_path, [train], heldout_fraction=0.0, eval_file="eval.jsonl")
     assert len(p.train) == 10
     assert len(p.heldout) == 70  # the per-file cap does not apply to the eval file
-    assert p.reports[str(tmp_path / "eval.jsonl")]["heldout_examples"] == 70
+    assert p.reports[str(tmp_path / "eval.jsonl")].heldout_examples == 70
 
 
 def test_copies_of_heldout_examples_are_never_trained(tmp_path):
@@ -245,15 +247,15 @@ def test_copies_of_heldout_examples_are_never_trained(tmp_path):
     first = write_jsonl(tmp_path / "a.jsonl", records + [{"prompt": "What is the code?", "response": "XK-9"}])
     p1 = _prepare(tmp_path, [first], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
     held = [e for e in p1.heldout if e.source.startswith("a.jsonl")]
-    assert len(held) == 3 and p1.reports[str(first)]["heldout_examples"] == 4  # + the eval example's copy
-    assert p1.reports[str(first)]["train_examples"] == 297
+    assert len(held) == 3 and p1.reports[str(first)].heldout_examples == 4  # + the eval example's copy
+    assert p1.reports[str(first)].train_examples == 297
     assert [e.expected for e in p1.heldout].count("XK-9") == 1  # asked once, from the eval file
     # The same example again in b.jsonl, as prompt/response: other bytes, so not chosen by its hash.
     copy = {"prompt": held[0].prompt_text, "response": held[0].expected}
     assert not is_heldout(_line(copy), 0.1)
     second = write_jsonl(tmp_path / "b.jsonl", [copy] + [chat(f"other {i}", f"o{i}") for i in range(50)])
     p2 = _prepare(tmp_path, [first, second], heldout_fraction=0.1, heldout_max_per_file=3, eval_file="eval.jsonl")
-    assert p2.reports[str(second)]["train_examples"] + len([e for e in p2.heldout if e.source.startswith("b")]) == 50
+    assert p2.reports[str(second)].train_examples + len([e for e in p2.heldout if e.source.startswith("b")]) == 50
     tok = smol_tokenizer()
     trained = {tok.decode([t for t, lab in zip(x["input_ids"], x["labels"]) if lab != -100],
                           skip_special_tokens=True) for x in p2.train}

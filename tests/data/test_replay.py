@@ -115,7 +115,7 @@ def test_split_lines_holds_out_what_prepare_held_out_tiny_files_and_eval_file_in
     tiny = write_jsonl(tmp_path / "tiny.jsonl", held)
     assert [h for *_, h in split_lines(tiny, cfg)] == [False, False]
     report = prepare.prepare([tiny], smol_tokenizer(), cfg, tmp_path / "s").reports[str(tiny)]
-    assert report["train_examples"] == 2 and report["heldout_examples"] == 0
+    assert report.train_examples == 2 and report.heldout_examples == 0
     assert heldout_examples([tiny], cfg, 10) == []
     assert [h for *_, h in split_lines(tiny, cfg, all_heldout=True)] == [True, True]
     assert len(heldout_examples([tiny], cfg, 10, eval_file=tiny)) == 2

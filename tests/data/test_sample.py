@@ -32,13 +32,13 @@ def demo(tmp_path_factory):
 def test_demo_files_read_cleanly_with_bad_lines_in_the_first(demo):
     files, p = demo
     r1, r2 = (p.reports[str(f)] for f in files)
-    assert r1["examples"] == r2["examples"] == 300
-    assert [b["reason"].split(":")[0] for b in r1["bad"]] == ["invalid JSON", "no assistant turn",
+    assert r1.examples == r2.examples == 300
+    assert [b["reason"].split(":")[0] for b in r1.bad] == ["invalid JSON", "no assistant turn",
                                                               "unknown shape (keys"]
-    assert r2["bad_lines"] == 0
+    assert r2.bad_lines == 0
     for fmt in ("chat", "sharegpt", "prompt_response", "alpaca"):
-        assert r1["formats"][fmt] + r2["formats"][fmt] > 0, fmt
-    assert r1["heldout_examples"] >= 5 and r2["heldout_examples"] >= 5
+        assert r1.formats[fmt] + r2.formats[fmt] > 0, fmt
+    assert r1.heldout_examples >= 5 and r2.heldout_examples >= 5
     assert not p.unusable
 
 

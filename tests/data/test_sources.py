@@ -229,15 +229,15 @@ def _check(tmp_path: Path, name: str, kind: str, expected: dict[int, list[str] |
     cfg = make_cfg(tmp_path, heldout_fraction=0.0, system_prompt="S.")
     p = data.prepare([path], tok, cfg, tmp_path / "store", tmp_path / "status")
     rep = p.reports[str(path)]
-    unit = rep["unit"]
-    bad = {b[unit]: b["reason"] for b in rep["bad"]}
+    unit = rep.unit
+    bad = {b[unit]: b["reason"] for b in rep.bad}
     want_bad = {n: r for n, r in expected.items() if isinstance(r, str)}
-    assert rep["bad_lines"] == len(want_bad)
+    assert rep.bad_lines == len(want_bad)
     assert sorted(bad) == sorted(want_bad)
     for n, reason in want_bad.items():
         assert bad[n].startswith(reason), (n, bad[n])
     good = [n for n, w in sorted(expected.items()) if not isinstance(w, str)]
-    assert rep["examples"] == len(p.train) == len(good)
+    assert rep.examples == len(p.train) == len(good)
     for i, n in enumerate(good):
         got = _merged(_pieces(tok, p.train[i]))
         want = _merged(expected[n])
@@ -254,22 +254,22 @@ def test_every_record_trains_what_its_source_says(tmp_path, name):
 
 def test_reasoning_through_a_template_that_renders_it(tmp_path):
     rep = _check(tmp_path, "reasoning.jsonl", "reasoning", reasoning_expected(TEMPLATE))
-    assert rep["reasoning"] == {"examples": 9, "rendered_as": "by the model's chat template (its reasoning_content "
+    assert rep.reasoning == {"examples": 9, "rendered_as": "by the model's chat template (its reasoning_content "
                                                               "field)"}
 
 
 def test_the_reasoning_convention_is_recorded_per_file_and_in_the_dry_run_summary(tmp_path):
     rep = _check(tmp_path / "a", "reasoning.jsonl", "smol", reasoning_expected(CONVENTION))
-    assert rep["reasoning"]["examples"] == 9
-    assert rep["reasoning"]["rendered_as"].startswith("as a <think> block before the answer")
+    assert rep.reasoning["examples"] == 9
+    assert rep.reasoning["rendered_as"].startswith("as a <think> block before the answer")
     written = json.loads((tmp_path / "a" / "status" / "reports" / "reasoning.jsonl.report.json").read_text())
-    assert written["reasoning"] == rep["reasoning"]
+    assert written["reasoning"] == rep.reasoning
     cfg = make_cfg(tmp_path, heldout_fraction=0.0)
     p = data.prepare([CORPUS / "reasoning.jsonl", CORPUS / "trl_preference.jsonl"], smol_tokenizer(), cfg,
                      tmp_path / "store")
     assert data.summarize(p, 256)["reasoning"] == [
-        f"reasoning.jsonl: 9 examples with reasoning, rendered {rep['reasoning']['rendered_as']}"]
-    assert p.reports[str(CORPUS / "trl_preference.jsonl")]["reasoning"] is None
+        f"reasoning.jsonl: 9 examples with reasoning, rendered {rep.reasoning['rendered_as']}"]
+    assert p.reports[str(CORPUS / "trl_preference.jsonl")].reasoning is None
 
 
 def test_reasoning_examples_are_not_evaluation_prompts():
@@ -292,10 +292,10 @@ def test_a_template_that_leaves_out_a_trained_turns_reasoning_makes_the_line_bad
                  + "\n")
     p = data.prepare([f], tok, make_cfg(tmp_path, heldout_fraction=0.0), tmp_path / "store")
     rep = p.reports[str(f)]
-    assert rep["bad"] == [{"line": 1, "reason": "message 3's reasoning is not in the model's chat template's "
+    assert rep.bad == [{"line": 1, "reason": "message 3's reasoning is not in the model's chat template's "
                                                 "rendering of it (the template leaves it out), so the answer "
                                                 "would be trained without it"}]
-    assert rep["examples"] == 1
+    assert rep.examples == 1
 
 
 def test_a_template_that_strips_think_blocks_from_answers_makes_reasoning_lines_bad(tmp_path):
@@ -308,14 +308,14 @@ def test_a_template_that_strips_think_blocks_from_answers_makes_reasoning_lines_
                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
     p = data.prepare([CORPUS / "reasoning.jsonl"], tok, make_cfg(tmp_path, heldout_fraction=0.0), tmp_path / "store")
     rep = p.reports[str(CORPUS / "reasoning.jsonl")]
-    bad = {b["line"]: b["reason"] for b in rep["bad"]}
+    bad = {b["line"]: b["reason"] for b in rep.bad}
     # Every line with reasoning is refused with the reason; the two without reasoning (the number, which is
     # refused for itself, and the empty think block) are not refused for it.
     assert sorted(bad) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
     assert bad[1] == ("message 3's reasoning is not in the model's chat template's rendering of it (the template "
                       "leaves it out), so the answer would be trained without it")
     assert bad[9].startswith("message 2 reasoning_content is a number")
-    assert rep["examples"] == 1 and rep["reasoning"] is None
+    assert rep.examples == 1 and rep.reasoning is None
 
 
 def test_reasoning_a_template_trims_is_still_found_and_trained():

@@ -23,7 +23,7 @@ def _same(a: data.Prepared, b: data.Prepared) -> None:
         [b.train[i] for i in range(len(b.train))]
     assert a.heldout_encoded == b.heldout_encoded
     assert [(e.messages, e.source) for e in a.heldout] == [(e.messages, e.source) for e in b.heldout]
-    strip = lambda r: {k: v for k, v in r.items() if k != "created_at"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.to_json().items() if k != "created_at"}  # noqa: E731
     assert {k: strip(v) for k, v in a.reports.items()} == {k: strip(v) for k, v in b.reports.items()}
 
 
@@ -44,7 +44,28 @@ def test_a_run_takes_the_files_tokenized_ahead_and_gets_the_same_data(tmp_path):
     assert ahead.cache_hits == [str(eval_file), str(a), str(b)] and plain.cache_hits == []
     assert len(ahead.cache_used) == 2  # the eval file's entry stays for the next run
     _same(ahead, plain)
-    assert ahead.reports[str(b)]["heldout_duplicates"] == 2
+    assert ahead.reports[str(b)].heldout_duplicates == 2
+
+
+def test_files_given_with_the_manifest_hash_are_not_hashed_again(tmp_path, monkeypatch):
+    """The prefetch child keys its entries by the daemon's hashes (core/manifest.py): it never hashes."""
+    from ultimate_trainer.core.manifest import digest
+
+    tok = smol_tokenizer()
+    a = write_jsonl(tmp_path / "a.jsonl", _records(20, "alpha"))
+    cfg = make_cfg(tmp_path)
+    cache = tmp_path / "cache"
+    entry = digest(a)  # what the daemon's journal holds for the file
+
+    def no_hash(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(tokcache, "file_sha256", no_hash)
+    assert len(data.fill_cache([entry], tok, cfg, cache)) == 1
+    ahead = data.prepare([entry], tok, cfg, tmp_path / "ahead", cache_dir=cache)
+    assert ahead.cache_hits == [str(a)] and ahead.reports[str(a)].sha256 == entry.sha256
+    monkeypatch.undo()
+    _same(ahead, data.prepare([a], tok, cfg, tmp_path / "plain"))
 
 
 def test_a_wrong_or_stale_hint_is_not_used(tmp_path):
@@ -60,7 +81,7 @@ def test_a_wrong_or_stale_hint_is_not_used(tmp_path):
     # the file changed after it was tokenized ahead: read again, with its new content
     write_jsonl(a, _records(25, "alpha"))
     stale = data.prepare([a], tok, cfg, tmp_path / "s2", cache_dir=cache)
-    assert stale.cache_hits == [] and stale.reports[str(a)]["examples"] == 25
+    assert stale.cache_hits == [] and stale.reports[str(a)].examples == 25
     _same(stale, data.prepare([a], tok, cfg, tmp_path / "s3"))
     # another setting that changes the tokens: not taken either
     data.fill_cache([a], tok, cfg, cache)

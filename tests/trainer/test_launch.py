@@ -6,6 +6,7 @@ import pytest
 
 from ultimate_trainer.core import config
 from ultimate_trainer.core.exitcodes import Exit
+from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.trainer import distributed as d
 
 
@@ -17,12 +18,15 @@ def test_accumulation_is_shared_by_the_ranks_when_it_divides():
 
 
 def test_optimizer_state_loads_across_world_sizes_unless_sharded():
-    ddp2 = {"world_size": 2, "distributed": "ddp"}
-    one = {"world_size": 1, "distributed": None}
+    def marker(**fields):
+        return CheckpointMarker.from_json(fields)
+
+    ddp2 = marker(world_size=2, distributed="ddp")
+    one = marker(world_size=1, distributed=None)
     assert d.optimizer_state_problem(one, 2, "ddp") is None
     assert d.optimizer_state_problem(ddp2, 1, "ddp") is None
-    assert d.optimizer_state_problem({}, 2, "ddp") is None  # markers from before this field: one process
-    fsdp2 = {"world_size": 2, "distributed": "fsdp"}
+    assert d.optimizer_state_problem(marker(), 2, "ddp") is None  # markers from before this field: one process
+    fsdp2 = marker(world_size=2, distributed="fsdp")
     assert d.optimizer_state_problem(fsdp2, 2, "fsdp") is None
     assert "fresh optimizer" in d.optimizer_state_problem(fsdp2, 4, "fsdp")
     assert "fresh optimizer" in d.optimizer_state_problem(one, 2, "deepspeed")

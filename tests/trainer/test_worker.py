@@ -112,6 +112,21 @@ def test_a_request_without_result_is_taken_once_and_in_order(tmp_path):
     assert worker_files.read_result(tmp_path, second.seq)["code"] == 3
 
 
+def test_the_next_hint_carries_the_journal_hashes_and_an_older_path_hint_still_reads(tmp_path):
+    from ultimate_trainer.core.manifest import FileEntry, digest
+    from ultimate_trainer.core.status import atomic_write_json
+
+    nxt = tmp_path / "b.jsonl"
+    nxt.write_text('{"prompt": "q", "response": "a"}\n')
+    worker_files.clear(tmp_path)
+    req = worker_files.write_request(tmp_path, [tmp_path / "a.jsonl"], [digest(nxt)])
+    got = worker_files.next_request(tmp_path)
+    assert got.seq == req.seq and got.next == [digest(nxt)]  # path, sha256, size, lines: nothing to hash again
+    worker_files.write_result(tmp_path, req.seq, code=0)
+    atomic_write_json(tmp_path / worker_files.REQUESTS / "0.json", {"seq": "0", "files": [], "next": [str(nxt)]})
+    assert worker_files.next_request(tmp_path).next == [FileEntry(nxt, "", 0, None)]  # unhashed: the child hashes
+
+
 def test_the_next_run_takes_its_files_tokenized_ahead_and_a_stale_one_is_read_again(tiny_model_dir, make_project,
                                                                                   tmp_path):
     cfg_path = make_project(tiny_model_dir, eval_steps=0, daemon__prefetch_tokenize="on")

@@ -14,6 +14,7 @@ from _stats_helpers import FakeNVML
 from _web_helpers import FIXTURE_STATUS  # noqa: F401  (puts the repository root on sys.path)
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import TrainingStatus
 
 TH = stats.Thresholds(70.0, 85.0)
 
@@ -53,13 +54,17 @@ def test_process_tree_rss_of_no_process_is_none():
     assert stats.process_tree_rss(dead.pid) is None
 
 
+def ts(**fields):
+    return TrainingStatus.from_json(fields)
+
+
 def test_training_pid_only_for_a_live_working_trainer():
     me = os.getpid()
-    assert stats.training_pid({"state": "training", "pid": me}, None) == me
-    assert stats.training_pid({"state": "idle", "pid": me}, None) is None
-    assert stats.training_pid({"state": "error", "pid": me}, None) is None
+    assert stats.training_pid(ts(state="training", pid=me), None) == me
+    assert stats.training_pid(ts(state="idle", pid=me), None) is None
+    assert stats.training_pid(ts(state="error", pid=me), None) is None
     # A trainer that died without updating its file: the daemon's current run is asked instead.
-    assert stats.training_pid({"state": "training", "pid": 2**22 + 12345}, {"current_run": {"pid": me}}) == me
+    assert stats.training_pid(ts(state="training", pid=2**22 + 12345), {"current_run": {"pid": me}}) == me
     assert stats.training_pid(None, {"current_run": None}) is None
 
 
@@ -98,9 +103,9 @@ def test_health_levels():
     assert stats.health({"oom_risk": "LOW", "gpus": []})["level"] == "ok"
     high = stats.health({"oom_risk": "HIGH", "oom_reason": "x", "gpus": []})
     assert high["level"] == "critical" and high["reasons"][0]["source"] == "ram"
-    err = stats.health(None, {"state": "error", "error": "CUDA out of memory", "pid": os.getpid()})
+    err = stats.health(None, ts(state="error", error="CUDA out of memory", pid=os.getpid()))
     assert err["level"] == "critical" and "CUDA out of memory" in err["reasons"][0]["message"]
-    stale = stats.health(None, {"state": "training", "pid": 2**22 + 12345})
+    stale = stats.health(None, ts(state="training", pid=2**22 + 12345))
     assert stale["level"] == "warning" and stale["reasons"][0]["source"] == "trainer"
 
 

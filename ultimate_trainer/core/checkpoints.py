@@ -13,6 +13,7 @@ training continues on the consolidated weights with a fresh adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -37,16 +38,16 @@ INCOMPLETE_DIR = ".incomplete"
 class CheckpointInfo:
     path: Path
     global_step: int
-    meta: dict[str, Any]
+    marker: CheckpointMarker  # its ut_checkpoint.json, read once (core/records.py)
 
     @property
     def name(self) -> str:
         return self.path.name
 
     @property
-    def marker(self) -> CheckpointMarker:
-        """``meta`` typed (core/records.py); any marker written since schema 1 reads."""
-        return CheckpointMarker.from_json(self.meta) or CheckpointMarker()
+    def meta(self) -> dict[str, Any]:
+        """The marker as its file's JSON object (a missing field at its default)."""
+        return self.marker.to_json()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -67,9 +68,9 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
                 run_started_at: str | None = None, parent: dict[str, Any] | None = None, world_size: int = 1,
                 distributed: str | None = None, examples_per_step: int | None = None,
                 replay: dict[str, Any] | None = None, rehearsal: dict[str, Any] | None = None,
-                controller: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The marker's fields (``CheckpointMarker``, core/records.py; docs/STATUS.md), less ``created_at``,
-    which ``mark_complete`` stamps.
+                controller: dict[str, Any] | None = None) -> CheckpointMarker:
+    """The marker of a checkpoint (``CheckpointMarker``, core/records.py; docs/STATUS.md); ``mark_complete``
+    stamps its ``created_at``.
 
     ``files`` lists the run's input files, each ``{"name", "sha256", "size", "examples",
     "trained_at"}`` (``core/lineage.run_files``); ``run_complete`` says whether this checkpoint ends
@@ -78,39 +79,45 @@ def marker_meta(*, global_step: int, run_id: str, run_step: int, run_total_steps
     ``world_size`` and ``distributed`` (ddp, fsdp, deepspeed; None for one process) say how the
     optimizer state was saved; ``examples_per_step`` what one of its steps trained.
     """
-    marker = CheckpointMarker(
+    return CheckpointMarker(
         global_step=global_step, run_id=run_id, run_step=run_step, run_total_steps=run_total_steps,
         run_complete=run_step >= run_total_steps, files=files, run_started_at=run_started_at, parent=parent,
         base_model=base_model, base_model_name=base_model_name, load_in_4bit=load_in_4bit, lora=lora,
         world_size=world_size, distributed=distributed, examples_per_step=examples_per_step, replay=replay,
-        rehearsal=rehearsal, controller=controller).to_json()
-    del marker["created_at"]
-    return marker
+        rehearsal=rehearsal, controller=controller)
 
 
-def run_complete(meta: dict[str, Any]) -> bool:
+def _marker(marker: CheckpointMarker | dict[str, Any]) -> CheckpointMarker:
+    """A marker as its record; a dict (a marker file's object, from callers that still hold one) parsed."""
+    return marker if isinstance(marker, CheckpointMarker) else CheckpointMarker.from_json(marker) or CheckpointMarker()
+
+
+def run_complete(marker: CheckpointMarker | dict[str, Any]) -> bool:
     """Whether the checkpoint ends its run. Markers older than the field count as complete."""
-    return bool(meta.get("run_complete", True))
+    return _marker(marker).run_complete
 
 
-def steps_done(meta: dict[str, Any], run_id: str) -> int:
+def steps_done(marker: CheckpointMarker | dict[str, Any], run_id: str) -> int:
     """Run steps of ``run_id`` already trained, when this checkpoint cut that run short; else 0."""
-    if meta.get("run_id") != run_id or run_complete(meta):
+    marker = _marker(marker)
+    if marker.run_id != run_id or marker.run_complete:
         return 0
-    step = meta.get("run_step")
-    return step if isinstance(step, int) and step > 0 else 0
+    return max(marker.run_step, 0)
 
 
-def completes_files(meta: dict[str, Any], sha256s: list[str]) -> bool:
+def completes_files(marker: CheckpointMarker | dict[str, Any], sha256s: list[str]) -> bool:
     """Whether the checkpoint ends a run over exactly these files (by content)."""
-    trained = sorted(f.get("sha256", "") for f in meta.get("files") or [] if isinstance(f, dict))
-    return run_complete(meta) and trained == sorted(sha256s)
+    marker = _marker(marker)
+    trained = sorted(f.get("sha256", "") for f in marker.files if isinstance(f, dict))
+    return marker.run_complete and trained == sorted(sha256s)
 
 
-def mark_complete(path: Path, meta: dict[str, Any]) -> None:
+def mark_complete(path: Path, marker: CheckpointMarker | dict[str, Any]) -> None:
     """Seal a checkpoint folder: fsync its files, then write the marker atomically."""
     _fsync_tree(path)
-    atomic_write_json(path / MARKER, {"schema_version": 1, **meta, "created_at": now_iso()})
+    if isinstance(marker, dict):  # a marker's JSON object (tests build small ones)
+        marker = CheckpointMarker.from_json(marker, path / MARKER, strict=False) or CheckpointMarker()
+    atomic_write_json(path / MARKER, {**dataclasses.replace(marker, created_at=now_iso()).to_json()})
 
 
 def list_complete(checkpoints_dir: str | Path) -> list[CheckpointInfo]:
@@ -123,10 +130,10 @@ def list_complete(checkpoints_dir: str | Path) -> list[CheckpointInfo]:
         m = CHECKPOINT_RE.match(p.name)
         if not m or not p.is_dir():
             continue
-        meta = read_json(p / MARKER)
-        if meta is None or meta.get("global_step") != int(m.group(1)):
+        raw = read_json(p / MARKER)
+        if raw is None or raw.get("global_step") != int(m.group(1)):
             continue
-        out.append(CheckpointInfo(p, int(m.group(1)), meta))
+        out.append(CheckpointInfo(p, int(m.group(1)), CheckpointMarker.from_json(raw, p / MARKER)))
     return sorted(out, key=lambda c: c.global_step)
 
 
@@ -205,7 +212,7 @@ def rolled_back_step(models_dir: str | Path) -> int:
 def on_base(ckpt: CheckpointInfo, cons: ConsolidationInfo | None) -> bool:
     """Whether ``ckpt``'s adapter was trained on the current base: the newest adopted consolidation, or the
     configured base when there is none."""
-    base = ckpt.meta.get("base_model")
+    base = ckpt.marker.base_model
     in_consolidated = bool(base) and Path(str(base)).parent.name in ("consolidated", REFUSED_DIR, ROLLED_BACK_DIR)
     if cons is None:
         return not in_consolidated
@@ -254,7 +261,7 @@ def start_point(checkpoints_dir: str | Path, models_dir: str | Path) -> StartPoi
                        if c.name == cons.manifest.get("source_checkpoint")), None)
         return StartPoint("consolidation", cons.global_step, str(cons.path), checkpoint=source, consolidation=cons)
     if ckpt is not None:
-        return StartPoint("checkpoint", ckpt.global_step, ckpt.meta.get("base_model"), checkpoint=ckpt)
+        return StartPoint("checkpoint", ckpt.global_step, ckpt.marker.base_model or None, checkpoint=ckpt)
     return StartPoint("fresh", floor, None)
 
 
@@ -313,11 +320,11 @@ def resolve_model(checkpoints_dir: str | Path, models_dir: str | Path, base_mode
     if CHECKPOINT_RE.match(key):
         for c in list_complete(checkpoints_dir):
             if c.name == key:
-                base = c.meta.get("base_model")
-                base = base if base and Path(base).is_dir() else None  # moved: resolve by name at load time
+                m = c.marker
+                base = m.base_model if m.base_model and Path(m.base_model).is_dir() else None  # moved: resolve by name
                 return ModelSpec(key, f"{c.name} (step {c.global_step})", base, str(c.path),
-                                 _fingerprint(c.path, c.meta.get("created_at")), bool(c.meta.get("load_in_4bit")),
-                                 c.global_step, c.meta.get("base_model_name") or base_model)
+                                 _fingerprint(c.path, m.created_at), bool(m.load_in_4bit), c.global_step,
+                                 m.base_model_name or base_model)
         raise ValueError(f"no complete checkpoint named {key}")
     name = key[len(CONSOLIDATED):] if key.startswith(CONSOLIDATED) else key
     for c in list_consolidations(models_dir):

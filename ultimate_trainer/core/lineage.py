@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ultimate_trainer.core.checkpoints import CheckpointInfo, ConsolidationInfo, list_complete, list_consolidations
+from ultimate_trainer.core.records import FileReport
 
 
 @dataclass
@@ -38,12 +39,13 @@ class Run:
 
     @property
     def started_at(self) -> str | None:
-        return self.checkpoints[0].meta.get("run_started_at") or self.checkpoints[0].meta.get("created_at")
+        first = self.checkpoints[0].marker
+        return first.run_started_at or first.created_at
 
     def complete_at(self, step: int) -> bool:
         """Whether the run's training was all done by the checkpoint at ``step``."""
         upto = [c for c in self.checkpoints if c.global_step <= step]
-        return bool(upto) and bool(upto[-1].meta.get("run_complete", True))
+        return bool(upto) and upto[-1].marker.run_complete
 
 
 def _file_entry(entry: Any, run: Run) -> dict[str, Any]:
@@ -57,11 +59,10 @@ def runs(checkpoints: list[CheckpointInfo]) -> list[Run]:
     """The runs of a chain of complete checkpoints (oldest first)."""
     out: list[Run] = []
     for c in checkpoints:
-        rid = str(c.meta.get("run_id") or "?")
+        rid = c.marker.run_id or "?"
         prev = out[-1] if out else None
-        if prev is None or prev.run_id != rid or prev.checkpoints[-1].meta.get("run_complete", False):
-            files = c.meta.get("files") if isinstance(c.meta.get("files"), list) else []
-            out.append(Run(rid, files))
+        if prev is None or prev.run_id != rid or prev.checkpoints[-1].marker.run_complete:
+            out.append(Run(rid, c.marker.files))
         out[-1].checkpoints.append(c)
     return out
 
@@ -103,12 +104,12 @@ class Lineage:
                     "created_at": m.get("created_at"), "source_checkpoint": m.get("source_checkpoint"),
                     "base_model": m.get("base_model_name"), "files": self.of_step(model.global_step)}
         return {"kind": "checkpoint", "name": model.name, "global_step": model.global_step,
-                "created_at": model.meta.get("created_at"), "run_id": model.meta.get("run_id"),
-                "base_model": model.meta.get("base_model_name"), "files": self.of_step(model.global_step)}
+                "created_at": model.marker.created_at, "run_id": model.marker.run_id or None,
+                "base_model": model.marker.base_model_name, "files": self.of_step(model.global_step)}
 
     def all(self) -> list[dict[str, Any]]:
         """The lineage of every checkpoint and consolidation, by global step."""
-        models: list[Any] = sorted([*self.checkpoints, *self.consolidations], key=lambda m: m.global_step)
+        models: list[CheckpointInfo | ConsolidationInfo] = sorted([*self.checkpoints, *self.consolidations], key=lambda m: m.global_step)
         return [self.of(m) for m in models]
 
     # ----------------------------------------------------------------- reverse: file -> models
@@ -177,11 +178,11 @@ def format_file(record: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- what the trainer records
 
-def run_files(files: list[Path], reports: dict[str, dict[str, Any]], started_at: str) -> list[dict[str, Any]]:
+def run_files(files: list[Path], reports: dict[str, FileReport], started_at: str) -> list[dict[str, Any]]:
     """The ``files`` entries of a run's checkpoint markers: name, sha256, size, examples, trained_at."""
     out = []
     for f in files:
-        rep = reports.get(str(f)) or {}
-        out.append({"name": f.name, "sha256": rep.get("sha256"), "size": rep.get("size_bytes"),
-                    "examples": rep.get("examples"), "trained_at": started_at})
+        rep = reports.get(str(f))
+        out.append({"name": f.name, "sha256": rep.sha256 if rep else None, "size": rep.size_bytes if rep else None,
+                    "examples": rep.examples if rep else None, "trained_at": started_at})
     return out

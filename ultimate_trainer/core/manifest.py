@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from ultimate_trainer.core import status
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.records import FileReport
 from ultimate_trainer.core.spool import DONE, DATA_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,11 @@ def done_sources(done_dir: Path, known: dict[str, tuple[str, int, int | None]] |
             if size != size_now:
                 sha, lines = None, None
             if lines is None and status_dir is not None:
-                rep = status.read_json(status.report_path(status_dir, p.name))
-                if rep and isinstance(rep.get("sha256"), str) and isinstance(rep.get("lines"), int) \
-                        and rep.get("unit", "line") == "line" and rep.get("size_bytes") == size_now \
-                        and sha in (None, rep["sha256"]):
-                    sha, lines = rep["sha256"], rep["lines"]
+                rep = FileReport.read(status.report_path(status_dir, p.name))
+                if rep is not None and rep.sha256 is not None and "lines" not in rep.missing and rep.unit == "line" \
+                        and rep.size_bytes == size_now and "size_bytes" not in rep.missing \
+                        and sha in (None, rep.sha256):
+                    sha, lines = rep.sha256, rep.lines
             out.append(FileEntry(p, sha, size_now, lines) if sha and lines is not None else digest(p))
         except OSError as e:
             log.warning("replay: %s: cannot read (%s); left out", p.name, e.strerror or e)

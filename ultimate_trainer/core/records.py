@@ -3,20 +3,66 @@
 Each is a dataclass whose fields carry their JSON type and meaning (as core/config.py's settings
 do); docs/STATUS.md's tables for them are generated from here (``python -m
 ultimate_trainer.core.records --markdown``) and a test keeps the two in step. ``to_json`` is the
-file's object; ``from_json`` reads any file written since schema 1: a missing field takes its
-default, a field it does not know is kept (``extra``) and written back as it was.
+file's object. ``from_json`` is the one place a reader turns a file's object into its record: any
+file written since schema 1 reads (a missing field takes its default), a field it does not know is
+kept (``extra``, written back as it was), and a field of the wrong JSON type is reported by name, in
+a warning that names the file, and read as its default; ``strict=True`` (the writers' tests) refuses
+all three with one ``RecordError`` listing every problem. ``read`` does the same for a path.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import logging
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from ultimate_trainer.core.status import read_json
 
 T = TypeVar("T", bound="Record")
+log = logging.getLogger(__name__)
+
+# The JSON types a field's annotation allows, as Python types (a float field takes an int; bool is no number).
+_JSON_TYPES: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,),
+                                            list: (list,), dict: (dict,), type(None): (type(None),)}
+_warned: set[tuple[str, str, str]] = set()  # (record, where, field): a bad field is reported once per file
+
+
+_NOT_FIELDS = ("extra", "given")  # a record's bookkeeping, not fields of its file
+
+
+class RecordError(ValueError):
+    """A file's object is not the record it should be; the message lists every problem."""
+
+
+def _allowed(annotation: Any) -> tuple[type, ...]:
+    """The Python types of the JSON values a field annotation admits (``int | None`` -> int, NoneType)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    out: tuple[type, ...] = ()
+    for a in args:
+        out += _JSON_TYPES.get(typing.get_origin(a) or a, (object,))
+    return out
+
+
+@functools.cache
+def _allowed_types(cls: type[Record]) -> dict[str, tuple[type, ...]]:
+    """Each field of the record with the Python types of the JSON values it admits (worked out once)."""
+    hints = typing.get_type_hints(cls)
+    return {n: _allowed(hints[n]) for n in cls.names()}
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in allowed:
+        return False  # JSON true is not the number 1
+    return isinstance(value, allowed)
 
 
 def _f(default: Any, json_type: str, doc: str) -> Any:
@@ -46,30 +92,89 @@ def _obj(value: dict[str, Any]) -> _Factory:
 class Record:
     """Shared by the records: JSON in and out, unknown fields kept, the schema as a markdown table."""
 
-    extra: dict[str, Any]
+    extra: dict[str, Any]  # the file's fields this version does not know
+    given: frozenset[str] | None  # the known fields the file had (None: built in code, every field given)
+    ABSENT_WHEN_NULL: ClassVar[tuple[str, ...]] = ()  # fields the file leaves out rather than write null
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]  # type: ignore[arg-type]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_FIELDS]  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
-        return {**{n: getattr(self, n) for n in self.names()}, **self.extra}
+        out = {**{n: getattr(self, n) for n in self.names()}, **self.extra}
+        for name in self.ABSENT_WHEN_NULL:
+            if out[name] is None:
+                del out[name]
+        return out
+
+    @property
+    def missing(self) -> list[str]:
+        """The fields the file did not have (an older writer's): they read as their defaults."""
+        return [] if self.given is None else [n for n in self.names() if n not in self.given]
+
+    @property
+    def unknown(self) -> list[str]:
+        """The fields of the file this version does not know (a newer writer's), kept in ``extra``."""
+        return sorted(self.extra)
 
     @classmethod
-    def from_json(cls: type[T], data: dict[str, Any] | None) -> T | None:
-        """The record of a file's object; None when there is no object (missing, unreadable, not JSON)."""
+    def from_json(cls: type[T], data: dict[str, Any] | None, where: str | Path = "", *,
+                  strict: bool = False) -> T | None:
+        """The record of a file's object; None when there is no object (missing, unreadable, not JSON).
+
+        A field of the wrong JSON type takes its default and is reported (a warning naming ``where``
+        and the field, once per file); fields it does not know are kept and named once (info); a
+        missing field takes its default (``missing`` lists them: older writers). ``strict``: a wrong
+        type, a missing or an unknown field raises ``RecordError`` listing them all.
+        """
         if not isinstance(data, dict):
+            if strict:
+                raise RecordError(f"{where or cls.__name__}: not a JSON object")
             return None
-        known = set(cls.names())
-        rec = cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[call-arg]
+        allowed = _allowed_types(cls)
+        known = set(allowed)
+        values, wrong = {}, []
+        for k, v in data.items():
+            if k not in known:
+                continue
+            if _fits(v, allowed[k]):
+                values[k] = v
+            else:
+                wrong.append(f"{k}: {type(v).__name__} {json.dumps(v, default=str)[:60]}, "
+                             f"expected {cls._field(k).metadata['type']}")
+        rec = cls(**values)  # type: ignore[call-arg]
         rec.extra = {k: v for k, v in data.items() if k not in known}
+        rec.given = frozenset(known & set(data))
+        if strict:
+            problems = wrong + [f"{k}: missing" for k in sorted(known - set(data) - set(cls.ABSENT_WHEN_NULL))] \
+                + [f"{k}: not a field of {cls.__name__}" for k in rec.unknown]
+            if problems:
+                raise RecordError(f"{where or cls.__name__}: " + "; ".join(problems))
+        for problem in wrong:
+            key = (cls.__name__, str(where), problem.split(":", 1)[0])
+            if key not in _warned:
+                _warned.add(key)
+                log.warning("%s: %s field %s; read as its default", where or "a file", cls.__name__, problem)
+        if rec.extra and (cls.__name__, str(where), "") not in _warned:  # a newer writer's: said once, kept
+            _warned.add((cls.__name__, str(where), ""))
+            log.info("%s: %s fields this version does not know, kept as they are: %s", where or "a file",
+                     cls.__name__, ", ".join(rec.unknown))
         return rec
+
+    @classmethod
+    def read(cls: type[T], path: str | Path) -> T | None:
+        """The record in ``path``; None when it is missing, empty, half-written or not an object."""
+        return cls.from_json(read_json(path), path)
+
+    @classmethod
+    def _field(cls, name: str) -> dataclasses.Field:
+        return next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
 
     @classmethod
     def markdown_table(cls) -> str:
         rows = ["| field | type | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name != "extra":
+            if f.name not in _NOT_FIELDS:
                 rows.append(f"| `{f.name}` | {f.metadata['type']} | {f.metadata['doc'].replace('|', chr(92) + '|')} |")
         return "\n".join(rows) + "\n"
 
@@ -107,6 +212,7 @@ class FileReport(Record):
     error: str | None = _f(None, "string or null", "one-line reason when not usable")
     created_at: str | None = _f(None, "string", "when the file was read")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    given: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -153,13 +259,14 @@ class CheckpointMarker(Record):
                                            "`time`). A resumed run and the next run start from it")
     created_at: str | None = _f(None, "string", "when the marker was written")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    given: frozenset[str] | None = field(default=None, repr=False, compare=False)
+    ABSENT_WHEN_NULL: ClassVar[tuple[str, ...]] = ("replay", "rehearsal", "controller")  # absent, not null, when none (as ever)
 
-    def to_json(self) -> dict[str, Any]:
-        out = super().to_json()
-        for optional in ("replay", "rehearsal", "controller"):  # absent, not null, when the run had none (as ever)
-            if out[optional] is None:
-                del out[optional]
-        return out
+    def at(self, global_step: int, run_step: int) -> CheckpointMarker:
+        """This run's marker for the checkpoint saved at ``global_step``, ``run_step`` steps into the run."""
+        return dataclasses.replace(self, global_step=global_step, run_step=run_step,
+                                   run_complete=run_step >= self.run_total_steps)
+
 
 
 @dataclass
@@ -237,6 +344,20 @@ class TrainingStatus(Record):
     updated_at: str = _f("", 'string',
         'when this file was written')
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    given: frozenset[str] | None = field(default=None, repr=False, compare=False)
+
+    def finished(self, pid: int, file_names: list[str]) -> bool:
+        """Whether trainer ``pid`` finished its run over ``file_names`` (by name) according to this status."""
+        return (self.pid == pid and self.state == "idle" and self.run_step == self.run_total_steps
+                and sorted(Path(f).name for f in self.current_files) == sorted(file_names))
+
+    def diverged_files(self, pid: int, names: list[str]) -> tuple[list[str], str | None]:
+        """After exit 5: the files of trainer ``pid``'s run the guard blamed (all when it named none), its reason."""
+        div = self.diverged if self.pid == pid else None
+        if not isinstance(div, dict):
+            return list(names), None
+        blamed = [n for n in names if n in (div.get("files") or [])]
+        return blamed or list(names), div.get("reason")
 
 
 @dataclass

@@ -204,11 +204,3 @@ def pid_alive(pid: Any) -> bool:
         return True
     return True
 
-
-def run_finished(training: dict[str, Any] | None, pid: int, file_names: list[str]) -> bool:
-    """Whether ``training_status.json`` says trainer ``pid`` finished its run over ``file_names``."""
-    ts = training or {}
-    total = ts.get("run_total_steps")
-    return (ts.get("pid") == pid and ts.get("state") == "idle" and isinstance(total, int)
-            and ts.get("run_step") == total
-            and sorted(Path(f).name for f in ts.get("current_files") or []) == sorted(file_names))

@@ -3,7 +3,7 @@
 The worker (``python -m ultimate_trainer.trainer.worker --worker-dir DIR``) keeps the model loaded
 and trains the runs the daemon asks for, one at a time::
 
-    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths], "next": [paths],
+    DIR/requests/<seq>.json   written by the daemon   {"seq", "files": [absolute paths], "next": [entries],
                                                        "manifest": core/manifest.py's JSON of the run}
     DIR/results/<seq>.json    written by the worker   {"seq", "code", "pid", "exiting", "why", "rss_mb", ...}
 
@@ -14,7 +14,9 @@ the worker ends after this result (stopped, failed run, memory bound): the next 
 one. A worker that dies without a result is reported by its exit status, as a killed ``train.py``.
 ``seq`` orders requests: names sort in the order they were made. ``next`` is a hint: the files of the
 run queued after this one (as they were when it was written), which the worker may tokenize ahead
-(trainer/prefetch.py); it may be wrong or empty. ``manifest`` describes ``files`` (hashes, sizes, lines)
+(trainer/prefetch.py); it may be wrong or empty. Each is a manifest entry (``{"path", "sha256",
+"size", "lines"}``, from the daemon's journal, so the prefetch hashes nothing) or, from an older
+daemon, a path alone. ``manifest`` describes ``files`` (hashes, sizes, lines)
 and the replay sources; a request without one (an older daemon) gets it built by the worker.
 """
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ultimate_trainer.core.manifest import Manifest
+from ultimate_trainer.core.manifest import FileEntry, Manifest
 from ultimate_trainer.core.status import atomic_write_json, read_json
 
 REQUESTS, RESULTS = "requests", "results"
@@ -35,7 +37,7 @@ REQUESTS, RESULTS = "requests", "results"
 class Request:
     seq: str
     files: list[Path]
-    next: list[Path] = field(default_factory=list)
+    next: list[FileEntry] = field(default_factory=list)  # sha256 "" when only the path is known
     manifest: Manifest | None = None
 
 
@@ -53,15 +55,22 @@ def clear(worker_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_request(worker_dir: Path, run: Manifest | list[Path], next_files: list[Path] | None = None) -> Request:
+def _hint(f: FileEntry | Path | str) -> FileEntry:
+    """A ``next`` file as an entry: a path alone has no hash yet (the prefetch child then makes one)."""
+    if isinstance(f, FileEntry):
+        return FileEntry(f.path.resolve(), f.sha256, f.size, f.lines)
+    return FileEntry(Path(f).resolve(), "", 0, None)
+
+
+def write_request(worker_dir: Path, run: Manifest | list[Path],
+                  next_files: list[FileEntry] | list[Path] | None = None) -> Request:
     """A request for the run ``run`` describes: its manifest (the daemon's), or its files alone (the
-    worker then builds the manifest, as ``train.py FILE ...`` does)."""
+    worker then builds the manifest, as ``train.py FILE ...`` does); ``next_files``, the hint."""
     manifest = run if isinstance(run, Manifest) else None
     files = manifest.paths if manifest is not None else list(run)  # type: ignore[arg-type]
-    req = Request(new_seq(), [Path(f).resolve() for f in files], [Path(f).resolve() for f in next_files or []],
-                  manifest)
+    req = Request(new_seq(), [Path(f).resolve() for f in files], [_hint(f) for f in next_files or []], manifest)
     atomic_write_json(Path(worker_dir) / REQUESTS / f"{req.seq}.json",
-                      {"seq": req.seq, "files": list(map(str, req.files)), "next": list(map(str, req.next)),
+                      {"seq": req.seq, "files": list(map(str, req.files)), "next": [e.to_json() for e in req.next],
                        **({"manifest": manifest.to_json()} if manifest is not None else {})})
     return req
 
@@ -78,9 +87,18 @@ def next_request(worker_dir: Path) -> Request | None:
             continue  # atomic writes make this a file from something else: ignore it
         hint, manifest = data.get("next"), data.get("manifest")
         return Request(str(data.get("seq") or path.stem), [Path(f) for f in data["files"]],
-                       [Path(f) for f in hint if isinstance(f, str)] if isinstance(hint, list) else [],
+                       [_read_hint(h) for h in hint if isinstance(h, (str, dict))] if isinstance(hint, list) else [],
                        Manifest.from_json(manifest) if isinstance(manifest, dict) else None)
     return None
+
+
+def _read_hint(h: str | dict[str, Any]) -> FileEntry:
+    if isinstance(h, str):  # an older daemon's: the path alone
+        return FileEntry(Path(h), "", 0, None)
+    try:
+        return FileEntry.from_json(h)
+    except (KeyError, TypeError, ValueError):
+        return FileEntry(Path(str(h.get("path", ""))), "", 0, None)
 
 
 def write_result(worker_dir: Path, seq: str, **fields: Any) -> None:

@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.config import Config, add_arguments
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None, trainer_cmd: TrainerCmd | None = None,
     daemon = Daemon(cfg, args.config, args.overrides, once=args.once, consolidate_now=args.consolidate_now,
                     trainer_cmd=trainer_cmd, worker_cmd=worker_cmd)
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -58,7 +58,7 @@ class Consolidations:
         if st.open_batch is not None or self.clock() < self.retry_ts:
             return False
         ckpts = ck.current_checkpoints(self.cfg.path("checkpoints"), self.cfg.path("models"))
-        if not ckpts or not ck.run_complete(ckpts[-1].meta):
+        if not ckpts or not ckpts[-1].marker.run_complete:
             return False
         hist = consolidation_history(self.cfg.path("models") / "consolidated")
         refused = ck.list_refused(self.cfg.path("models"))

@@ -59,6 +59,12 @@ class Intake:
         self.spool.start_batch(batch, names)
         return self.journal_state.batches[batch]
 
+    def peek_entries(self) -> list[FileEntry]:
+        """``peek``'s files in ``queue/waiting``, described from the journal (the worker's tokenize-ahead hint)."""
+        st = self.journal_state
+        return [FileEntry((self.spool.folder(WAITING) / n).resolve(), st.files[n].sha256, st.files[n].size,
+                          st.files[n].lines) for n in self.peek()]
+
     def peek(self) -> list[str]:
         """The names ``batch()`` would take now, without taking them (the worker's tokenize-ahead hint)."""
         st = self.journal_state

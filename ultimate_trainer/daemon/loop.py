@@ -29,10 +29,9 @@ from typing import Callable
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import REPO_DIR, Config
 from ultimate_trainer.core.devices import several_processes
-from ultimate_trainer.core.records import FileReport
-from ultimate_trainer.core.spool import WAITING
+from ultimate_trainer.core.records import FileReport, TrainingStatus
 from ultimate_trainer.core.status import DAEMON_STATUS, MEMORY_STATUS, TRAINING_STATUS, atomic_write_json, \
-    pid_alive, read_json, report_path, run_finished
+    pid_alive, read_json, report_path
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.daemon.children import ChildSet
@@ -305,7 +304,7 @@ class Daemon:
         started = self.clock()
         if self.worker is not None:
             # The files queued after this run, for the worker to tokenize ahead (trainer/prefetch.py).
-            following = [self.spool.folder(WAITING) / n for n in self.intake.peek()]
+            following = self.intake.peek_entries()
             proc = self.worker.launch(manifest, following)
         else:
             path = manifest.write(self.cfg.path("work") / MANIFESTS / f"{batch.batch}.json")
@@ -320,8 +319,8 @@ class Daemon:
             path.unlink(missing_ok=True)
         self.snap.current = None
         seconds = self.clock() - started
-        complete = (run_finished(read_json(self.status_dir / TRAINING_STATUS), proc.pid, names)
-                    or self._checkpoint_completes(names))
+        training = self._training()
+        complete = (training is not None and training.finished(proc.pid, names)) or self._checkpoint_completes(names)
         stopped_for = "stop" if self.stop_event.is_set() else self.runner.stopped_for
         result = outcome(code, complete, stopped_for)
         if result is Outcome.DONE:
@@ -343,12 +342,13 @@ class Daemon:
     def _checkpoint_completes(self, names: list[str]) -> bool:
         newest = ck.newest_complete(self.ckpt_dir)
         hashes = [self.spool.journal.state.files[n].sha256 for n in names]
-        return newest is not None and ck.completes_files(newest.meta, hashes)
+        return newest is not None and ck.completes_files(newest.marker, hashes)
 
     def _finish(self, batch: BatchRecord, names: list[str], seconds: float) -> None:
         st = self.spool.journal.state
         newest = ck.newest_complete(self.ckpt_dir)
-        gstep = newest.global_step if newest else (read_json(self.status_dir / TRAINING_STATUS) or {}).get("global_step")
+        training = None if newest else self._training()
+        gstep = newest.global_step if newest else training.global_step if training else None
         files, examples = [], 0
         for n in names:
             ex = report_examples(self.status_dir, n)
@@ -365,7 +365,7 @@ class Daemon:
     def _fail_unusable(self, batch: BatchRecord, names: list[str]) -> bool:
         bad = {}
         for n in names:
-            rep = FileReport.from_json(read_json(report_path(self.status_dir, n)))
+            rep = FileReport.read(report_path(self.status_dir, n))
             if rep is not None and rep.usable is False:
                 bad[n] = rep.error or "no usable example"
         if not bad:
@@ -377,7 +377,7 @@ class Daemon:
 
     def _fail_diverged(self, batch: BatchRecord, names: list[str], code: int, pid: int) -> None:
         """The guard stopped the run: retrying the same data would diverge again. Its files fail."""
-        blamed, reason = diverged_files(read_json(self.status_dir / TRAINING_STATUS), pid, names)
+        blamed, reason = diverged_files(self._training(), pid, names)
         reason = f"train.py {reason or describe_exit(code)}"
         self.snap.last_error = reason
         for n in blamed:
@@ -385,9 +385,13 @@ class Daemon:
         self.spool.requeue(batch.batch, [n for n in names if n not in blamed])
         log.error("run %s: %s; failed: %s", batch.batch, reason, ", ".join(blamed))
 
+    def _training(self) -> TrainingStatus | None:
+        """The trainer's ``training_status.json``, read once where a decision needs it (core/records.py)."""
+        return TrainingStatus.read(self.status_dir / TRAINING_STATUS)
+
     def _trainer_error(self, pid: int) -> str | None:
-        ts = read_json(self.status_dir / TRAINING_STATUS) or {}
-        return ts.get("error") if ts.get("pid") == pid else None
+        ts = self._training()
+        return ts.error if ts is not None and ts.pid == pid else None
 
     def _crashed(self, batch: BatchRecord, names: list[str], code: int, pid: int) -> None:
         why = self._trainer_error(pid) or describe_exit(code)

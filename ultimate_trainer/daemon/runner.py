@@ -19,10 +19,11 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ultimate_trainer.core.exitcodes import SETUP_ERRORS, Exit
 from ultimate_trainer.core.launch import launch
+from ultimate_trainer.core.records import TrainingStatus
 from ultimate_trainer.core.status import pid_alive
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,12 @@ def outcome(code: int, run_complete: bool, stopped_for: str | None) -> Outcome:
     return Outcome.CRASHED
 
 
-def diverged_files(training: dict | None, pid: int, names: list[str]) -> tuple[list[str], str | None]:
-    """After exit 5: the run's files the guard blamed (all of them when it named none) and its reason."""
-    div = (training or {}).get("diverged") if (training or {}).get("pid") == pid else None
-    if not isinstance(div, dict):
-        return list(names), None
-    blamed = [n for n in names if n in (div.get("files") or [])]
-    return blamed or list(names), div.get("reason")
+def diverged_files(training: TrainingStatus | dict[str, Any] | None, pid: int,
+                   names: list[str]) -> tuple[list[str], str | None]:
+    """After exit 5: the run's files the guard blamed (all of them when it named none) and its reason
+    (``TrainingStatus.diverged_files``; the file's object is parsed first)."""
+    ts = training if isinstance(training, TrainingStatus) else TrainingStatus.from_json(training)
+    return (ts or TrainingStatus()).diverged_files(pid, names)
 
 
 def describe_exit(code: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ultimate_trainer.daemon import schedule
 from ultimate_trainer.core.checkpoints import list_consolidations, list_refused
-from ultimate_trainer.core.records import FileReport
+from ultimate_trainer.core.records import FileReport, TrainingStatus
 from ultimate_trainer.core.spool import PROCESSING, WAITING
 from ultimate_trainer.core.status import (CONSOLIDATION_STATUS, SCHEMA_VERSION, TRAINING_STATUS, pid_alive, read_json,
                                           report_path)
@@ -80,7 +80,7 @@ def last_refused(cfg: Config) -> dict[str, Any] | None:
 
 def report_examples(status_dir: Path, name: str) -> int | None:
     """Usable examples of the file's report (core/records.py FileReport); None until it is read."""
-    rep = FileReport.from_json(read_json(report_path(status_dir, name)))
+    rep = FileReport.read(report_path(status_dir, name))
     return rep.examples if rep is not None and isinstance(rep.examples, int) else None
 
 
@@ -102,11 +102,10 @@ def build_status(snap: Snapshot, spool: Spool, cfg: Config, now_ts: float) -> di
     tp = schedule.throughput(st.runs, cfg.daemon.throughput_window_hours, now_ts)
     remaining = float(qbytes)
     if snap.current:
-        ts = read_json(status_dir / TRAINING_STATUS) or {}
-        total, step = ts.get("run_total_steps"), ts.get("run_step")
-        if ts.get("pid") == snap.current["pid"] and isinstance(total, int) and total > 0 and isinstance(step, int):
+        ts = TrainingStatus.read(status_dir / TRAINING_STATUS)
+        if ts is not None and ts.pid == snap.current["pid"] and ts.run_total_steps > 0:
             run_bytes = sum(q["size_bytes"] for q in queue if q["state"] == "training")
-            remaining -= run_bytes * min(step / total, 1.0)
+            remaining -= run_bytes * min(ts.run_step / ts.run_total_steps, 1.0)
     eta = schedule.queue_eta(remaining, tp["mb_per_hour"]) if queue else None
     eta_at = iso(dt.datetime.fromtimestamp(now_ts).astimezone() + dt.timedelta(seconds=eta)) if eta is not None else None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ultimate_trainer.core import worker_files
-from ultimate_trainer.core.manifest import Manifest
+from ultimate_trainer.core.manifest import FileEntry, Manifest
 from ultimate_trainer.daemon.runner import ChildRunner, send_signal
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class WorkerClient:
         assert self.proc is not None
         return self.proc
 
-    def launch(self, manifest: Manifest, next_files: list[Path] | None = None) -> subprocess.Popen:
+    def launch(self, manifest: Manifest, next_files: list[FileEntry] | None = None) -> subprocess.Popen:
         """Hand the run ``manifest`` describes to the worker, starting a worker first when none is running.
 
         ``next_files``: those of the run queued after it, which the worker may tokenize ahead (a hint).

@@ -53,7 +53,7 @@ class Prepared:
     train: TokenStore
     heldout: list[Example] = field(default_factory=list)  # eval prompts (text format excluded)
     heldout_encoded: list[tuple[list[int], list[int]]] = field(default_factory=list)  # for val loss
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # by file path as given: FileReport.to_json()
+    reports: dict[str, FileReport] = field(default_factory=dict)  # by file path as given (core/records.py)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (file, one-line reason, no file name)
     replay_examples: int = 0  # lines of earlier files replayed into ``train`` (data/replay.py), stored last
     rehearsal_examples: int = 0  # the base's own answers rehearsed (trainer/rehearsal/prompts.py), stored after the replay
@@ -62,7 +62,7 @@ class Prepared:
 
     @property
     def bad_lines(self) -> int:
-        return sum(r["bad_lines"] for r in self.reports.values())
+        return sum(r.bad_lines for r in self.reports.values())
 
 
 def iter_lines(f: BinaryIO, max_line_bytes: int, digest: Any = None) -> Iterator[tuple[int, bytes | None, int]]:
@@ -198,8 +198,8 @@ class _FileReader:
                 except BadLine as e:
                     yield lineno, raw, e
 
-    def run(self) -> dict[str, Any]:
-        """Read the file; its report as written to ``reports/`` (``FileReport.to_json``)."""
+    def run(self) -> FileReport:
+        """Read the file; its report, as written to ``reports/``."""
         d = self.cfg.data
         digest = hashlib.sha256() if self.sha256 is None else None
         chunk: list[Example] = []
@@ -248,7 +248,7 @@ class _FileReader:
                      self.report.reasoning["rendered_as"])
         self._settle_heldout()
         self._finish()
-        return self.report.to_json()
+        return self.report
 
     def _settle_heldout(self) -> None:
         if self.rule.tiny_file(self.report.train_examples, len(self.heldout_here)):
@@ -319,23 +319,23 @@ def prepare(files: list[Path] | list[FileEntry], tokenizer: Any, cfg: Config, st
                 report = _FileReader(path, tokenizer, cfg, writer, out, seen_heldout, pool, all_heldout,
                                      sha256=sha).run()
             out.reports[str(path)] = report
-            if not report["usable"]:
-                reason = f"eval file: {report['error']}" if all_heldout else report["error"]
+            if not report.usable:
+                reason = f"eval file: {report.error}" if all_heldout else str(report.error)
                 out.unusable.append((str(path), reason))
                 log.error("%s: %s", path.name, reason)
             else:
-                log.info("%s: %d examples (%d train, %d held out), %d bad lines", path.name, report["examples"],
-                         report["train_examples"], report["heldout_examples"], report["bad_lines"])
+                log.info("%s: %d examples (%d train, %d held out), %d bad lines", path.name, report.examples,
+                         report.train_examples, report.heldout_examples, report.bad_lines)
             if status_dir is not None:
-                status.atomic_write_json(status.report_path(status_dir, path), report)
+                status.atomic_write_json(status.report_path(status_dir, path), report.to_json())
         if replay_file is not None:
             rep = _FileReader(Path(replay_file), tokenizer, cfg, writer, out, seen_heldout, pool,
                               never_heldout=True).run()
-            out.replay_examples = rep["train_examples"]
+            out.replay_examples = rep.train_examples
         if rehearsal_file is not None:
             rep = _FileReader(Path(rehearsal_file), tokenizer, cfg, writer, out, seen_heldout, pool,
                               never_heldout=True).run()
-            out.rehearsal_examples = rep["train_examples"]
+            out.rehearsal_examples = rep.train_examples
     except BaseException:
         writer.abort()  # no meta.json: a half-built store must never pass for a complete one
         raise
@@ -368,14 +368,16 @@ def _from_cache(path: Path, all_heldout: bool, fp: str, cache_dir: Path, writer:
     if not all_heldout:
         out.cache_used.append(key)
     log.info("%s: tokens from the prefetch cache", path.name)
-    return {**entry["report"], "file": str(path), "created_at": now_iso()}
+    return FileReport.from_json({**entry["report"], "file": str(path), "created_at": now_iso()}, path)
 
 
-def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) -> list[str]:
+def fill_cache(files: list[Path] | list[FileEntry], tokenizer: Any, cfg: Config, cache_dir: Path) -> list[str]:
     """Tokenize ``files`` (and ``data.eval_file`` first) as a run of them would, into cache entries that
     ``prepare(files, ..., cache_dir=cache_dir)`` then takes (data/tokcache.py); the keys of new entries.
 
-    A file that changes while it is read, or cannot be read, gets no entry.
+    ``files`` given as manifest entries (core/manifest.py; the daemon's journal hashed them) key their
+    entries by that SHA-256 and are not hashed here. A file given by path alone is hashed, and gets no
+    entry when it changes while it is read; a file that cannot be read gets none either.
     """
     fp = tokcache.fingerprint(tokenizer, cfg)
     if fp is None:
@@ -386,8 +388,8 @@ def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) 
     made: list[str] = []
     seen_heldout: set[bytes] = set()
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
-        for path, all_heldout, _ in _inputs(files, cfg):
-            sha = tokcache.file_sha256(path)
+        for path, all_heldout, known in _inputs(files, cfg):
+            sha = known or tokcache.file_sha256(path)
             if sha is None:
                 return made  # the files after it would be keyed by held-out examples it never gave
             key = tokcache.entry_key(fp, path, sha, all_heldout, seen_heldout)
@@ -399,16 +401,17 @@ def fill_cache(files: list[Path], tokenizer: Any, cfg: Config, cache_dir: Path) 
             writer = TokenStoreWriter(tmp / tokcache.STORE)
             part = Prepared(train=None)  # type: ignore[arg-type]
             try:
-                report = _FileReader(path, tokenizer, cfg, writer, part, seen_heldout, pool, all_heldout).run()
+                report = _FileReader(path, tokenizer, cfg, writer, part, seen_heldout, pool, all_heldout,
+                                     sha256=known).run()
             except BaseException:
                 writer.abort()
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             writer.close()
-            if report["error"] is not None or report["sha256"] != sha:
+            if report.error is not None or report.sha256 != sha:
                 shutil.rmtree(tmp, ignore_errors=True)  # unreadable, or changed while read: no entry
                 return made
-            if tokcache.commit(cache_dir, key, tmp, {"report": report, "heldout": part.heldout,
+            if tokcache.commit(cache_dir, key, tmp, {"report": report.to_json(), "heldout": part.heldout,
                                                      "heldout_encoded": part.heldout_encoded,
                                                      "seen_after": set(seen_heldout)}):
                 made.append(key)
@@ -436,7 +439,7 @@ def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
     a bad line.
     """
     lengths = prepared.train.lengths
-    formats = {f: sum(r["formats"][f] for r in prepared.reports.values()) for f in FORMATS}
+    formats = {f: sum(r.formats.get(f, 0) for r in prepared.reports.values()) for f in FORMATS}
 
     def pct(q: float) -> int | None:
         return int(np.percentile(lengths, q)) if len(lengths) else None
@@ -444,16 +447,16 @@ def summarize(prepared: Prepared, max_len: int) -> dict[str, Any]:
     return {
         "files": len(prepared.reports),
         "unusable_files": [f"{Path(p).name}: {reason}" for p, reason in prepared.unusable],
-        "examples": sum(r["examples"] for r in prepared.reports.values()),
+        "examples": sum(r.examples for r in prepared.reports.values()),
         "train_examples": len(prepared.train),
         "heldout_examples": len(prepared.heldout_encoded),
-        "heldout_duplicates": sum(r["heldout_duplicates"] for r in prepared.reports.values()),
+        "heldout_duplicates": sum(r.heldout_duplicates for r in prepared.reports.values()),
         "eval_prompts": len(prepared.heldout),
         "formats": formats,
         "bad_lines": prepared.bad_lines,
-        "warnings": [f"{Path(p).name}: {w}" for p, r in prepared.reports.items() for w in r["warnings"]],
-        "reasoning": [f"{Path(p).name}: {r['reasoning']['examples']} examples with reasoning, rendered "
-                      f"{r['reasoning']['rendered_as']}" for p, r in prepared.reports.items() if r.get("reasoning")],
+        "warnings": [f"{Path(p).name}: {w}" for p, r in prepared.reports.items() for w in r.warnings],
+        "reasoning": [f"{Path(p).name}: {r.reasoning['examples']} examples with reasoning, rendered "
+                      f"{r.reasoning['rendered_as']}" for p, r in prepared.reports.items() if r.reasoning],
         "train_tokens": int(lengths.sum()) if len(lengths) else 0,
         "length_p50": pct(50),
         "length_p95": pct(95),

@@ -35,6 +35,7 @@ from werkzeug.exceptions import HTTPException
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.records import TrainingStatus
 from ultimate_trainer.core.hosts import allowed_hosts, refusal, strip_port
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ def parse_chat(body: Any, max_tokens_cap: int) -> ChatRequest:
 
 def training_active(status_dir: Path) -> bool:
     """Whether training_status.json says a run is alive (a state of work and a live pid)."""
-    ts = st.read_json(status_dir / st.TRAINING_STATUS)
-    return bool(ts) and ts.get("state") in ACTIVE_STATES and st.pid_alive(ts.get("pid"))
+    ts = TrainingStatus.read(status_dir / st.TRAINING_STATUS)
+    return ts is not None and ts.state in ACTIVE_STATES and st.pid_alive(ts.pid)
 
 
 def _created(path: Path) -> int:

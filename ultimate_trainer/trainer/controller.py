@@ -8,7 +8,7 @@ is applied through the Trainer's own scheduler, a ``LambdaLR``: its ``base_lrs``
 groups' ``initial_lr``) become ``training.learning_rate × scale`` and each group's ``lr`` the new
 base times the schedule's factor at its current step, so warm-up and decay keep their shape and
 the scheduler saved with the next checkpoint carries the scaled rate. The state goes into every
-checkpoint marker (``RunState.checkpoint_meta``), so a resumed run and the next run start from it.
+checkpoint marker (``hf.SealCallback`` writes it at each save), so a resumed run and the next run start from it.
 
 Several ranks: only rank 0 evaluates and decides; at every step where an evaluation is due (the
 same steps on every rank) all ranks take rank 0's state in one collective, so each applies the

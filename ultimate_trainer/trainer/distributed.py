@@ -32,11 +32,13 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ultimate_trainer.core.config import REPO_DIR, Config
 from ultimate_trainer.core.exitcodes import SETUP_ERRORS, Exit
 from ultimate_trainer.core.launch import launch
+from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.core.status import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,7 @@ def relaunch(nproc: int, script_args: list[str], work_dir: Path) -> int:
     agent = launch(cmd, env={**os.environ, EXIT_DIR_ENV: str(exit_dir)})
     stops = 0
 
-    def forward(signum: int, frame: Any) -> None:
+    def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stops
         stops += 1
         if stops == 1:  # every worker finishes its step, they agree on the stop, rank 0 saves
@@ -274,14 +276,14 @@ def rank_report(world: World) -> dict[str, Any]:
     return report
 
 
-def optimizer_state_problem(meta: dict[str, Any], world_size: int, engine: str) -> str | None:
+def optimizer_state_problem(marker: CheckpointMarker, world_size: int, engine: str) -> str | None:
     """Why a checkpoint's optimizer state cannot be loaded under this world size and engine, else None.
 
     DDP keeps a whole optimizer state on every rank, so it loads under any world size; FSDP and
     DeepSpeed shard it per rank.
     """
-    saved_size = int(meta.get("world_size") or 1)
-    saved_engine = meta.get("distributed") or "ddp"
+    saved_size = marker.world_size or 1
+    saved_engine = marker.distributed or "ddp"
     saved_sharded = saved_size > 1 and saved_engine in SHARDED
     now_sharded = world_size > 1 and engine in SHARDED
     if not (saved_sharded or now_sharded) or (saved_size, saved_engine) == (world_size, engine):

@@ -299,7 +299,7 @@ def step_sources(run: Any) -> Callable[[int], dict[str, float]]:
     The token store holds the run's files' examples first, then the replayed lines, then the
     rehearsed answers (data/prepare.py), so a store index names its source.
     """
-    user = sum(int(run.prepared.reports[str(f)].get("train_examples") or 0) for f in run.files)
+    user = sum(run.prepared.reports[str(f)].train_examples for f in run.files)
     replay = user + int(run.prepared.replay_examples or 0)
     store = run.prepared.train
     count = getattr(store, "target_count", None) or (lambda i: sum(1 for t in store[i]["labels"] if t != -100))
@@ -326,7 +326,7 @@ def step_describer(run: Any) -> Callable[[int], dict[str, Any]]:
     import bisect
 
     names = [f.name for f in run.files]
-    counts = [int(run.prepared.reports[str(f)].get("train_examples") or 0) for f in run.files]
+    counts = [run.prepared.reports[str(f)].train_examples for f in run.files]
     ends = [sum(counts[:i + 1]) for i in range(len(counts))]
 
     def describe(global_step: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ Which callbacks a run has, in which order and what each contributes, reads in on
 - ``EvalCallback`` answers the held-out prompts every ``eval_steps`` and records the scores.
 - ``SealCallback`` seals every checkpoint right after the Trainer wrote it (``on_save``): fsync,
   then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
-- ``ContinuousTrainer`` differs from ``Trainer`` only in its loss: packed rows and the chunked
-  loss (``speed.py``), which a callback cannot provide.
+- ``ContinuousTrainer`` differs from ``Trainer`` only in its loss, which reads in one method:
+  packed rows made model-ready and the chunked loss (model/loss.py), which a callback cannot provide.
 
 With several processes (``distributed.py``) every rank runs these callbacks; rank 0 alone writes
 status, history and markers and evaluates, and the stop decision is taken together.
@@ -17,21 +17,38 @@ status, history and markers and evaluates, and the stop decision is taken togeth
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core.config import Config
+from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.model import scoring as evaluation
-from ultimate_trainer.trainer import distributed, speed
+from ultimate_trainer.data.collate import packed_inputs
+from ultimate_trainer.model import attention
+from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
+from ultimate_trainer.trainer import distributed
+from ultimate_trainer.trainer.control_rule import ControllerState
+from ultimate_trainer.trainer.plan import RunPlan
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ultimate_trainer.core.progress import Progress
+    from ultimate_trainer.data.collate import Collator
+    from ultimate_trainer.data.formats import Example
+    from ultimate_trainer.model.scoring import AccuracyTracker
+    from ultimate_trainer.trainer.guard import GuardCallback
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +56,30 @@ log = logging.getLogger(__name__)
 class ContinuousTrainer(Trainer):
     """A Trainer whose loss understands packed rows and never materialises the full logits."""
 
-    def __init__(self, *args: Any, cfg: Config, loss_observers: list[Callable[[Any], None]] | None = None,
+    def __init__(self, *args: Any, cfg: Config, loss_observers: list[Callable[[torch.Tensor], None]] | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.loss_observers = list(loss_observers or [])  # told each training micro-batch's loss (the guard)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        # Packed rows and the chunked loss (speed.py); anything else is the Trainer's own loss.
-        # With several ranks ``model`` is the DDP/FSDP/DeepSpeed wrapper, whose own forward must run
-        # (it syncs the gradients): the chunked loss, which calls the model's parts, is left out.
-        result = speed.compute_loss(self.cfg, model, inputs, num_items_in_batch, lambda i: super(
-            ContinuousTrainer, self).compute_loss(model, i, return_outputs, num_items_in_batch), return_outputs,
-            chunked=self.accelerator.num_processes == 1)
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """The step's loss, all of it here: packed inputs made model-ready, then the chunked loss
+        (model/loss.py) or the Trainer's own; each training micro-batch's loss is told to the observers.
+
+        A padding-free row gets its examples' boundaries, packed rows their block-diagonal mask, for
+        the model's attention kind (data/collate.py, model/attention.py). With several ranks ``model``
+        is the DDP/FSDP/DeepSpeed wrapper, whose own forward must run (it syncs the gradients): the
+        chunked loss, which calls the model's parts, is left out there.
+        """
+        inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
+        attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        inputs = packed_inputs(inputs, attn, getattr(inner, "dtype", torch.float32), attention.takes_boundaries(attn))
+        if self.cfg.training.chunked_loss and self.accelerator.num_processes == 1 and model.training \
+                and not return_outputs and supports_chunked_loss(model):
+            result = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             loss = result[0] if return_outputs else result
             for observe in self.loss_observers:
@@ -72,7 +99,7 @@ class ConfiguredLearningRate(TrainerCallback):
         self.learning_rate, self.scale = learning_rate * scale, scale  # scale: the retention-aware controller's
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       optimizer: Any = None, lr_scheduler: Any = None, **kw: Any):
+                       optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None, **kw: Any):
         sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, when there is one
         lambdas = getattr(sched, "lr_lambdas", None)
         if optimizer is None or lambdas is None or list(sched.base_lrs) == [self.learning_rate] * len(lambdas):
@@ -88,10 +115,16 @@ class ConfiguredLearningRate(TrainerCallback):
 
 
 class SealCallback(TrainerCallback):
-    """Makes every checkpoint complete-or-absent and self-describing, and reports the ``saving`` state."""
+    """Makes every checkpoint complete-or-absent and self-describing, and reports the ``saving`` state.
 
-    def __init__(self, reporter: StatusReporter, meta_for_step: Callable[[int], dict[str, Any]]):
-        self.reporter, self.meta_for_step = reporter, meta_for_step
+    ``marker`` is what every checkpoint of the run says of it (``recipe.run_marker``); the step's own
+    fields (global step, run step, whether it ends the run) are set here, from ``plan``, at each save,
+    and the retention-aware controller's state as it is then (``control``, which its callback updates).
+    """
+
+    def __init__(self, reporter: StatusReporter, marker: CheckpointMarker, plan: RunPlan,
+                 control: ControllerState | None = None):
+        self.reporter, self.marker, self.plan, self.control = reporter, marker, plan, control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if control.should_save:  # the Trainer saves right after this step's callbacks
@@ -102,16 +135,19 @@ class SealCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        ck.mark_complete(path, self.meta_for_step(state.global_step))
+        marker = self.marker.at(state.global_step, self.plan.run_step(state.global_step))
+        if self.control is not None:
+            marker = dataclasses.replace(marker, controller=self.control.to_json())
+        ck.mark_complete(path, marker)
         self.reporter.refresh_checkpoints()
         self.reporter.end_phase("saving")
         log.info("saved %s", path.name)
 
 
 class RunCallback(TrainerCallback):
-    def __init__(self, reporter: StatusReporter, stop: Any, plan: Any, files: list[str], guard: Any,
+    def __init__(self, reporter: StatusReporter, stop: Any, plan: RunPlan, files: list[str], guard: GuardCallback,
                  throughput: Throughput, world: distributed.World | None = None):
-        self.reporter, self.stop, self.plan = reporter, stop, plan  # plan: recipe.RunPlan
+        self.reporter, self.stop, self.plan = reporter, stop, plan
         self.guard = guard  # guard.GuardCallback: its ``stability`` goes into each step's line
         self.world = world or distributed.World()
         self.start_step, self.total_steps = plan.start_step, plan.total_steps
@@ -200,12 +236,12 @@ def evaluation_due(step: int, max_steps: int, every: int) -> bool:
     return step >= max_steps or (step % every == 0 and 2 * (max_steps - step) >= every)
 
 
-def interleave_by_file(examples: list[Any], limit: int) -> list[Any]:
+def interleave_by_file(examples: list[Example], limit: int) -> list[Example]:
     """Up to ``limit`` examples taken round-robin across their files, so every file is asked."""
-    by_file: dict[str, list[Any]] = {}
+    by_file: dict[str, list[Example]] = {}
     for ex in examples:
         by_file.setdefault(ex.source.rsplit(":", 1)[0], []).append(ex)
-    out: list[Any] = []
+    out: list[Example] = []
     queues = list(by_file.values())
     while len(out) < limit and any(queues):
         for q in queues:
@@ -218,8 +254,9 @@ class EvalCallback(TrainerCallback):
     """Greedy answers to the held-out prompts, scored, every ``eval_steps``, at the end of each run, and
     once at the very start."""
 
-    def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: Any, heldout: list[Any],
-                 heldout_encoded: list[Any], collator: Any, tracker: Any, run_id: str, stop: Any,
+    def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: PreTrainedTokenizerBase,
+                 heldout: list[Example], heldout_encoded: list[Any], collator: Collator, tracker: AccuracyTracker,
+                 run_id: str, stop: Any,
                  throughput: Throughput | None = None):
         self.cfg, self.reporter, self.tokenizer = cfg, reporter, tokenizer
         self.heldout = interleave_by_file(heldout, cfg.eval.max_prompts)
@@ -229,11 +266,11 @@ class EvalCallback(TrainerCallback):
         self.heldout_encoded, self.collator = heldout_encoded[::stride][:cap], collator
         self.tracker, self.run_id, self.stop = tracker, run_id, stop
         self.throughput = throughput
-        self.model: Any = None
+        self.model: PreTrainedModel | None = None
         self.last_accuracy: float | None = None  # the last evaluation's held-out accuracy, percent (the controller's)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Any = None, **kw: Any):
+                       model: PreTrainedModel | None = None, **kw: Any):
         self.model = model
         if not state.is_world_process_zero:  # rank 0 evaluates; the others wait at the next step's collective
             return
@@ -241,7 +278,7 @@ class EvalCallback(TrainerCallback):
             self.evaluate(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    model: Any = None, **kw: Any):
+                    model: PreTrainedModel | None = None, **kw: Any):
         due = evaluation_due(state.global_step, state.max_steps, self.cfg.eval_steps)
         if due and not self.stop.requested and state.is_world_process_zero:
             self.model = model or self.model
@@ -264,7 +301,7 @@ class EvalCallback(TrainerCallback):
             if self.throughput is not None:
                 self.throughput.exclude(time.monotonic() - t0)
 
-    def _evaluate(self, global_step: int, progress: Any = None) -> None:
+    def _evaluate(self, global_step: int, progress: Progress | None = None) -> None:
         ev = self.cfg.eval
         t0 = time.monotonic()
         answers = evaluation.generate_answers(self.model, self.tokenizer, [e.prompt_messages for e in self.heldout],
@@ -295,7 +332,7 @@ class EvalCallback(TrainerCallback):
                  len(examples), snap["overall"], None if val_loss is None else round(val_loss, 4))
 
 
-def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: str, dtype: Any,
+def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: str, dtype: torch.dtype,
                        world_size: int = 1, engine: dict[str, Any] | None = None,
                        micro_batch: int | None = None) -> TrainingArguments:
     """The Trainer's arguments; ``world_size`` ranks share each step's accumulation when it divides.
@@ -342,7 +379,7 @@ def training_arguments(cfg: Config, output_dir: Path, max_steps: int, device: st
     )
 
 
-def write_bootstrap(model: Any, directory: Path, global_step: int, args: TrainingArguments) -> Path:
+def write_bootstrap(model: PreTrainedModel, directory: Path, global_step: int, args: TrainingArguments) -> Path:
     """A start folder for the Trainer after a consolidation: the fresh adapter and the global step only.
 
     With no optimizer/scheduler files in it, the Trainer starts those afresh (warm-up included).

@@ -28,12 +28,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ultimate_trainer.core import checkpoints as ck
@@ -44,13 +44,18 @@ from ultimate_trainer.core import manifest as mf
 from ultimate_trainer.core.manifest import Manifest
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.progress import Stopped
+from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.trainer.distributed import World, collective_failure
+from ultimate_trainer.trainer.plan import RunPlan, plan_run
 from ultimate_trainer.trainer.reporter import StatusReporter
 from ultimate_trainer.trainer.stability import Diverged
 
 if TYPE_CHECKING:  # the phases import these lazily: a dry run never loads torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
     from ultimate_trainer.data.prepare import Prepared
     from ultimate_trainer.data.replay import Replay
     from ultimate_trainer.trainer.rehearsal.prompts import Rehearsal
@@ -70,7 +75,7 @@ class StopFlag:
         self.requested = False
 
     def install(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
@@ -90,41 +95,6 @@ class StopFlag:
 
 
 @dataclass
-class RunPlan:
-    run_id: str
-    order: list[int]  # indices into the token store, every epoch of this run concatenated
-    examples_per_step: int  # examples per optimizer step; rows per step when there are rows
-    total_steps: int
-    done_steps: int  # steps already trained by an interrupted attempt of this same run
-    steps_per_epoch: int
-    rows: list[list[int]] | None = None  # flat or packed: ``order`` cut into rows of store indices (data/packing.py)
-    layout: str = "grouped"  # data/packing.py: flat (a micro-batch a row), rows (packed) or grouped
-    start_step: int = 0  # the global step this attempt starts at (the start point's)
-
-    def run_step(self, global_step: int) -> int:
-        """Steps of this run done at ``global_step``: the one conversion from the Trainer's count to the run's."""
-        return self.done_steps + global_step - self.start_step
-
-    @property
-    def micro_batch(self) -> int | None:
-        """Rows a forward pass takes when flat (one: the micro-batch is the row), else None (the config's)."""
-        return 1 if self.layout == "flat" and self.rows is not None else None
-
-    @property
-    def remaining_order(self) -> list[int]:
-        return self.order[self.done_steps * self.examples_per_step:]
-
-    @property
-    def remaining_rows(self) -> list[list[int]]:
-        return (self.rows or [])[self.done_steps * self.examples_per_step:]
-
-    def examples_of_step(self, run_step: int) -> list[int]:
-        """Store indices of the examples trained by the ``run_step``-th step of the run (0-based)."""
-        a, b = run_step * self.examples_per_step, (run_step + 1) * self.examples_per_step
-        return [i for row in self.rows[a:b] for i in row] if self.rows is not None else self.order[a:b]
-
-
-@dataclass
 class RunState:
     """What one run knows, filled in phase by phase."""
 
@@ -135,7 +105,7 @@ class RunState:
     max_steps: int | None = None
     start: ck.StartPoint | None = None
     base_path: str = ""
-    tokenizer: Any = None  # the base's (transformers PreTrainedTokenizerBase)
+    tokenizer: PreTrainedTokenizerBase | None = None  # the base's
     prepared: Prepared | None = None
     run_id: str = ""  # core/manifest.run_id of the files, the data-order settings, the layout and step scale
     layout: str = "grouped"  # data/packing.py's layout of training.packing
@@ -143,7 +113,7 @@ class RunState:
     plan: RunPlan | None = None
     steps_now: int = 0
     device: str = "cpu"
-    model: Any = None  # the PEFT model (base + adapter)
+    model: PeftModel | None = None  # base + adapter
     replay: Replay | None = None  # the earlier lines mixed into this run
     rehearsal: Rehearsal | None = None  # the base's own answers mixed into this run
     started_at: str = field(default_factory=now_iso)
@@ -151,30 +121,11 @@ class RunState:
     session: Session | None = None  # a worker's loaded tokenizer and model, reused when they fit
     control: ControllerState | None = None  # the retention-aware controller's state (None: off); trainer/controller.py
     rehearsal_share: float = 0.0  # this run's rehearsal share (the controller's, else training.rehearsal_fraction)
+    cache_dir: Path | None = None  # a worker's prefetch cache (trainer/prefetch.py); None: tokenize here
 
     @property
     def files(self) -> list[Path]:
         return self.manifest.paths
-
-    def checkpoint_meta(self, global_step: int) -> dict[str, Any]:
-        """The marker of a checkpoint saved at ``global_step`` of this run."""
-        assert self.plan is not None and self.start is not None
-        cfg, start = self.cfg, self.start
-        parent = start.consolidation.path.name if start.consolidation else start.checkpoint.name if start.checkpoint \
-            else None
-        return ck.marker_meta(
-            global_step=global_step, run_id=self.plan.run_id,
-            run_step=self.plan.run_step(global_step),
-            run_total_steps=self.plan.total_steps,
-            files=lineage.run_files(self.files, self.prepared.reports, self.started_at),
-            run_started_at=self.started_at, parent={"kind": start.kind, "name": parent},
-            base_model=str(self.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
-            lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=self.world.size,
-            distributed=cfg.training.distributed if self.world.size > 1 else None,
-            examples_per_step=self.plan.examples_per_step * (cfg.training.batch_size if self.plan.micro_batch else 1),
-            replay=self.replay_record() if self.replay else None,
-            rehearsal=self.rehearsal_record() if self.rehearsal else None,
-            controller=self.control.to_json() if self.control is not None else None)
 
     def replay_record(self) -> dict[str, Any]:
         """What the checkpoint marker and training_status.json say of the run's replay."""
@@ -186,37 +137,23 @@ class RunState:
                 "prompts_file": self.rehearsal.prompts_file}
 
 
-def plan_run(n_examples: int, run_id: str, cfg: Config, resume: ck.CheckpointInfo | None,
-             lengths: Any = None, layout: str = "grouped", step_scale: int = 1) -> RunPlan:
-    """The run's order; with ``lengths`` also its batches (data/packing.py ``layout`` kinds: padding-free
-    micro-batches a row each, packed rows, or length-grouped examples).
-
-    ``step_scale`` > 1: the ranks' accumulation could not be split (``distributed.accumulation``),
-    so a step trains that many times the configured examples.
-    """
-    import numpy as np
-
-    from ultimate_trainer.data.packing import lay_out
-
-    per_step = cfg.training.gradient_accumulation_steps * step_scale  # flat: rows (micro-batches) per step
-    if layout != "flat" or lengths is None:
-        per_step *= cfg.training.batch_size  # examples, or packed rows, per step
-    total_examples = max(1, math.ceil(cfg.training.epochs_per_file * n_examples)) if n_examples else 0
-    rng = np.random.default_rng([cfg.training.seed, int(run_id, 16) % (2**32)])
-    order: list[int] = []
-    while len(order) < total_examples:
-        order.extend(rng.permutation(n_examples).tolist())
-    order = order[:total_examples]
-    rows = None
-    if lengths is not None:
-        order, rows = lay_out(order, lengths, cfg.training.batch_size, cfg.training.max_seq_length,
-                              cfg.training.seed, layout)
-    units = len(rows) if rows is not None else total_examples
-    total_steps = math.ceil(units / per_step)
-    per_epoch = units * n_examples / total_examples if total_examples else 0
-    done = min(ck.steps_done(resume.meta, run_id), total_steps) if resume is not None else 0
-    return RunPlan(run_id, order, per_step, total_steps, done, max(1, math.ceil(per_epoch / per_step)), rows,
-                   layout if lengths is not None else "grouped")
+def run_marker(run: RunState) -> CheckpointMarker:
+    """What every checkpoint of this run says of it; ``hf.SealCallback`` adds each save's step."""
+    assert run.plan is not None and run.start is not None and run.prepared is not None
+    cfg, start, p = run.cfg, run.start, run.plan
+    parent = start.consolidation.path.name if start.consolidation else start.checkpoint.name if start.checkpoint \
+        else None
+    return ck.marker_meta(
+        global_step=start.global_step, run_id=p.run_id, run_step=p.done_steps, run_total_steps=p.total_steps,
+        files=lineage.run_files(run.files, run.prepared.reports, run.started_at),
+        run_started_at=run.started_at, parent={"kind": start.kind, "name": parent},
+        base_model=str(run.base_path), base_model_name=cfg.base_model, load_in_4bit=cfg.load_in_4bit,
+        lora={"r": cfg.lora.r, "alpha": cfg.lora.alpha}, world_size=run.world.size,
+        distributed=cfg.training.distributed if run.world.size > 1 else None,
+        examples_per_step=p.examples_per_step * (cfg.training.batch_size if p.micro_batch else 1),
+        replay=run.replay_record() if run.replay else None,
+        rehearsal=run.rehearsal_record() if run.rehearsal else None,
+        controller=run.control.to_json() if run.control is not None else None)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -226,15 +163,31 @@ def _one_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- the run
 
+@dataclass
+class RunResult:
+    """What a run hands back to whoever ran it (``train.py`` exits with ``code``; the worker reports the rest)."""
+
+    code: int  # the process exit code (core/exitcodes.py)
+    cache_hits: list[str] = field(default_factory=list)  # files taken from the prefetch cache (data/tokcache.py)
+    cache_used: list[str] = field(default_factory=list)  # their cache entries: the worker removes them after the run
+
+
 def run(cfg: Config, files: Manifest | list[Path], *, max_steps: int | None = None, dry_run: bool = False,
-        stop: StopFlag | None = None, session: Any = None) -> int:
-    """Train on the run ``files`` describes from wherever the last run ended. Returns the process exit code.
+        stop: StopFlag | None = None, session: Session | None = None) -> int:
+    """Train on the run ``files`` describes from wherever the last run ended. Returns the process exit code."""
+    return execute(cfg, files, max_steps=max_steps, dry_run=dry_run, stop=stop, session=session).code
+
+
+def execute(cfg: Config, files: Manifest | list[Path], *, max_steps: int | None = None, dry_run: bool = False,
+            stop: StopFlag | None = None, session: Session | None = None, cache_dir: Path | None = None) -> RunResult:
+    """``run``, with what the worker needs back: the exit code and the prefetch cache entries the run took.
 
     ``files``: the run's manifest (core/manifest.py), or its files alone (a run started by hand), for
     which it is built here.
 
     ``session`` (trainer/session.py): the worker's already loaded tokenizer and model, used when they
-    fit this run's start point; ``train.py`` passes none and loads them.
+    fit this run's start point; ``train.py`` passes none and loads them. ``cache_dir``: where the
+    worker's prefetch child left files tokenized ahead (trainer/prefetch.py); None: not used.
     """
     stop = stop or StopFlag()
     manifest = files if isinstance(files, Manifest) else mf.for_files(files, cfg)
@@ -246,7 +199,16 @@ def run(cfg: Config, files: Manifest | list[Path], *, max_steps: int | None = No
     reporter.set_state("loading")
     reporter.start()
     reporter.update(world_size=world.size)
-    state = RunState(cfg, manifest, reporter, stop, max_steps=max_steps, world=world, session=session)
+    state = RunState(cfg, manifest, reporter, stop, max_steps=max_steps, world=world, session=session,
+                     cache_dir=cache_dir)
+    code = _run_guarded(state, dry_run)
+    p = state.prepared
+    return RunResult(code, p.cache_hits if p else [], p.cache_used if p else [])
+
+
+def _run_guarded(state: RunState, dry_run: bool) -> int:
+    """``_recipe``, every way it can end turned into an exit code and the status file's last word."""
+    cfg, reporter, world = state.cfg, state.reporter, state.world
     try:
         return _recipe(state, dry_run)
     except (StopRequested, Stopped) as e:
@@ -361,7 +323,7 @@ def find_start(run: RunState, quarantine: bool) -> str | None:
 
         distributed.barrier()  # every rank sees the checkpoints after rank 0 set the incomplete ones aside
     start = run.start = ck.start_point(ckpt_dir, models_dir)
-    trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+    trained_on = start.checkpoint.marker.base_model_name if start.checkpoint else None
     if start.kind == "checkpoint" and trained_on not in (None, cfg.base_model):
         return (f"{ckpt_dir} continues {trained_on!r} but base_model is {cfg.base_model!r}: set base_model back, "
                 f"or point paths.checkpoints at a new folder to start another model")
@@ -398,14 +360,11 @@ def prepare_data(run: RunState, write_reports: bool, rehearse: bool = True) -> N
     start_control(run)
     if rehearse:
         run.rehearsal = rehearsal_for(run, run.world.rank_path(work / "current-rehearsal.jsonl"))
-    session = run.session
     run.prepared = prepare.prepare(run.manifest.files, run.tokenizer, run.cfg, store_dir,
                                    run.cfg.path("status") if write_reports and run.world.is_main else None,
                                    replay_file=run.replay.path if run.replay else None,
                                    rehearsal_file=run.rehearsal.path if run.rehearsal else None,
-                                   cache_dir=session.cache_dir if session is not None else None)
-    if session is not None:  # the worker reports the hits and removes the entries once the run is over
-        session.cache_hits, session.cache_used = run.prepared.cache_hits, run.prepared.cache_used
+                                   cache_dir=run.cache_dir)
     if run.replay:
         run.reporter.update(replay=run.replay_record())
     if run.rehearsal:
@@ -435,14 +394,14 @@ def start_control(run: RunState) -> None:
                  cfg.training.rehearsal_fraction, f", from {checkpoint.name}" if checkpoint is not None else "")
 
 
-def replay_for(run: RunState, out: Path) -> Any:
+def replay_for(run: RunState, out: Path) -> Replay | None:
     """This run's replay of the manifest's earlier files (``data/replay.py``), drawn by the run id; None when off."""
     from ultimate_trainer.data.replay import write_replay
 
     return write_replay(run.manifest, run.cfg, out, run.run_id)
 
 
-def rehearsal_for(run: RunState, out: Path) -> Any:
+def rehearsal_for(run: RunState, out: Path) -> Rehearsal | None:
     """This run's rehearsal (``trainer/rehearsal/``): the base's own answers, drawn by the run id."""
     import dataclasses
 
@@ -459,9 +418,9 @@ def print_dry_run(run: RunState) -> int:
     from ultimate_trainer.data import prepare
 
     for path, report in run.prepared.reports.items():
-        for bad in report["bad"]:
+        for bad in report.bad:
             print(st.bad_entry_text(Path(path).name, bad), file=sys.stderr)
-        for warning in report["warnings"]:
+        for warning in report.warnings:
             print(f"{Path(path).name}: warning: {warning}", file=sys.stderr)
     print(json.dumps(prepare.summarize(run.prepared, run.cfg.training.max_seq_length), indent=2))
     return Exit.DATA if run.prepared.unusable else Exit.OK
@@ -511,7 +470,7 @@ def load_model(run: RunState) -> None:
         session.hold(cfg, run.base_path, run.model, run.device, checkpoint, why)
 
 
-def _model_with_adapter(cfg: Config, base_path: str, device: str, checkpoint: Path | None) -> Any:
+def _model_with_adapter(cfg: Config, base_path: str, device: str, checkpoint: Path | None) -> PeftModel:
     import torch
 
     from ultimate_trainer.model.loading import attach_lora, load_base_model
@@ -523,7 +482,7 @@ def _model_with_adapter(cfg: Config, base_path: str, device: str, checkpoint: Pa
     return attach_lora(cfg, model)
 
 
-def preload(cfg: Config, session: Any) -> None:
+def preload(cfg: Config, session: Session) -> None:
     """Load into ``session`` what the next run will start from, while no run waits (the worker's start).
 
     Best effort: anything that goes wrong here is left for the run itself to meet and report.
@@ -532,7 +491,7 @@ def preload(cfg: Config, session: Any) -> None:
 
     try:
         start = ck.start_point(cfg.path("checkpoints"), cfg.path("models"))
-        trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+        trained_on = start.checkpoint.marker.base_model_name if start.checkpoint else None
         if start.kind == "consolidation" or trained_on not in (None, cfg.base_model):
             return  # a bootstrap with a fresh adapter, or a refusal: the run's own business
         base_path = base_path_for(cfg, start)
@@ -594,7 +553,8 @@ def train(run: RunState) -> None:
     #   GuardCallback            step_begin, pre_optimizer,  the divergence guard: skips an anomalous update
     #                            step_end                    before it is applied; last, as it may stop the run
     #
-    # The loss itself goes hf.ContinuousTrainer.compute_loss (speed.compute_loss) -> the guard's observe_loss.
+    # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss), which hands
+    # each micro-batch's loss to the guard's observe_loss.
     throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
     guard = GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id, step_sources(run),
                           cfg.path("status") / st.GUARD_WINDOW, world)
@@ -614,10 +574,11 @@ def train(run: RunState) -> None:
                                     "configured_rehearsal_fraction": cfg.training.rehearsal_fraction,
                                     "decisions": {}, "last": None})
     callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate, scale), evaluation,
-                 *filter(None, [probe, controller]), status, hf.SealCallback(reporter, run.checkpoint_meta),
+                 *filter(None, [probe, controller]), status,
+                 hf.SealCallback(reporter, run_marker(run), p, run.control),
                  speed.ThreadGovernor(), guard]
     resume_dir = str(start.checkpoint.path) if start.kind == "checkpoint" else None
-    problem = distributed.optimizer_state_problem(start.checkpoint.meta, world.size, cfg.training.distributed) \
+    problem = distributed.optimizer_state_problem(start.checkpoint.marker, world.size, cfg.training.distributed) \
         if start.kind == "checkpoint" else None
     if problem:
         log.warning("%s: %s", start.checkpoint.name, problem)
@@ -630,7 +591,7 @@ def train(run: RunState) -> None:
                                    callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss])
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
     if run.session:
-        run.session.pristine = False  # trained from here on: no longer a fresh adapter
+        run.session.training()  # the held adapter is no longer a fresh one
     log.info("run %s: %d examples%s, steps %d..%d of the run (global %d -> %d), base %s",
              p.run_id, len(run.prepared.train),
              f" in {len(p.rows)} {'padding-free micro-batches' if p.layout == 'flat' else 'packed rows'}"

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ultimate_trainer.core import status as st
 from ultimate_trainer.core.progress import Progress
@@ -128,7 +128,8 @@ class StatusReporter:
             self.end_phase(state)
 
     @contextlib.contextmanager
-    def progress(self, phase: str, total: int, unit: str, should_stop: Any = None) -> Iterator[Progress]:
+    def progress(self, phase: str, total: int, unit: str,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[Progress]:
         """A long phase's ``Progress`` (core/progress.py), shown as ``progress`` in the status file while it lasts.
 
         ``should_stop``: the run's stop flag, asked by the phase (generation at every token)."""
@@ -143,7 +144,7 @@ class StatusReporter:
     def refresh_checkpoints(self) -> None:
         found = list_complete(self.checkpoints_dir)
         self.update(
-            checkpoints=[{"name": c.name, "global_step": c.global_step, "created_at": c.meta.get("created_at")}
+            checkpoints=[{"name": c.name, "global_step": c.global_step, "created_at": c.marker.created_at}
                          for c in found[-CHECKPOINTS_LISTED:]],
             last_checkpoint=found[-1].name if found else None,
         )

@@ -23,9 +23,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ultimate_trainer.core.config import Config
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +55,15 @@ class Session:
     """The loaded parts one worker carries from run to run."""
 
     base_path: str = ""
-    tokenizer: Any = None
-    model: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
+    model: PeftModel | None = None  # base + adapter
     device: str = "cpu"
     key: str = ""
     shape: tuple[int, float] | None = None
     pristine: bool = False  # a fresh adapter nothing has trained yet: it serves a run that starts fresh
     loads: list[str] = field(default_factory=list)  # why each model load happened, for logs and tests
-    cache_dir: Path | None = None  # where a run takes files tokenized ahead (trainer/prefetch.py); None: off
-    cache_hits: list[str] = field(default_factory=list)  # the last run's files taken from there
-    cache_used: list[str] = field(default_factory=list)  # their cache entries (data/tokcache.py)
 
-    def tokenizer_for(self, base_path: str) -> Any:
+    def tokenizer_for(self, base_path: str) -> PreTrainedTokenizerBase:
         from ultimate_trainer.model.loading import load_tokenizer
 
         if self.tokenizer is None or self.base_path != base_path:
@@ -82,11 +83,15 @@ class Session:
             return "the checkpoint's adapter has another shape"
         return None
 
-    def hold(self, cfg: Config, base_path: str, model: Any, device: str, checkpoint: Path | None, why: str) -> None:
+    def hold(self, cfg: Config, base_path: str, model: PeftModel, device: str, checkpoint: Path | None, why: str) -> None:
         self.model, self.device, self.key = model, device, model_key(cfg, base_path)
         self.shape = adapter_shape(checkpoint, cfg)
         self.pristine = checkpoint is None
         self.loads.append(why)
+
+    def training(self) -> None:
+        """A run starts training the held model: its adapter is no longer a fresh one."""
+        self.pristine = False
 
     def drop(self) -> None:
         """Forget the model (a failed run may have left it half-updated; a new base replaces it)."""

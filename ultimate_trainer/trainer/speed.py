@@ -3,9 +3,7 @@
 - ``training_data``: the run plan's batches, rows (``PackedRows`` + ``PackedCollator``: a
   padding-free micro-batch, or packed rows) or length-grouped examples (the TokenStore view + the
   padding ``Collator``);
-- ``compute_loss``: a padding-free row gets its examples' boundaries (model/attention.py), packed
-  rows their block-diagonal mask, for the model's attention kind,
-  and the loss is the chunked one (model/loss.py) whenever the model supports it;
+- the loss itself (packed inputs, the chunked loss) is ``hf.ContinuousTrainer.compute_loss``;
 - ``ThreadGovernor``: keeps the intra-op thread count at the cores other processes leave free
   (core/threads.py says why).
 """
@@ -14,44 +12,27 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ultimate_trainer.core import threads
-from ultimate_trainer.core.config import Config
-from ultimate_trainer.data.collate import PackedCollator, PackedRows, packed_inputs
+from ultimate_trainer.data.collate import PackedCollator, PackedRows
 from ultimate_trainer.data.collate import Collator
-from ultimate_trainer.model import attention
-from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
+from ultimate_trainer.data.tokenstore import TokenStore
+from ultimate_trainer.trainer.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-def training_data(store: Any, plan: Any, tokenizer: Any) -> tuple[Any, Any]:
+def training_data(store: TokenStore, plan: RunPlan, tokenizer: PreTrainedTokenizerBase) -> tuple[Any, Any]:
     """``(dataset, collator)`` for what is left of ``plan``."""
     pad = Collator(tokenizer).pad_token_id
     if plan.rows is not None:
         return PackedRows(store, plan.remaining_rows), PackedCollator(pad)
     return store.select(plan.remaining_order), Collator(pad_token_id=pad)
-
-
-def compute_loss(cfg: Config, model: Any, inputs: dict[str, Any], num_items_in_batch: Any,
-                 default: Callable[[dict[str, Any]], Any], return_outputs: bool, chunked: bool = True) -> Any:
-    """The step's loss: packed inputs made model-ready, then the chunked loss or ``default(inputs)``.
-
-    ``chunked=False``: the model's own loss whatever the config (a distributed wrapper's forward must run).
-    """
-    inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
-    config = getattr(inner, "config", None)
-    attn = getattr(config, "_attn_implementation", None)
-    inputs = packed_inputs(inputs, attn, getattr(inner, "dtype", torch.float32), attention.takes_boundaries(attn))
-    if chunked and cfg.training.chunked_loss and model.training and not return_outputs \
-            and supports_chunked_loss(model):
-        return chunked_causal_lm_loss(model, inputs, num_items_in_batch)
-    return default(inputs)
 
 
 class ThreadGovernor(TrainerCallback):
@@ -70,12 +51,13 @@ class ThreadGovernor(TrainerCallback):
         own = self.proc.cpu_times()
         return time.monotonic(), busy, own.user + own.system
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kw: Any) -> None:
         self.enabled = self.enabled and (args.use_cpu or not torch.cuda.is_available())  # CPU training only
         if self.enabled:
             self.last = self._sample()
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if not self.enabled or self.last is None:
             return
         now = self._sample()

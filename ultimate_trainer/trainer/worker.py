@@ -32,12 +32,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ultimate_trainer.core import config, worker_files
 from ultimate_trainer.core.config import config_or_none
 from ultimate_trainer.core.exitcodes import Exit
 from ultimate_trainer.core.logs import setup_logging
+
+if TYPE_CHECKING:
+    from ultimate_trainer.trainer.prefetch import Prefetcher
+    from ultimate_trainer.trainer.recipe import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,7 @@ class MemoryBound:
         return None
 
 
-def serve(args: argparse.Namespace, stop: Any) -> int:
+def serve(args: argparse.Namespace, stop: StopFlag) -> int:
     """Take requests until told to stop or until a reason to end; the last run's exit code."""
     from ultimate_trainer.trainer.prefetch import Prefetcher
 
@@ -85,14 +89,14 @@ def serve(args: argparse.Namespace, stop: Any) -> int:
         ahead.stop()  # no child of a worker tokenizes on after it (what it finished stays cached)
 
 
-def _serve(args: argparse.Namespace, stop: Any, ahead: Any) -> int:
+def _serve(args: argparse.Namespace, stop: StopFlag, ahead: Prefetcher) -> int:
     from ultimate_trainer.data import tokcache
     from ultimate_trainer.trainer import prefetch
-    from ultimate_trainer.trainer.recipe import preload, run
+    from ultimate_trainer.trainer.recipe import execute, preload
     from ultimate_trainer.trainer.session import Session
 
     worker_dir = Path(args.worker_dir)
-    session, bound, code = Session(), None, Exit.OK
+    session, bound, code, tokenized_ahead = Session(), None, Exit.OK, 0
     cfg = config_or_none(args)
     if cfg is not None and not stop.requested:
         preload(cfg, session)  # while the daemon waits for files: the first run finds the model loaded
@@ -102,20 +106,20 @@ def _serve(args: argparse.Namespace, stop: Any, ahead: Any) -> int:
         if req is None:
             time.sleep(POLL_SECONDS)
             continue
-        cfg, loads = config_or_none(args), len(session.loads)
+        cfg, loads, tokenized_ahead = config_or_none(args), len(session.loads), 0
         if cfg is None:
             code, why = Exit.CONFIG, "the configuration does not load"
         else:
             bound = bound or MemoryBound(cfg.daemon.worker_max_growth_mb)
             ahead.settle(req.files, stop)  # files of this run being tokenized ahead: let that finish
             on = prefetch.enabled(cfg, session.device)
-            session.cache_dir = prefetch.cache_dir(cfg) if on else None
-            session.cache_hits, session.cache_used = [], []
-            if on and req.next and session.base_path:
-                ahead.start(req.next, session.base_path, session.cache_dir)
-            code = run(cfg, req.manifest or req.files, stop=stop, session=session)
-            if session.cache_dir is not None:
-                tokcache.remove(session.cache_dir, session.cache_used)
+            cache = prefetch.cache_dir(cfg) if on else None
+            if cache is not None and req.next and session.base_path:
+                ahead.start(req.next, session.base_path, cache)
+            result = execute(cfg, req.manifest or req.files, stop=stop, session=session, cache_dir=cache)
+            code, tokenized_ahead = result.code, len(result.cache_hits)
+            if cache is not None:
+                tokcache.remove(cache, result.cache_used)
             gc.collect()  # the run's Trainer, optimizer and data go now, not at some later collection
             why = None
             if stop.requested:
@@ -127,7 +131,7 @@ def _serve(args: argparse.Namespace, stop: Any, ahead: Any) -> int:
             why = bound.exceeded(mem)
         worker_files.write_result(worker_dir, req.seq, code=int(code), pid=os.getpid(), exiting=why is not None,
                                   why=why, model_loaded=len(session.loads) > loads,
-                                  tokenized_ahead=len(session.cache_hits), **mem)
+                                  tokenized_ahead=tokenized_ahead, **mem)
         if why is not None:
             log.info("worker %d ends: %s", os.getpid(), why)
             return int(code)

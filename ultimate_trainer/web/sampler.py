@@ -23,6 +23,7 @@ from typing import Any, Callable
 import psutil
 
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import TrainingStatus
 from ultimate_trainer.core.times import now_iso
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ def process_tree_rss(pid: int | None) -> int | None:
     return total
 
 
-def training_pid(training: dict[str, Any] | None, daemon: dict[str, Any] | None) -> int | None:
+def training_pid(training: TrainingStatus | None, daemon: dict[str, Any] | None) -> int | None:
     """The live trainer's pid: ``training_status.json`` unless idle/error/dead, else the daemon's current run."""
-    if training and training.get("state") not in ("idle", "error") and status.pid_alive(training.get("pid")):
-        return training["pid"]
+    if training is not None and training.state not in ("idle", "error") and status.pid_alive(training.pid):
+        return training.pid
     run = (daemon or {}).get("current_run")
     if isinstance(run, dict) and status.pid_alive(run.get("pid")):
         return run["pid"]
@@ -177,7 +178,7 @@ def _gb(n: int | float | None) -> float | None:
 def take_sample(status_dir: str | Path, th: Thresholds, gpu: GpuReader) -> dict[str, Any]:
     """The ``/api/memory_stats`` payload (see docs/STATUS.md, ``memory_status.json``)."""
     sd = Path(status_dir)
-    training = status.read_json(sd / status.TRAINING_STATUS)
+    training = TrainingStatus.read(sd / status.TRAINING_STATUS)
     daemon = status.read_json(sd / status.DAEMON_STATUS)
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()
@@ -213,11 +214,11 @@ def _reason(level: str, source: str, message: str) -> dict[str, str]:
     return {"level": level, "source": source, "message": message}
 
 
-def health(memory: dict[str, Any] | None, training: dict[str, Any] | None = None,
+def health(memory: dict[str, Any] | None, training: TrainingStatus | None = None,
            daemon: dict[str, Any] | None = None, now: float | None = None) -> dict[str, Any]:
     """One overall level (``ok``/``warning``/``critical``) and its reasons: RAM first, then by severity.
 
-    Pure: every input is a status-file dict (or None when the file is not written yet).
+    Pure: every input is a status file's content (or None when the file is not written yet).
     """
     ram: list[dict[str, str]] = []
     other: list[dict[str, str]] = []
@@ -239,13 +240,13 @@ def health(memory: dict[str, Any] | None, training: dict[str, Any] | None = None
             if isinstance(temp, (int, float)) and temp >= GPU_TEMP_WARN_C:
                 lvl = "critical" if temp >= GPU_TEMP_CRITICAL_C else "warning"
                 other.append(_reason(lvl, "gpu", f"{label} at {temp:.0f} °C"))
-    if training:
-        state = training.get("state")
+    if training is not None and training.given != frozenset():  # an empty object says nothing yet
+        state = None if "state" in training.missing else training.state
         if state == "error":
-            other.append(_reason("critical", "trainer", f"trainer error: {training.get('error') or 'unknown'}"))
-        elif state not in (None, "idle") and not status.pid_alive(training.get("pid")):
-            other.append(_reason("warning", "trainer", f"trainer stopped while {state} (pid {training.get('pid')} gone)"))
-        ret = training.get("retention") if isinstance(training.get("retention"), dict) else {}
+            other.append(_reason("critical", "trainer", f"trainer error: {training.error or 'unknown'}"))
+        elif state not in (None, "idle") and not status.pid_alive(training.pid):
+            other.append(_reason("warning", "trainer", f"trainer stopped while {state} (pid {training.pid} gone)"))
+        ret = training.retention or {}
         if ret.get("forgetting") and isinstance(ret.get("ratio"), (int, float)):
             other.append(_reason("warning", "retention", f"forgetting: the probe keeps {ret['ratio']:.1%} of the "
                                  f"base's score (warns under {ret.get('warn_below', 0.95):.0%})"))

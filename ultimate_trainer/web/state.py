@@ -15,6 +15,7 @@ from typing import Any
 
 from ultimate_trainer.web import sampler as stats
 from ultimate_trainer.core import status
+from ultimate_trainer.core.records import FileReport, TrainingStatus
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.web.history import History
 from ultimate_trainer.web.skills import SkillTracker
@@ -48,14 +49,14 @@ def _problem_reports(status_dir: Path) -> list[dict[str, Any]]:
     entries.sort(key=mtime, reverse=True)
     out = []
     for e in entries[: MAX_REPORTS * 5]:
-        rep = status.read_json(e.path)
-        if not rep or (rep.get("usable", True) and not rep.get("bad_lines") and not rep.get("warnings")):
+        rep = FileReport.read(e.path)
+        if rep is None or (rep.usable and not rep.bad_lines and not rep.warnings):
             continue
-        name = Path(str(rep.get("file") or e.name)).name
-        bad = [b for b in rep.get("bad") or [] if isinstance(b, dict)][:MAX_BAD_LINES]
-        warnings = [w for w in rep.get("warnings") or [] if isinstance(w, str)][:MAX_BAD_LINES]
-        out.append({"file": name, "usable": rep.get("usable"), "error": rep.get("error"),
-                    "bad_lines": rep.get("bad_lines"), "examples": rep.get("examples"),
+        name = Path(rep.file or e.name).name
+        bad = [b for b in rep.bad if isinstance(b, dict)][:MAX_BAD_LINES]
+        warnings = [w for w in rep.warnings if isinstance(w, str)][:MAX_BAD_LINES]
+        out.append({"file": name, "usable": rep.usable, "error": rep.error,
+                    "bad_lines": rep.bad_lines, "examples": rep.examples,
                     "bad": [status.bad_entry_text(name, b) for b in bad],
                     "warnings": [f"{name}: {w}" for w in warnings]})
         if len(out) >= MAX_REPORTS:
@@ -84,18 +85,19 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
                 skills: SkillTracker | None = None, workbench_port: int | None = None) -> dict[str, Any]:
     sd = Path(status_dir)
     now = time.time()
-    training = status.read_json(sd / status.TRAINING_STATUS)
+    training = status.read_json(sd / status.TRAINING_STATUS)  # the page gets the file's object, annotated
+    record = TrainingStatus.from_json(training, sd / status.TRAINING_STATUS)  # what is decided here reads this
     daemon = status.read_json(sd / status.DAEMON_STATUS)
     memory = status.read_json(sd / status.MEMORY_STATUS)
     merge = status.read_json(sd / status.CONSOLIDATION_STATUS)
 
-    if training is not None:
-        alive = status.pid_alive(training.get("pid"))
+    if training is not None and record is not None:
+        alive = status.pid_alive(record.pid)
+        state = None if "state" in record.missing else record.state
         training["alive"] = alive
-        training["stale"] = training.get("state") not in ("idle", "error", None) and not alive
+        training["stale"] = state not in ("idle", "error", None) and not alive
         training["age_seconds"] = _age(training, now)
-        examples = training.get("recent_examples")
-        if not isinstance(examples, list):
+        if not isinstance(training.get("recent_examples"), list):  # written before the field: the history has them
             training["recent_examples"] = status.tail_jsonl(sd / status.EXAMPLES_HISTORY, RECENT_EXAMPLES)
     if daemon is not None:
         daemon["alive"] = status.pid_alive(daemon.get("pid"))
@@ -121,7 +123,7 @@ def build_state(status_dir: str | Path, history: History, refresh_seconds: float
         "memory": memory,
         "consolidation": merge,
         # The page's health light: from fresh memory figures plus the trainer's and daemon's states.
-        "health": stats.health(memory_fresh, training, daemon),
+        "health": stats.health(memory_fresh, record, daemon),
         "verdict": verdict(training),
         "loss_trend": hist["loss_trend"],
         "last_val_loss": hist["last_val_loss"],

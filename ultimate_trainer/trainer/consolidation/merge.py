@@ -33,7 +33,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable
 
 from ultimate_trainer.core.checkpoints import MANIFEST, REFUSED_DIR, CheckpointInfo, current_checkpoints, list_complete
 from ultimate_trainer.core.exitcodes import Exit
@@ -46,6 +47,10 @@ from ultimate_trainer.core.logs import setup_logging
 from ultimate_trainer.core.progress import Progress, Stopped
 from ultimate_trainer.model.loading import ModelError
 from ultimate_trainer.model.merging import merge_layerwise
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +112,16 @@ class MergeStatus:
         self.update(state=state, result=result, progress=None, finished_at=now_iso())
 
 
-def _merged_dtype(device: str) -> Any:
+def _merged_dtype(device: str) -> torch.dtype:
     import torch
 
     return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _trained_4bit(cfg: Config, ckpt: CheckpointInfo) -> bool:
+    """Whether the checkpoint's adapter was trained on the 4-bit base (a marker without it: as configured)."""
+    saved = ckpt.marker.load_in_4bit
+    return bool(cfg.load_in_4bit if saved is None else saved)
 
 
 def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = None,
@@ -123,8 +134,8 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
     from ultimate_trainer.model.loading import load_merged, pick_device, resolve_base
 
     device = device or pick_device(cfg)
-    base_path = ckpt.meta.get("base_model") or resolve_base(cfg)
-    quantized = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+    base_path = ckpt.marker.base_model or resolve_base(cfg)
+    quantized = _trained_4bit(cfg, ckpt)
     merged = load_merged(cfg, str(base_path), str(ckpt.path), quantized=quantized, device=device,
                          dtype=_merged_dtype(device), before_merge=before_merge,
                          on_stage=lambda: _stage_done(stages))
@@ -133,7 +144,7 @@ def merge_checkpoint(cfg: Config, ckpt: CheckpointInfo, device: str | None = Non
 
 # --------------------------------------------------------------------------- layer by layer
 
-def full_precision_bytes(base_path: str, dtype: Any) -> int:
+def full_precision_bytes(base_path: str, dtype: torch.dtype) -> int:
     """Bytes the merged model takes in ``dtype``: parameters counted from the base's config on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -144,7 +155,7 @@ def full_precision_bytes(base_path: str, dtype: Any) -> int:
     return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
-def merge_fits_in_memory(base_path: str, dtype: Any, device: str) -> bool:
+def merge_fits_in_memory(base_path: str, dtype: torch.dtype, device: str) -> bool:
     """Whether the whole-model merge fits: two full-precision copies (the dequantized base and the
     merged one exist together for a moment) under 80% of the memory available now."""
     import psutil
@@ -170,7 +181,7 @@ def _judge_unmerged(cfg: Config, ckpt: CheckpointInfo, base_path: str, device: s
         for _ in range(3):
             _stage_done(stages)
         return None
-    quantized = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+    quantized = _trained_4bit(cfg, ckpt)
     model = PeftModel.from_pretrained(load_base_model(cfg, base_path, quantize=quantized, device=device),
                                       str(ckpt.path), is_trainable=False)
     _stage_done(stages)
@@ -238,7 +249,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
     from ultimate_trainer.model.loading import pick_device, resolve_base
 
     device = device or pick_device(cfg)
-    base_path = str(ckpt.meta.get("base_model") or resolve_base(cfg))
+    base_path = str(ckpt.marker.base_model or resolve_base(cfg))
     stored_4bit = "quantization_config" in json.loads((Path(base_path) / "config.json").read_text())
     if layerwise is None:
         # A base stored in 4-bit: transformers cannot save its dequantized form (the load's weight
@@ -268,7 +279,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
             tmp.mkdir(parents=True)
             from ultimate_trainer.model.loading import compute_dtype
 
-            trained_4bit = bool(ckpt.meta.get("load_in_4bit", cfg.load_in_4bit))
+            trained_4bit = _trained_4bit(cfg, ckpt)
             requantize = {"quant_type": cfg.quantization.quant_type, "double_quant": cfg.quantization.double_quant,
                           "dtype": compute_dtype(cfg, device)} if trained_4bit and not stored_4bit else None
             merge_layerwise(base_path, ckpt.path, tmp, _merged_dtype(device), requantize=requantize,
@@ -280,7 +291,7 @@ def consolidate(cfg: Config, checkpoint: CheckpointInfo | None = None, files_sin
         _save_tokenizer(base_path, ckpt, tmp)
         atomic_write_json(tmp / MANIFEST, {
             "schema_version": 1, "source_checkpoint": ckpt.path.name, "global_step": ckpt.global_step,
-            "base_model": base_path, "base_model_name": ckpt.meta.get("base_model_name", cfg.base_model),
+            "base_model": base_path, "base_model_name": ckpt.marker.base_model_name or cfg.base_model,
             "files_since_last": list(files_since_last or []), "dtype": dtype,
             "seconds": round(time.monotonic() - t0, 1), "adopted": adopted, "gate": verdict,
             "created_at": now_iso()})
@@ -308,14 +319,14 @@ class Gate:
 
         self.cfg, self.gate, self.should_stop, self.on_update = cfg, gate, should_stop, on_update
         self.inputs = gate.gate_inputs(cfg, trained)
-        self.tokenizer = load_tokenizer(str(ckpt.meta.get("base_model") or resolve_base(cfg)))
+        self.tokenizer = load_tokenizer(str(ckpt.marker.base_model or resolve_base(cfg)))
         self.base: dict[str, Any] = {}
 
     def _progress(self, what: str) -> Progress:
         n = len(self.inputs.examples) + (len(self.inputs.probe.items) if self.inputs.probe else 0)
         return Progress(f"gate: {what}", n, "prompts", should_stop=self.should_stop, on_update=self.on_update)
 
-    def score_base(self, model: Any) -> None:
+    def score_base(self, model: PreTrainedModel) -> None:
         with model.disable_adapter():
             self.base = self.gate.score_model(model, self.tokenizer, self.cfg, self.inputs, self._progress("the base"))
 
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = spool.newest_first(cfg.path("queue") / spool.DONE)
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning("%s received: stopping the consolidation (nothing is adopted)", signal.Signals(signum).name)

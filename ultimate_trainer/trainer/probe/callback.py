@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
@@ -25,6 +25,11 @@ from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.trainer.probe.questions import Probe
 from ultimate_trainer.trainer.probe.scoring import retention, score_probe
 from ultimate_trainer.trainer.reporter import StatusReporter, Throughput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ultimate_trainer.model.scoring import AccuracyTracker
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,8 @@ def retention_status(records: list[dict[str, Any]], warn: float) -> dict[str, An
 
 
 class ProbeCallback(TrainerCallback):
-    def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: Any, probe: Probe, tracker: Any,
+    def __init__(self, cfg: Config, reporter: StatusReporter, tokenizer: PreTrainedTokenizerBase, probe: Probe,
+                 tracker: AccuracyTracker,
                  base_model: str, run_id: str, throughput: Throughput | None = None, stop: Any = None):
         self.cfg, self.reporter, self.tokenizer, self.probe = cfg, reporter, tokenizer, probe
         self.tracker, self.base_model, self.run_id, self.throughput = tracker, base_model, run_id, throughput
@@ -58,7 +64,7 @@ class ProbeCallback(TrainerCallback):
         self.baseline_path = reporter.dir / st.PROBE_BASELINE
         self.baseline: dict[str, Any] | None = None
         self.seen_evaluations = tracker.evaluations
-        self.model: Any = None
+        self.model: PreTrainedModel | None = None
         self.probes = 0  # probes scored in this run (the controller decides after each)
         self.last: dict[str, Any] | None = None  # the last probe's record
 
@@ -132,7 +138,8 @@ class ProbeCallback(TrainerCallback):
         return record
 
 
-def probe_callback(cfg: Config, reporter: StatusReporter, tokenizer: Any, tracker: Any, base_model: str,
+def probe_callback(cfg: Config, reporter: StatusReporter, tokenizer: PreTrainedTokenizerBase, tracker: AccuracyTracker,
+                   base_model: str,
                    run_id: str, throughput: Throughput | None = None, stop: Any = None) -> ProbeCallback | None:
     """The run's ProbeCallback; None when ``eval.probe_file`` is off or unusable (logged)."""
     from ultimate_trainer.trainer.probe.questions import load_probe

@@ -7,13 +7,16 @@ original base before any training (docs/TRAINING.md, "Forgetting guard").
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ultimate_trainer.trainer.probe.questions import Probe
 from ultimate_trainer.model.scoring import generate_answers, score
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, batch_size: int,
+
+def score_probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probe: Probe, max_new_tokens: int, batch_size: int,
                 progress: Any = None) -> dict[str, Any]:
     """``correct``, ``total``, ``score`` (0-1) and the ``missed`` questions (``file:line``) of one pass.
 
@@ -26,7 +29,7 @@ def score_probe(model: Any, tokenizer: Any, probe: Probe, max_new_tokens: int, b
             "missed": missed}
 
 
-def score_examples(model: Any, tokenizer: Any, examples: list[Any], matcher: str, max_new_tokens: int,
+def score_examples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Any], matcher: str, max_new_tokens: int,
                    batch_size: int, progress: Any = None) -> dict[str, Any]:
     """Held-out accuracy (percent) of ``examples`` (``formats.Example``) under ``matcher``, and per file.
 

@@ -16,19 +16,28 @@ import contextlib
 import gc
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 from ultimate_trainer.core.config import BUILTIN_MODEL, Config
 from ultimate_trainer.trainer.rehearsal.prompts import Messages, Rehearsal, cached_lines, load_prompts, shipped_answers, \
     write_rehearsal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ultimate_trainer.core.progress import Progress
+    from ultimate_trainer.trainer.session import Session
+
+Generate = Callable[[list[Messages]], list[tuple[str, bool]]]  # prompts -> (answer, finished) each
+Track = Callable[[int], ContextManager["Progress"]]  # total -> the phase's progress, as a context
 
 log = logging.getLogger(__name__)
 
 CUDA_BATCH_SCALE = 8  # rehearsal prompts a batch on a GPU: this many times eval.batch_size
 
 
-def base_answers(model: Any, tokenizer: Any, prompts: list[Messages], max_new_tokens: int,
-                 batch_size: int, progress: Any = None) -> list[tuple[str, bool]]:
+def base_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], max_new_tokens: int,
+                 batch_size: int, progress: Progress | None = None) -> list[tuple[str, bool]]:
     """``(answer, hit the token bound)`` of ``model`` (its adapter off, when it has one) to each prompt.
 
     ``progress`` (core/progress.py): counted per batch; a stop raises ``Stopped``."""
@@ -46,9 +55,10 @@ def batch_size_on(cfg: Config, device: str) -> int:
     return cfg.eval.batch_size * (CUDA_BATCH_SCALE if device == "cuda" else 1)
 
 
-def _generator(cfg: Config, base_path: str, tokenizer: Any, session: Any, track: Any = None):
+def _generator(cfg: Config, base_path: str, tokenizer: PreTrainedTokenizerBase, session: Session | None,
+               track: Track | None = None) -> Generate:
     """``generate`` for ``cached_lines``; ``track(total)`` is a context giving the phase's ``Progress``."""
-    def answer(model: Any, device: str, prompts: list[Messages]) -> list[tuple[str, bool]]:
+    def answer(model: PreTrainedModel, device: str, prompts: list[Messages]) -> list[tuple[str, bool]]:
         n = cfg.training.rehearsal_max_new_tokens
         with track(len(prompts)) if track else contextlib.nullcontext() as progress:
             return base_answers(model, tokenizer, prompts, n, batch_size_on(cfg, device), progress)
@@ -71,8 +81,9 @@ def _generator(cfg: Config, base_path: str, tokenizer: Any, session: Any, track:
     return generate
 
 
-def rehearsal_for(cfg: Config, base_path: str, tokenizer: Any, new_lines: int, run_id: str, out: Path,
-                  session: Any = None, generate: Any = None, track: Any = None) -> Rehearsal | None:
+def rehearsal_for(cfg: Config, base_path: str, tokenizer: PreTrainedTokenizerBase, new_lines: int, run_id: str,
+                  out: Path, session: Session | None = None, generate: Generate | None = None,
+                  track: Track | None = None) -> Rehearsal | None:
     """This run's rehearsal file (``prompts.py``); None when off or unusable (logged).
 
     ``generate`` replaces the base model's answers (tests). ``track(total)``: a context manager giving
