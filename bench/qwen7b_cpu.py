@@ -60,15 +60,19 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str] | None = No
     """Run ``cmd`` to its end (or until ``until()`` holds, then SIGTERM): seconds, peak RSS, exit code."""
     t0 = time.monotonic()
     peak = 0
+    loads: list[float] = []
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             peak = max(peak, _rss_tree(proc.pid))
+            loads.append(os.getloadavg()[0])
             if until is not None and until():
                 proc.send_signal(signal.SIGTERM)
                 until = None
             time.sleep(0.5)
     return {"exit_code": proc.returncode, "seconds": round(time.monotonic() - t0, 1), "peak_rss_gb": round(peak / 1e9, 2),
+            "load_average_1min": {"min": min(loads, default=None), "max": max(loads, default=None),
+                                  "mean": round(sum(loads) / len(loads), 2) if loads else None},
             "log": str(log_path)}
 
 
@@ -125,16 +129,20 @@ def build_base(out: Path, shape: dict[str, int], seed: int = 0, device: str = "c
     write({"model.embed_tokens.weight": rand(shape["vocab"], h)}, f"model-00001-of-{n_shards:05d}.safetensors")
     projections = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
                    "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+    # One decoder layer's projections, quantized once and written for every layer: a step's time and
+    # memory do not depend on the weights' values, and quantizing 28 layers on two cores took 40 min.
+    shared: dict[str, torch.Tensor] = {}
+    for name, (fan_in, fan_out) in projections.items():
+        w = rand(fan_out, fan_in)
+        q, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        del w
+        shared[f"{name}.weight"] = q.cpu()
+        for k, v in state.as_dict(packed=True).items():
+            shared[f"{name}.weight.{k}"] = v.cpu()
+    print(f"build: one layer's 7 projections quantized ({time.monotonic() - t0:.0f} s)", flush=True)
     for layer in range(shape["layers"]):
-        tensors: dict[str, torch.Tensor] = {}
         prefix = f"model.layers.{layer}"
-        for name, (fan_in, fan_out) in projections.items():
-            w = rand(fan_out, fan_in)
-            q, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-            del w
-            tensors[f"{prefix}.{name}.weight"] = q
-            for k, v in state.as_dict(packed=True).items():
-                tensors[f"{prefix}.{name}.weight.{k}"] = v.cpu()
+        tensors = {f"{prefix}.{k}": v for k, v in shared.items()}
         for name, width in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             tensors[f"{prefix}.self_attn.{name}.bias"] = rand(width)
         tensors[f"{prefix}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -143,7 +151,7 @@ def build_base(out: Path, shape: dict[str, int], seed: int = 0, device: str = "c
             torch.cuda.synchronize()
         write(tensors, f"model-{layer + 2:05d}-of-{n_shards:05d}.safetensors")
         del tensors
-        print(f"build: layer {layer + 1}/{shape['layers']} quantized ({time.monotonic() - t0:.0f} s)", flush=True)
+        print(f"build: layer {layer + 1}/{shape['layers']} written ({time.monotonic() - t0:.0f} s)", flush=True)
     write({"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(shape["vocab"], h)},
           f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors")
     config = cfg.to_dict()
@@ -175,7 +183,7 @@ def make_project(root: Path, base: Path) -> tuple[Path, Path]:
     cfg = {
         "base_model": str(base), "load_in_4bit": True, "eval_steps": 0, "save_steps": 1,
         "paths": {"root": str(root), "model_cache": str(REPO / "models" / "cache")},
-        "quantization": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        "quantization": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
         "lora": {"r": 64, "alpha": 128, "dropout": 0.05,
                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "training": {"batch_size": 4, "gradient_accumulation_steps": 1, "max_seq_length": 512, "warmup_steps": 0,
