@@ -85,3 +85,21 @@ def test_a_base_stored_in_4bit_computes_in_the_configured_dtype(tiny_model_dir, 
     model(input_ids=torch.randint(0, 1000, (1, 8)))
     hook.remove()
     assert seen == [torch.float32]
+
+
+def test_half_precision_compute_on_a_cpu_without_native_bf16_is_warned_once(monkeypatch, caplog):
+    import bitsandbytes.functional as bnbf
+
+    from ultimate_trainer.model import loading
+
+    cfg = config.load(None, ["quantization.compute_dtype=bfloat16"])
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: native)
+        monkeypatch.setattr(loading, "_warned_cpu_dtypes", set())
+        caplog.clear()
+        assert loading.compute_dtype(cfg, "cpu") == torch.bfloat16
+        loading.compute_dtype(cfg, "cpu")
+        assert sum("without native bf16" in r.getMessage() for r in caplog.records) == (1 if warned else 0)
+    caplog.clear()
+    assert loading.compute_dtype(config.load(None, []), "cpu") == torch.float32  # auto: never warned
+    assert not caplog.records

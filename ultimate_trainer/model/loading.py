@@ -145,7 +145,19 @@ def compute_dtype(cfg: Config, device: str) -> Any:
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return getattr(torch, name)
+    dtype = getattr(torch, name)
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and name not in _warned_cpu_dtypes:
+        from bitsandbytes.functional import has_avx512bf16
+
+        if not has_avx512bf16():
+            _warned_cpu_dtypes.add(name)
+            log.warning("quantization.compute_dtype=%s on a CPU without native bf16/fp16 matmuls (no "
+                        "AVX512-BF16): they run 3x to 100x slower than float32 here (a 7B step never ended); "
+                        "\"auto\" computes in float32 on the CPU (docs/PERFORMANCE.md)", name)
+    return dtype
+
+
+_warned_cpu_dtypes: set[str] = set()
 
 
 def load_tokenizer(path: str) -> Any:
