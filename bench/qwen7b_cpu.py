@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 QWEN7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064)
-STAGES = ("build", "train", "worker", "merge")
+STAGES = ("build", "train", "worker", "merge")  # and "layerwise", on request only (below)
 
 
 def _rss_tree(pid: int) -> int:
@@ -273,8 +273,40 @@ def main(argv: list[str] | None = None) -> int:
         r["layer_by_layer"] = "layer by layer" in (out / "merge.log").read_text(errors="replace")
         report["merge"] = r
         save()
+    if "layerwise" in stages:  # the layer-by-layer merge alone, on a random r64 adapter (no training needed)
+        ck = out / "random-adapter"
+        write_random_adapter(ck, shape)
+        merged = out / "layerwise-merged"
+        shutil.rmtree(merged, ignore_errors=True)
+        merged.mkdir()
+        code = ("import sys, torch; from pathlib import Path; from ultimate_trainer.core.checkpoints import CheckpointInfo;"
+                " from ultimate_trainer.trainer.consolidation.merge import merge_layerwise;"
+                " merge_layerwise(sys.argv[1], CheckpointInfo(Path(sys.argv[2]), 1, {}), Path(sys.argv[3]), torch.float32)")
+        r = run_measured(py + ["-c", code, str(base), str(ck), str(merged)], out / "layerwise.log", env)
+        r["merged_gb"] = dir_gb(merged)
+        report["layerwise"] = r
+        save()
     print(json.dumps(report, indent=2))
     return 0
+
+
+def write_random_adapter(path: Path, shape: dict[str, int], r: int = 64) -> None:
+    """A PEFT LoRA folder of rank ``r`` on the seven projections of every layer, random A and B (fp32, as trained)."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, i, kv = shape["hidden"], shape["intermediate"], shape["hidden"] // shape["heads"] * shape["kv_heads"]
+    dims = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in range(shape["layers"]):
+        for name, (fan_in, fan_out) in dims.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, r) * 0.01
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}))
 
 
 if __name__ == "__main__":
