@@ -1,27 +1,37 @@
 """Qwen2.5-7B's exact shape, random weights, through the real train.py, the worker and the merge, on the CPU.
 
-    nice -n 19 python bench/qwen7b_cpu.py [--out DIR] [--layers 28] [--hidden 3584 ...] [--stages build,train,worker,merge]
+    python bench/qwen7b_cpu.py [--out DIR] [--layers 28] [--hidden 3584 ...] [--stages build,train,worker,merge]
 
 1. **build**: the base folder, in NF4 from the start. Qwen2.5-7B-Instruct's config values (hidden
    3,584, 28 layers, 28 query / 4 key-value heads, intermediate 18,944, vocabulary 152,064,
    untied, q/k/v biases, rope theta 1e6) with random weights (std 0.02), written one decoder layer
-   a shard: each projection is drawn in bf16 and quantized by bitsandbytes (NF4, double
-   quantization, blocks of 64) before the next is drawn, so no full-precision copy of the model
-   ever exists (a bf16 copy is 15 GB). The folder is what transformers saves for a 4-bit model, so
-   ``base_model`` points at it. The tokenizer is the built-in model's (ChatML, like Qwen's).
+   a shard. ONE decoder layer's seven projections are drawn in bf16 and quantized by bitsandbytes
+   (NF4, double quantization, blocks of 64), one at a time, and those same quantized tensors are
+   written for all 28 layers (each layer keeps its own random biases): a step's speed and memory
+   do not depend on the weights' values, and quantizing every layer took 40 min on two busy cores
+   (24 s this way). The embeddings and the output layer are drawn in their stored dtype (bf16).
+   No full-precision copy of the model ever exists (a bf16 copy is 15 GB). The folder is what
+   transformers saves for a 4-bit model, so ``base_model`` points at it. The tokenizer is the
+   built-in model's (ChatML, like Qwen's).
 2. **train**: ``train.py --max-steps 1`` on 8 chat examples of ~128 tokens, LoRA r64 on all seven
    projections, gradient checkpointing, padding-free rows of 4 examples (~512 tokens): one
    optimizer step and its checkpoint.
 3. **worker**: the daemon's worker process takes the same file: it resumes the interrupted run
    and trains its second step, and checkpoints it.
 4. **merge**: ``python -m ultimate_trainer.trainer.consolidation`` with its gate: the 7B does not
-   fit twice in full precision here, so it merges layer by layer (trainer/consolidate.py).
+   fit twice in full precision here, so it merges layer by layer (trainer/consolidation/merge.py).
+5. **layerwise** (only when named in ``--stages``): the layer-by-layer merge alone
+   (``merge_layerwise``) on a random r64 adapter, for its time and memory without a trained checkpoint.
+
+Compute is ``quantization.compute_dtype: auto``: float32 on the CPU. bf16 matmuls on a CPU without
+AVX512-BF16 run 3x to 100x slower (docs/PERFORMANCE.md); the first attempt asked for bf16 and its
+step never ended.
 
 Rehearsal is off and the probe has two questions of 4 answer tokens: generating hundreds of
 answers with a 7B model on two CPU cores would take hours. Each stage is a child process; its wall
-time and peak RSS (polled every 0.5 s) and what it logged go to ``DIR/qwen7b_cpu.json`` as each
-stage ends, so a run cut short still reports what it reached. ``--layers 2`` (or smaller
-``--hidden``/``--intermediate``) checks the script in minutes.
+time, peak RSS and the 1-minute load average (polled every 0.5 s) and what it logged go to
+``DIR/qwen7b_cpu.json`` as each stage ends, so a run cut short still reports what it reached.
+``--layers 2`` (or smaller ``--hidden``/``--intermediate``) checks the script in minutes.
 """
 
 from __future__ import annotations
