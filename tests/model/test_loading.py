@@ -62,3 +62,44 @@ def test_4bit_layers_stay_trainable_after_an_evaluation(tiny_model_dir):
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_base_stored_in_4bit_computes_in_the_configured_dtype(tiny_model_dir, tmp_path):
+    """transformers keeps the dtypes saved with a pre-quantized base (bf16 here); the config's applies."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    stored = tmp_path / "nf4-base"
+    AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16)).save_pretrained(stored)
+    cfg = tiny_cfg(stored, load_in_4bit="true", **{"quantization.compute_dtype": "float32"})
+    model = load_base_model(cfg, str(stored), quantize=True, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.compute_dtype == torch.float32 for m in layers)
+    assert model.config.quantization_config.bnb_4bit_compute_dtype == torch.float32
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    seen = []
+    hook = layers[0].register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    model(input_ids=torch.randint(0, 1000, (1, 8)))
+    hook.remove()
+    assert seen == [torch.float32]
+
+
+def test_half_precision_compute_on_a_cpu_without_native_bf16_is_warned_once(monkeypatch, caplog):
+    import bitsandbytes.functional as bnbf
+
+    from ultimate_trainer.model import loading
+
+    cfg = config.load(None, ["quantization.compute_dtype=bfloat16"])
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: native)
+        monkeypatch.setattr(loading, "_warned_cpu_dtypes", set())
+        caplog.clear()
+        assert loading.compute_dtype(cfg, "cpu") == torch.bfloat16
+        loading.compute_dtype(cfg, "cpu")
+        assert sum("without native bf16" in r.getMessage() for r in caplog.records) == (1 if warned else 0)
+    caplog.clear()
+    assert loading.compute_dtype(config.load(None, []), "cpu") == torch.float32  # auto: never warned
+    assert not caplog.records

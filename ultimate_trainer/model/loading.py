@@ -145,7 +145,19 @@ def compute_dtype(cfg: Config, device: str) -> Any:
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return getattr(torch, name)
+    dtype = getattr(torch, name)
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and name not in _warned_cpu_dtypes:
+        from bitsandbytes.functional import has_avx512bf16
+
+        if not has_avx512bf16():
+            _warned_cpu_dtypes.add(name)
+            log.warning("quantization.compute_dtype=%s on a CPU without native bf16/fp16 matmuls (no "
+                        "AVX512-BF16): they run 3x to 100x slower than float32 here (a 7B step never ended); "
+                        "\"auto\" computes in float32 on the CPU (docs/PERFORMANCE.md)", name)
+    return dtype
+
+
+_warned_cpu_dtypes: set[str] = set()
 
 
 def load_tokenizer(path: str) -> Any:
@@ -203,9 +215,49 @@ def load_base_model(cfg: Config, path: str, *, quantize: bool, device: str | Non
         raise ModelError(f"cannot load the base model from {path}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on
     attention.use_segmented(model)  # SDPA per example in padding-free rows; plain SDPA otherwise
-    if quantize and device == "cpu":
-        _disable_cpu_inference_packing(model)
+    if quantize:
+        _use_compute_dtype(model, dtype)
+        if device == "cpu":
+            _disable_cpu_inference_packing(model)
     return model
+
+
+def _use_compute_dtype(model: Any, dtype: Any) -> None:
+    """The configured compute dtype for every 4-bit layer, also of a base stored in 4-bit.
+
+    transformers lets the ``quantization_config`` saved with a pre-quantized model win over the one
+    passed to ``from_pretrained`` (5.23: only a few other quantizers take "loading attributes"), so a
+    base saved with ``bnb_4bit_compute_dtype=bfloat16`` computed in bf16 whatever
+    ``quantization.compute_dtype`` said, and its other weights (embeddings, output layer, norms) stay
+    in the dtype they were saved in whatever ``dtype`` asks. On a CPU without native bf16 that is
+    ruinous: a bf16 matmul of the backward's layout ran at 0.03 GFLOPS here against 4 in fp32, and
+    the 7B's first step never ended (docs/PERFORMANCE.md, issue 20). The NF4 weights stay as saved.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            if module.compute_dtype != dtype:
+                module.compute_dtype, module.compute_type_is_set = dtype, True
+                changed += 1
+            if module.bias is not None and module.bias.dtype != dtype:
+                module.bias.data = module.bias.data.to(dtype)
+            continue
+        # The rest (embeddings, output layer, norms) is loaded in the dtype it was saved in, not
+        # ``dtype``, and ``model.to(dtype)`` is refused for a quantized model: one tensor at a time.
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                changed += 1
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None and hasattr(quant, "bnb_4bit_compute_dtype"):
+        quant.bnb_4bit_compute_dtype = dtype
+    elif isinstance(quant, dict) and "bnb_4bit_compute_dtype" in quant:
+        quant["bnb_4bit_compute_dtype"] = str(dtype).removeprefix("torch.")
+    if changed:
+        log.info("base stored in 4-bit with another dtype: %d of its tensors and 4-bit layers now in %s "
+                 "(quantization.compute_dtype)", changed, str(dtype).removeprefix("torch."))
 
 
 def _disable_cpu_inference_packing(model: Any) -> None:
