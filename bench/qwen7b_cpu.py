@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         merged = out / "layerwise-merged"
         shutil.rmtree(merged, ignore_errors=True)
         merged.mkdir()
-        code = ("import sys, torch; from pathlib import Path; from ultimate_trainer.core.checkpoints import CheckpointInfo;"
-                " from ultimate_trainer.trainer.consolidation.merge import merge_layerwise;"
-                " merge_layerwise(sys.argv[1], CheckpointInfo(Path(sys.argv[2]), 1, {}), Path(sys.argv[3]), torch.float32)")
+        code = ("import sys, torch; from pathlib import Path;"
+                " from ultimate_trainer.model.merging import merge_layerwise;"
+                " merge_layerwise(sys.argv[1], sys.argv[2], Path(sys.argv[3]), torch.float32)")
         r = run_measured(py + ["-c", code, str(base), str(ck), str(merged)], out / "layerwise.log", env)
         r["merged_gb"] = dir_gb(merged)
         report["layerwise"] = r
