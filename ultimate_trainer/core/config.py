@@ -501,20 +501,24 @@ def load(path: str | Path | None = "config.json", overrides: list[str] | None = 
 
     ``path=None`` starts from the defaults alone. A missing or unreadable file is a ConfigError.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError([f"{p}: cannot read ({e.strerror or e})"]) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError([f"{p}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"{p}: the top level must be an object"])
+    data = read_object(Path(path))[1] if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))
+
+
+def read_object(path: Path, text: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A config file's text and its JSON object (``text``: already read); ConfigError with file:line when not one."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError([f"{path}: cannot read ({e.strerror or e})"]) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be an object"])
+    return text, data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

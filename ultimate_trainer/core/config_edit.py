@@ -12,14 +12,13 @@ old file or the new one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any
 
-from ultimate_trainer.core.config import ConfigError, from_dict
+from ultimate_trainer.core.config import ConfigError, from_dict, read_object
+from ultimate_trainer.core.status import atomic_write_text
 
 _WS = " \t\r\n"
 
@@ -109,16 +108,7 @@ def set_values(path: str | Path, values: dict[str, Any]) -> str:
     """
     path = Path(path)
     target = path.resolve()  # a symlinked config: write the file it points to
-    try:
-        text = target.read_text(encoding="utf-8") if target.exists() else "{}\n"
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read ({e.strerror or e})"]) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be an object"])
+    text, data = read_object(path, None if target.exists() else "{}\n")
     expected = json.loads(text)
     new = text
     for key, value in values.items():
@@ -138,21 +128,5 @@ def set_values(path: str | Path, values: dict[str, Any]) -> str:
 
 
 def _atomic_replace(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """``text`` into ``path`` atomically, keeping the file's permission bits (0644 for a new one)."""
+    atomic_write_text(path, text, mode=path.stat().st_mode & 0o7777 if path.exists() else 0o644)

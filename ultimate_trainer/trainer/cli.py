@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Callable
 from pathlib import Path
 
 from ultimate_trainer.core import config
@@ -135,24 +136,20 @@ def print_lineage(cfg: config.Config, what: str) -> int:
     return Exit.CONFIG
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+def _numbers(kind: type, what: str) -> Callable[[str], list]:
+    """An argparse ``type``: comma-separated ``kind`` values, at least one."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what} separated by commas") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one number")
+        return values
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+_floats, _ints = _numbers(float, "numbers"), _numbers(int, "whole numbers")
 
 
 def tune_main(cfg: config.Config, args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ import logging
 import math
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
@@ -46,8 +46,14 @@ from ultimate_trainer.core import status as st
 from ultimate_trainer.core.config import GuardConfig
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.reporter import StatusReporter
+from ultimate_trainer.trainer.plan import RunPlan
 from ultimate_trainer.trainer.stability import (NEW_LEVELS_KEPT, USER, Diverged, Observation, SpikeRule, culprits,
                                                 loss_slope, shares_of, stability_score)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ultimate_trainer.data.prepare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ class GuardCallback(TrainerCallback):
     """Checks each step before its update; skips the update of an anomalous one; stops after too many.
 
     ``describe_step(global_step)`` names what the step at ``global_step`` trained on:
-    ``{"files": [...], "examples": [...]}`` (recipe.RunState.step_examples); ``step_sources(global_step)``
+    ``{"files": [...], "examples": [...]}`` (``step_describer``); ``step_sources(global_step)``
     its target tokens by source (``{"user": n, "replay": n, "rehearsal": n}``, ``step_sources``
     below); ``window_path``: where the accepted steps are kept for the next run (rank 0 writes it).
     """
@@ -293,22 +299,21 @@ PREVIEW_CHARS = 200
 BLAME_STEPS = 200  # accepted steps whose files are spared the blame when the guard stops a run
 
 
-def step_sources(run: Any) -> Callable[[int], dict[str, float]]:
-    """For a ``recipe.RunState``: the target tokens of the step ending at a global step, by source.
+def step_sources(plan: RunPlan, prepared: Prepared, files: list[Path]) -> Callable[[int], dict[str, float]]:
+    """The target tokens of the step ending at a global step, by source.
 
-    The token store holds the run's files' examples first, then the replayed lines, then the
+    The token store holds the run's ``files``' examples first, then the replayed lines, then the
     rehearsed answers (data/prepare.py), so a store index names its source.
     """
-    user = sum(run.prepared.reports[str(f)].train_examples for f in run.files)
-    replay = user + int(run.prepared.replay_examples or 0)
-    store = run.prepared.train
+    user = sum(prepared.reports[str(f)].train_examples for f in files)
+    replay = user + int(prepared.replay_examples or 0)
+    store = prepared.train
     count = getattr(store, "target_count", None) or (lambda i: sum(1 for t in store[i]["labels"] if t != -100))
     names = ("user", "replay", "rehearsal")
 
     def sources(global_step: int) -> dict[str, float]:
-        p = run.plan
         out = dict.fromkeys(names, 0.0)
-        for idx in p.examples_of_step(p.done_steps + global_step - 1 - run.start.global_step):
+        for idx in plan.examples_of_step(plan.run_step(global_step) - 1):
             idx = int(idx)
             n = float(count(idx))
             out[names[0] if idx < user else names[1] if idx < replay else names[2]] += n
@@ -317,28 +322,28 @@ def step_sources(run: Any) -> Callable[[int], dict[str, float]]:
     return sources
 
 
-def step_describer(run: Any) -> Callable[[int], dict[str, Any]]:
-    """For a ``recipe.RunState``: what the optimizer step ending at a global step trained on.
+def step_describer(plan: RunPlan, prepared: Prepared, files: list[Path],
+                   tokenizer: PreTrainedTokenizerBase) -> Callable[[int], dict[str, Any]]:
+    """What the optimizer step ending at a global step trained on.
 
-    The token store holds each file's trained examples contiguously, in the order of ``run.files``,
-    so a store index names its file and its place among that file's trained examples.
+    The token store holds each file's trained examples contiguously, in the order of ``files``, so a
+    store index names its file and its place among that file's trained examples.
     """
     import bisect
 
-    names = [f.name for f in run.files]
-    counts = [run.prepared.reports[str(f)].train_examples for f in run.files]
+    names = [f.name for f in files]
+    counts = [prepared.reports[str(f)].train_examples for f in files]
     ends = [sum(counts[:i + 1]) for i in range(len(counts))]
 
     def describe(global_step: int) -> dict[str, Any]:
-        p = run.plan
         examples = []
-        for idx in p.examples_of_step(p.run_step(global_step) - 1):
+        for idx in plan.examples_of_step(plan.run_step(global_step) - 1):
             f = bisect.bisect_right(ends, idx)
             if f >= len(names):
                 continue
             first = ends[f - 1] if f else 0
             try:
-                text = run.tokenizer.decode(run.prepared.train[idx]["input_ids"], skip_special_tokens=True)
+                text = tokenizer.decode(prepared.train[idx]["input_ids"], skip_special_tokens=True)
             except Exception:  # a preview is a courtesy; the file and position are what matter
                 text = ""
             examples.append({"file": names[f], "example": idx - first + 1, "text": text[:PREVIEW_CHARS]})

@@ -556,7 +556,8 @@ def train(run: RunState) -> None:
     # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss), which hands
     # each micro-batch's loss to the guard's observe_loss.
     throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
-    guard = GuardCallback(cfg.guard, reporter, step_describer(run), p.run_id, step_sources(run),
+    guard = GuardCallback(cfg.guard, reporter, step_describer(p, run.prepared, run.files, run.tokenizer), p.run_id,
+                          step_sources(p, run.prepared, run.files),
                           cfg.path("status") / st.GUARD_WINDOW, world)
     evaluation = hf.EvalCallback(cfg, reporter, run.tokenizer, run.prepared.heldout, run.prepared.heldout_encoded,
                                  collator, tracker, p.run_id, run.stop, throughput)

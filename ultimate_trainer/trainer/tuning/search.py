@@ -199,7 +199,7 @@ class Search:
                                         rehearsal_file=rehearsal.path if rehearsal else None)
         if self.prepared.unusable:
             raise TuneError(Exit.DATA, "; ".join(f"{p}: {r}" for p, r in self.prepared.unusable))
-        heldout, usable = len(self.prepared.heldout), sum(r["examples"] for r in self.prepared.reports.values())
+        heldout, usable = len(self.prepared.heldout), sum(r.examples for r in self.prepared.reports.values())
         if heldout < MIN_HELDOUT:
             raise TuneError(Exit.DATA, (
                 f"the held-out rule (data.heldout_fraction={cfg.data.heldout_fraction}, at most "
