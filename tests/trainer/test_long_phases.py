@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from conftest import REPO, chat, spawn_train, wait_for, write_jsonl
 from ultimate_trainer.core import status as st
@@ -43,6 +44,20 @@ def _status(root: Path) -> dict:
     return st.read_json(root / "status" / "training_status.json") or {}
 
 
+def _stop_once_shown(proc: subprocess.Popen, shown: Callable[[], dict]) -> tuple[dict, int, str]:
+    """Wait until the child shows its phase's first unit done (``shown()``), SIGTERM it: what it showed then,
+    its exit code and its log."""
+    try:
+        wait_for(lambda: (shown().get("done") or 0) >= 1, timeout=300, proc=proc)
+        progress = shown()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        return progress, code, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sigterm_while_the_base_answers_the_rehearsal_prompts_ends_the_run_at_once(tiny_model_dir, make_project,
                                                                                    tmp_path):
     """A new base's first run: progress with an ETA on the status file, and SIGTERM ends it, caching nothing."""
@@ -52,18 +67,9 @@ def test_sigterm_while_the_base_answers_the_rehearsal_prompts_ends_the_run_at_on
                        eval__batch_size=1)
     root = cfg.parent
     data = write_jsonl(tmp_path / "data.jsonl", [chat(f"q{i}?", f"a{i}") for i in range(20)])
-    proc = spawn_train(cfg, data)
-    try:
-        wait_for(lambda: ((_status(root).get("progress") or {}).get("done") or 0) >= 1, timeout=300, proc=proc)
-        shown = _status(root)["progress"]
-        assert shown["phase"] == "rehearsal answers" and shown["unit"] == "prompts" and shown["total"] == 380
-        assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    shown, code, err = _stop_once_shown(spawn_train(cfg, data), lambda: _status(root).get("progress") or {})
+    assert shown["phase"] == "rehearsal answers" and shown["unit"] == "prompts" and shown["total"] == 380
+    assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
     assert code == 0, err
     assert "rehearsal answers stopped at" in err and "nothing to save" in err
     assert "rehearsal answers:" in err  # the progress line in the log
@@ -85,17 +91,9 @@ def test_sigterm_during_the_probe_baseline_ends_the_run_at_once(tiny_model_dir, 
         p = _status(root).get("progress") or {}
         return p if p.get("phase") == "probe baseline" else {}
 
-    try:
-        wait_for(lambda: baseline_progress().get("done", 0) >= 1, timeout=300, proc=proc)
-        shown = baseline_progress() or _status(root)["progress"]
-        assert shown["unit"] == "questions" and shown["total"] > 1
-        assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    shown, code, err = _stop_once_shown(proc, baseline_progress)
+    assert shown["unit"] == "questions" and shown["total"] > 1
+    assert isinstance(shown["eta_seconds"], (int, float)) and shown["eta_seconds"] > 0
     assert code == 0, err
     assert "probe baseline stopped at" in err
     assert not (root / "status" / st.PROBE_BASELINE).exists()  # no baseline from half the questions
