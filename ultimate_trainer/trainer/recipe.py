@@ -383,9 +383,9 @@ def start_control(run: RunState) -> None:
     if not cfg.controller.enabled:
         run.control, run.rehearsal_share = None, cfg.training.rehearsal_fraction
         return
-    meta = checkpoint.meta if checkpoint is not None else {}
-    run.control = ControllerState.from_json(meta.get("controller"))
-    continuing = checkpoint is not None and ck.steps_done(meta, run.run_id) > 0
+    marker = checkpoint.marker if checkpoint is not None else None
+    run.control = ControllerState.from_json(marker.controller if marker is not None else None)
+    continuing = marker is not None and ck.steps_done(marker, run.run_id) > 0
     run.rehearsal_share = run_share(run.control, cfg, continuing)
     run.control.run_rehearsal_fraction = run.rehearsal_share
     if run.control.lr_scale != 1.0 or run.rehearsal_share != cfg.training.rehearsal_fraction:

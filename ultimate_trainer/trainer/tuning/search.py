@@ -179,7 +179,7 @@ class Search:
         except OSError as e:
             raise TuneError(Exit.CONFIG, f"{e.filename or ''}: cannot read ({e.strerror or e})") from None
         start = ck.start_point(cfg.path("checkpoints"), cfg.path("models"))
-        trained_on = start.checkpoint.meta.get("base_model_name") if start.checkpoint else None
+        trained_on = start.checkpoint.marker.base_model_name if start.checkpoint else None
         if start.kind == "checkpoint" and trained_on not in (None, cfg.base_model):
             raise TuneError(Exit.CONFIG, f"{cfg.path('checkpoints')} continues {trained_on!r} but base_model is "
                                          f"{cfg.base_model!r}")
