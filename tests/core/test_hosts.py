@@ -63,7 +63,8 @@ def test_reads_from_another_site_are_served_only_as_a_navigation():
 @pytest.mark.parametrize("host, loopback", [
     ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True),
     ("LOCALHOST", True), ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.5", False),
-    ("example.com", False), ("localhost.evil.example", False),
+    ("example.com", False), ("localhost.evil.example", False), ("::ffff:127.0.0.1", True),
+    ("[::ffff:127.0.0.1]", True), ("::ffff:10.0.0.1", False),
 ])
 def test_is_loopback(host, loopback):
     """serve.py asks for an API key unless it binds here: the one rule, in core/hosts.py."""

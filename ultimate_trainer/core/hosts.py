@@ -32,13 +32,16 @@ def strip_port(host: str) -> str:
 
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps a server on this machine: ``localhost`` or a loopback address
-    (127.0.0.0/8, ``::1``, bracketed or not). A wildcard or any other name is not."""
+    (127.0.0.0/8, ``::1``, an IPv4-mapped ``::ffff:127.x.y.z``; bracketed or not). A wildcard or any
+    other name is not."""
     if host.strip().lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip().strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # Python before 3.13 calls ::ffff:127.0.0.1 not loopback
+    return (mapped or ip).is_loopback
 
 
 def allowed_hosts(bind_host: str, extra: list[str] | None = None) -> frozenset[str]:
