@@ -104,6 +104,19 @@ def test_once_processes_everything_and_exits_0(proj: Path) -> None:
     assert {r["name"]: r["examples"] for r in st["recent_done"]} == {"a.jsonl": 3, "a_1.jsonl": 2}
     assert st["throughput"]["runs_in_window"] == 1  # both files in one run: one model load
     assert (proj / "queue" / "done" / "a.jsonl.report.json").exists()
+    # docs/examples/daemon_status.json (linked from docs/STATUS.md) shows every field the daemon writes
+    example = json.loads((REPO / "docs" / "examples" / "daemon_status.json").read_text())
+    assert key_paths(st) == key_paths(example)
+
+
+def key_paths(d: dict, prefix: str = "") -> set[str]:
+    """Every key of a JSON object, nested objects as ``outer.inner`` (lists' items not entered)."""
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and not (prefix + k).startswith("monitors."):
+            out |= key_paths(v, f"{prefix}{k}.")
+    return out
 
 
 def test_bad_file_is_quarantined_while_good_files_train(proj: Path) -> None:
