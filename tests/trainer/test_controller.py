@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import chat, newest_step, run_train, sigkill_when, spawn_train, write_jsonl
+from conftest import (chat, newest_step, run_train, seed_rehearsal, sigkill_when, spawn_train, step_losses,
+                      write_jsonl)
 from ultimate_trainer.core import checkpoints as ck
 from ultimate_trainer.core import config as config_mod
 from ultimate_trainer.trainer.control_rule import ControllerState, decide, rehearsal_share, run_share
@@ -75,6 +76,24 @@ def test_rule_without_probe_rehearsal_off_and_the_continued_share() -> None:
     assert run_share(moved, CFG, continuing=False) == pytest.approx(0.5)  # a new run takes the new share
     assert run_share(moved, CFG, continuing=True) == 0.3  # a continued run keeps the share it was drawn with
     assert ControllerState.from_json({"lr_scale": "x"}).to_json() == ControllerState().to_json()
+
+
+@pytest.mark.parametrize("drawn, extra", [(0.3, 0.1), (0.3, 0.3), (0.2, 0.0), (0.4, -0.1)])
+def test_within_a_run_the_new_share_is_a_weight_on_the_drawn_lines(drawn, extra) -> None:
+    """The run drew its rehearsal lines at ``drawn``; weighted, they hold the controller's share of the loss, and a
+    step's loss keeps its scale (the mean weight over the drawn mix is 1)."""
+    from ultimate_trainer.trainer.control_rule import rehearsal_weights
+
+    cfg = cfg_with(max_rehearsal_fraction=0.6)
+    state = ControllerState(rehearsal_extra=extra)
+    target = rehearsal_share(state, cfg)
+    rehearsal, other = rehearsal_weights(state, cfg, drawn)
+    assert drawn * rehearsal / (drawn * rehearsal + (1 - drawn) * other) == pytest.approx(target, abs=1e-5)
+    assert drawn * rehearsal + (1 - drawn) * other == pytest.approx(1.0, abs=1e-5)
+    assert (rehearsal > other) == (target > drawn) and (rehearsal == other == 1.0) == (target == drawn)
+    off = cfg_with(enabled=False, max_rehearsal_fraction=0.6)
+    assert rehearsal_weights(state, off, drawn) == (1.0, 1.0) and rehearsal_weights(None, cfg, drawn) == (1.0, 1.0)
+    assert rehearsal_weights(state, cfg, 0.0) == (1.0, 1.0)  # no rehearsal lines in the run: nothing to weigh
 
 
 def test_config_bounds_the_share_with_replay() -> None:
@@ -143,6 +162,37 @@ def test_retention_falls_and_the_optimizer_rate_drops_then_the_next_run_starts_f
     assert f"retention-aware controller: learning rate x{final_scale:g}" in r.stderr
     steps2 = [s for s in lines(root / "status/history/steps.jsonl") if s["global_step"] > last.global_step]
     assert steps2[0]["learning_rate"] == pytest.approx(0.05 * final_scale)
+
+
+def test_a_step_down_weighs_the_rehearsal_lines_from_the_next_step_of_the_same_run(
+        make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The raised rehearsal share acts in the run that decided it: from the next step, its rehearsal lines weigh
+    more in the loss. Against a run that differs only in ``controller.rehearsal_step`` 0 (same decisions, same
+    rates, weights of 1), the losses are identical up to the decision and differ from the step after it."""
+    data = write_jsonl(tmp_path / "a.jsonl", DATA)
+    answers = [chat(f"general question {i}?", f"general answer {i}.", system="You are a helpful assistant.")
+               for i in range(30)]
+    roots, errs = {}, {}
+    for name, step in (("weighted", 0.2), ("unweighted", 0.0)):
+        cfg = project(make_project, tiny_model_dir, tmp_path / name, training__rehearsal_fraction=0.3,
+                      controller__rehearsal_step=step, controller__max_rehearsal_fraction=0.6)
+        seed_rehearsal(cfg, answers)
+        r = run_train(cfg, data)
+        assert r.returncode == 0, r.stderr[-3000:]
+        roots[name], errs[name] = cfg.parent, r.stderr
+    first = next(d for d in lines(roots["weighted"] / "status/history/controller.jsonl") if d["kind"] == "step_down")
+    assert first["run_rehearsal_fraction"] == 0.3 and first["rehearsal_fraction"] == pytest.approx(0.5)
+    w = 0.5 * 0.7 / (0.3 * 0.5)  # a rehearsal line weighs w times another: 0.3 drawn, 0.5 of the loss
+    assert first["rehearsal_weight"] == pytest.approx(w / (0.3 * w + 0.7), abs=1e-5)
+    assert f"rehearsal lines weigh x{w:g} in the loss from step {first['global_step'] + 1}" in errs["weighted"]
+    other = next(d for d in lines(roots["unweighted"] / "status/history/controller.jsonl") if d["kind"] == "step_down")
+    assert (other["global_step"], other["lr_scale"], other["rehearsal_weight"]) == (first["global_step"], 0.5, 1.0)
+    weighted, unweighted = step_losses(roots["weighted"]), step_losses(roots["unweighted"])
+    before = [s for s in weighted if s <= first["global_step"]]
+    assert [weighted[s] for s in before] == [unweighted[s] for s in before]
+    assert weighted[first["global_step"] + 1] != pytest.approx(unweighted[first["global_step"] + 1], rel=1e-4)
+    status = json.loads((roots["weighted"] / "status/training_status.json").read_text())["controller"]
+    assert status["rehearsal_fraction"] == 0.3 and status["rehearsal_weight"] > 1.0
 
 
 def test_off_switch_keeps_the_configured_rate(make_project, tiny_model_dir: Path, tmp_path: Path) -> None:

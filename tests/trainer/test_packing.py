@@ -311,6 +311,65 @@ def test_chunked_loss_and_gradients_equal_the_models_own(arch_model_dir: Path):
             assert torch.allclose(p.grad, plain_grads[n], atol=1e-5, rtol=1e-4), n
 
 
+def test_weighted_loss_weighs_each_target_token_on_both_paths(tiny_model_dir: Path):
+    """The retention-aware controller's rehearsal weight (trainer/control_rule.py): each target token's
+    cross-entropy times its example's weight, on the chunked path and on the model's own forward (the path
+    DDP takes), for padded batches and a padding-free row; weights of 1 give the unweighted loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ultimate_trainer.model.loss import chunked_causal_lm_loss, weighted_causal_lm_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = _encode(tok, 5, seed=11)
+    marked = [{**ex, "rehearsal": [int(i >= 3)] * len(ex["input_ids"])} for i, ex in enumerate(examples)]
+    batch = Collator(tok)(marked)
+    mask = batch.pop("rehearsal_mask")
+    assert mask[3:].any(dim=1).all() and not mask[:3].any()  # examples 3 and 4 marked, on their tokens only
+    assert (mask.bool() <= batch["attention_mask"].bool()).all()
+    n_items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        logits = model(**batch).logits
+    ce = torch.stack([_per_token_losses(logits[i], batch["labels"][i]) for i in range(len(examples))])
+    rehearsal_w, other_w = 2.5, 0.6
+    weights = torch.where(mask.bool(), rehearsal_w, other_w)
+    want = float((ce * weights[:, 1:]).sum() / n_items)
+    plain = float(model(**batch, num_items_in_batch=n_items).loss)
+    grads = {}
+    for chunked in (True, False):
+        model.zero_grad()
+        got, unweighted = weighted_causal_lm_loss(model, batch, weights, n_items, chunked, chunk_tokens=5)
+        got.backward()
+        assert float(got.detach()) == pytest.approx(want, rel=1e-5), chunked
+        assert float(unweighted) == pytest.approx(plain, rel=1e-5) and not unweighted.requires_grad  # what the guard sees
+        grads[chunked] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n in grads[True]:
+        assert torch.allclose(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4), n
+    ones = torch.ones_like(weights)
+    assert float(weighted_causal_lm_loss(model, batch, ones, n_items)[0]) == pytest.approx(plain, rel=1e-6)
+    assert float(chunked_causal_lm_loss(model, batch, n_items, token_weights=ones)) == pytest.approx(plain, rel=1e-5)
+    # A padding-free row marks the same tokens: the same weighted loss.
+    flat = PackedCollator(tok.pad_token_id)([PackedRows(_ListStore(examples), [list(range(5))], rehearsal_from=3)[0]])
+    fmask = flat.pop("rehearsal_mask")
+    assert int(fmask.sum()) == int(mask.sum())
+    got = chunked_causal_lm_loss(model, packed_inputs(flat, "sdpa"), n_items,
+                                 token_weights=torch.where(fmask.bool(), rehearsal_w, other_w))
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_rehearsal_marks_follow_the_store_index():
+    from ultimate_trainer.data.collate import Ordered
+
+    store = _ListStore([{"input_ids": [i] * (i + 1), "labels": [i] * (i + 1)} for i in range(6)])
+    items = Ordered(store, [5, 0, 4, 1], rehearsal_from=4)
+    assert len(items) == 4 and [items[k]["rehearsal"] for k in range(4)] == [[1] * 6, [0], [1] * 5, [0] * 2]
+    row = PackedRows(store, [[3, 4]], rehearsal_from=4)[0]
+    assert row["rehearsal"] == [0] * 4 + [1] * 5 and len(row["rehearsal"]) == len(row["input_ids"])
+    assert "rehearsal" not in PackedRows(store, [[3, 4]])[0]  # no controller share to apply: no marks
+    assert "rehearsal_mask" not in Collator(pad_token_id=0)([store[1], store[2]])
+
+
 # ----------------------------------------------------------------------------------- through train.py
 
 def _adapter(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -180,9 +180,9 @@ class ControllerConfig:
                           "this (never above 1: the configured rate).", min=0.05, max=0.95)
     min_lr_scale: float = _f(0.125, "Lowest scale of the configured learning rate the controller steps down to.",
                              min=0.001, max=1.0)
-    rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share (applied from the next run: a "
-                               "run's rehearsal lines are drawn at its start); a step back takes it off again. "
-                               "0: the controller leaves the share alone.", min=0.0, max=0.5)
+    rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share (in the current run as a weight "
+                               "on its rehearsal lines' loss, drawn at that share from the next run); a step back "
+                               "takes it off again. 0: the controller leaves the share alone.", min=0.0, max=0.5)
     max_rehearsal_fraction: float = _f(0.6, "Highest rehearsal share the controller raises it to (the configured "
                                        "training.rehearsal_fraction when that is higher). A run with rehearsal off "
                                        "(0) is never given any.", min=0.0, max=0.9)

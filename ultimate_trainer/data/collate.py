@@ -4,6 +4,11 @@
 - ``PackedRows`` + ``PackedCollator``: packed rows (data/packing.py plans them), with position ids
   restarting per example and segment ids from which ``packed_inputs`` builds the block-diagonal
   attention mask the model's attention kind needs.
+
+Given ``rehearsal_from`` (the store index of the first rehearsal line: data/prepare.py stores them
+last), ``PackedRows`` and ``Ordered`` mark each token of a rehearsal line, and the collators turn the
+marks into ``rehearsal_mask`` (1 on a rehearsal line's tokens), which the trainer's loss weighs
+(trainer/control_rule.py ``rehearsal_weights``) and removes before the model sees the batch.
 """
 
 from __future__ import annotations
@@ -32,19 +37,40 @@ class Collator:
         ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
+        marked = "rehearsal" in features[0]
+        rehearsal = torch.zeros((n, width), dtype=torch.long) if marked else None
         for i, f in enumerate(features):
             k = len(f["input_ids"])
             ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+            if rehearsal is not None:
+                rehearsal[i, :k] = torch.as_tensor(f["rehearsal"], dtype=torch.long)
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        return {**batch, "rehearsal_mask": rehearsal} if rehearsal is not None else batch
+
+
+class Ordered:
+    """``store``'s examples in ``order``, each token of a rehearsal line marked (``rehearsal_from``)."""
+
+    def __init__(self, store: Any, order: Sequence[int], rehearsal_from: int):
+        self.store, self.order, self.rehearsal_from = store, order, rehearsal_from
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        idx = int(self.order[i])
+        ex = self.store[idx]
+        return {"input_ids": ex["input_ids"], "labels": ex["labels"],
+                "rehearsal": [int(idx >= self.rehearsal_from)] * len(ex["input_ids"])}
 
 
 class PackedRows:
     """``rows[r]`` of a TokenStore as one item: the examples' tokens back to back, with their lengths."""
 
-    def __init__(self, store: Any, rows: Sequence[Sequence[int]]):
-        self.store, self.rows = store, rows
+    def __init__(self, store: Any, rows: Sequence[Sequence[int]], rehearsal_from: int | None = None):
+        self.store, self.rows, self.rehearsal_from = store, rows, rehearsal_from
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,13 +79,17 @@ class PackedRows:
         ids: list[int] = []
         labels: list[int] = []
         seq_lens: list[int] = []
+        marks: list[int] = []
         for i in self.rows[r]:
             ex = self.store[int(i)]
             ids.extend(ex["input_ids"])
             labels.append(IGNORE_INDEX)  # nothing before it predicts an example's first token
             labels.extend(ex["labels"][1:])
             seq_lens.append(len(ex["input_ids"]))
-        return {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
+            if self.rehearsal_from is not None:
+                marks.extend([int(int(i) >= self.rehearsal_from)] * len(ex["input_ids"]))
+        item = {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
+        return {**item, "rehearsal": marks} if self.rehearsal_from is not None else item
 
 
 class PackedCollator(Collator):

@@ -44,13 +44,52 @@ def supports_chunked_loss(model: Any) -> bool:
             and lm.get_output_embeddings() is not None)
 
 
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's summed cross-entropy (times ``weights``), and its plain sum, detached."""
+    if weights is None:
+        total = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        return total, total.detach()
+    ce = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return (ce * weights).sum(), ce.detach().sum()
+
+
+def _normalized(total: torch.Tensor, targets: int, num_items_in_batch: Any) -> torch.Tensor:
+    if num_items_in_batch is not None:
+        return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+    return total / max(targets, 1)
+
+
+def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: torch.Tensor,
+                            num_items_in_batch: Any = None, chunked: bool = False,
+                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, plain)``: the loss with each target token's cross-entropy times ``token_weights`` (the
+    weight at the target's own position, shaped like ``labels``), and the same loss unweighted, detached.
+
+    ``chunked``: through ``chunked_causal_lm_loss``; else through the model's own forward (which DDP and
+    the other wrappers need: the chunked loss calls the model's parts), its logits then cross-entropy.
+    Both are normalised like the model's loss; weights of 1 give the model's loss."""
+    if chunked:
+        plain: list[torch.Tensor] = []
+        loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, chunk_tokens, token_weights, plain)
+        return loss, plain[0]
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    targets, weights = labels[:, 1:], token_weights[:, 1:].to(torch.float32)
+    keep = targets != IGNORE_INDEX
+    ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    n = int(keep.sum())
+    return (_normalized((ce * weights[keep]).sum(), n, num_items_in_batch),
+            _normalized(ce.detach().sum(), n, num_items_in_batch))
 
 
 def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
-                           chunk_tokens: int | None = None) -> torch.Tensor:
-    """The loss of ``model`` on ``inputs`` (``input_ids``, ``labels``, masks, ``position_ids``)."""
+                           chunk_tokens: int | None = None, token_weights: torch.Tensor | None = None,
+                           plain: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The loss of ``model`` on ``inputs`` (``input_ids``, ``labels``, masks, ``position_ids``);
+    ``token_weights`` (shaped like ``labels``): each target's cross-entropy times the weight at its
+    position, and the unweighted loss (detached) appended to ``plain`` when given."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
     inputs = dict(inputs)
@@ -60,17 +99,22 @@ def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batc
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]  # [tokens with a target, hidden], [tokens]
+    weights = token_weights[:, 1:][keep].to(torch.float32) if token_weights is not None else None
     if chunk_tokens is None:
         chunk_tokens = max(64, CHUNK_ELEMENTS // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
+    unweighted = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        w = weights[start:start + chunk_tokens] if weights is not None else None
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+            part = checkpoint(_chunk_loss, head, h, t, w, use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, h, t)
+            part = _chunk_loss(head, h, t, w)
+        total = total + part[0]
+        unweighted = unweighted + part[1]
+    if plain is not None:
+        plain.append(_normalized(unweighted, targets.shape[0], num_items_in_batch))
     if targets.shape[0] == 0:
         return total + hidden.sum() * 0.0  # no target: a zero loss that still belongs to the graph
-    if num_items_in_batch is not None:
-        return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
-    return total / targets.shape[0]
+    return _normalized(total, targets.shape[0], num_items_in_batch)

@@ -13,10 +13,12 @@ After each probe (``trainer/controller.py`` calls ``decide``):
 - **hold** otherwise (and when a step would move nothing: both at their bounds), said why.
 
 The state is everything a decision depends on besides the probe and the evaluation, so that a run
-resumed from a checkpoint (whose marker carries the state) takes the same decisions. The learning
-rate is scaled for the rest of the run and the runs after; the rehearsal share is fixed at a run's
-start (its lines are drawn then, and a resumed run must draw the same ones), so a changed share
-applies from the next run. With rehearsal off (``training.rehearsal_fraction`` 0) the share stays 0.
+resumed from a checkpoint (whose marker carries the state) takes the same decisions. Both act for the
+rest of the run and the runs after. The learning rate is scaled. A run's rehearsal lines are drawn
+at its start (a resumed run must draw the same ones), so within the run a changed share is a weight
+instead (``rehearsal_weights``): each rehearsal token's loss is weighted so that the rehearsal lines
+hold the new share of the loss, and the next run draws the new share. With rehearsal off
+(``training.rehearsal_fraction`` 0) the share stays 0.
 """
 
 from __future__ import annotations
@@ -96,6 +98,25 @@ def run_share(state: ControllerState, cfg: Config, continuing: bool) -> float:
     return rehearsal_share(state, cfg)
 
 
+def rehearsal_weights(state: ControllerState | None, cfg: Config, run_share: float) -> tuple[float, float]:
+    """``(rehearsal, other)``: the weight of a rehearsal token's loss and of any other token's in this run.
+
+    The run drew its rehearsal lines at ``run_share`` (s); the controller's share now is t. A rehearsal
+    token weighs ``w = t(1 - s) / (s(1 - t))`` times another, so the rehearsal lines hold the share t
+    of the loss (``s w / (s w + 1 - s) = t``); both weights are divided by ``s w + 1 - s`` so that a
+    step's loss keeps its scale (the learning rate is the controller's other lever). ``(1, 1)`` when
+    they agree, with the controller off, or without rehearsal.
+    """
+    if state is None or not cfg.controller.enabled or not 0.0 < run_share < 1.0:
+        return 1.0, 1.0
+    target = rehearsal_share(state, cfg)
+    if abs(target - run_share) < EPS or not 0.0 < target < 1.0:
+        return 1.0, 1.0
+    w = target * (1.0 - run_share) / (run_share * (1.0 - target))
+    norm = run_share * w + 1.0 - run_share
+    return round(w / norm, 6), round(1.0 / norm, 6)
+
+
 @dataclass
 class Decision:
     kind: str
@@ -131,8 +152,7 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
         if new_scale < scale - EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
         if new_extra > new.rehearsal_extra + EPS:
-            moved.append(f"rehearsal share {share:g} -> "
-                         f"{round(cfg.training.rehearsal_fraction + new_extra, 6):g} from the next run")
+            moved.append(f"rehearsal share {share:g} -> {round(cfg.training.rehearsal_fraction + new_extra, 6):g}")
         why = f"retention {retention:g} < eval.retention_warn {warn:g}"
         if not moved:
             return _done(new, HOLD, f"{why}, but the learning rate is at its floor (x{scale:g}) and the rehearsal "
@@ -151,8 +171,7 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
         if new_scale > scale + EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
         if new_extra < new.rehearsal_extra - EPS:
-            moved.append(f"rehearsal share {share:g} -> "
-                         f"{round(cfg.training.rehearsal_fraction + new_extra, 6):g} from the next run")
+            moved.append(f"rehearsal share {share:g} -> {round(cfg.training.rehearsal_fraction + new_extra, 6):g}")
         new.lr_scale, new.rehearsal_extra = round(new_scale, 6), round(new_extra, 6)
         new.evaluations_since_best = 0
         return _done(new, STEP_BACK, f"{acc}, not above its best ({new.best_accuracy if new.best_accuracy is not None else 'none'}"

@@ -7,7 +7,9 @@ evaluation's held-out accuracy, logs the decision and why, appends it to
 is applied through the Trainer's own scheduler, a ``LambdaLR``: its ``base_lrs`` (and the optimizer
 groups' ``initial_lr``) become ``training.learning_rate × scale`` and each group's ``lr`` the new
 base times the schedule's factor at its current step, so warm-up and decay keep their shape and
-the scheduler saved with the next checkpoint carries the scaled rate. The state goes into every
+the scheduler saved with the next checkpoint carries the scaled rate. A changed rehearsal share
+acts at once as the weights of ``token_weights`` (``control_rule.rehearsal_weights``), which the
+trainer's loss reads at every micro-batch; the next run draws it. The state goes into every
 checkpoint marker (``hf.SealCallback`` writes it at each save), so a resumed run and the next run start from it.
 
 Several ranks: only rank 0 evaluates and decides; at every step where an evaluation is due (the
@@ -28,7 +30,8 @@ from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.hf import evaluation_due
-from ultimate_trainer.trainer.control_rule import ControllerState, Decision, decide, lr_scale, rehearsal_share
+from ultimate_trainer.trainer.control_rule import (ControllerState, Decision, decide, lr_scale, rehearsal_share,
+                                                   rehearsal_weights)
 from ultimate_trainer.trainer.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ def status_record(state: ControllerState, cfg: Config, run_share: float) -> dict
             "learning_rate": cfg.training.learning_rate * scale,
             "configured_learning_rate": cfg.training.learning_rate,
             "rehearsal_fraction": run_share, "next_rehearsal_fraction": rehearsal_share(state, cfg),
+            "rehearsal_weight": rehearsal_weights(state, cfg, run_share)[0],
             "configured_rehearsal_fraction": cfg.training.rehearsal_fraction,
             "decisions": dict(state.decisions), "last": state.last}
 
@@ -68,6 +72,10 @@ class ControllerCallback(TrainerCallback):
         self.history = reporter.dir / st.CONTROLLER_HISTORY
         self.seen_probes = probe.probes if probe is not None else 0
         self.state.run_rehearsal_fraction = run_share
+
+    def token_weights(self) -> tuple[float, float]:
+        """``(rehearsal, other)`` loss weights of a token now (``control_rule.rehearsal_weights``)."""
+        return rehearsal_weights(self.state, self.cfg, self.run_share)
 
     def learning_rate(self) -> float:
         return self.cfg.training.learning_rate * lr_scale(self.state, self.cfg)
@@ -83,12 +91,16 @@ class ControllerCallback(TrainerCallback):
                    sync=evaluation_due(state.global_step, state.max_steps, self.cfg.eval_steps))
 
     def _step(self, state: TrainerState, optimizer: Any, lr_scheduler: Any, sync: bool) -> None:
-        before = lr_scale(self.state, self.cfg)
+        before, weights_before = lr_scale(self.state, self.cfg), self.token_weights()
         if self.probe is not None and self.probe.probes != self.seen_probes:
             self.seen_probes = self.probe.probes
             self._decide(state.global_step)
         if self.world.size > 1 and sync:  # every rank at the same steps: rank 0's state is everyone's
             self.state.assign(ControllerState.from_json(distributed.gather(self.state.to_json())[0]))
+        if self.token_weights() != weights_before and self.world.is_main:
+            log.info("rehearsal lines weigh x%g in the loss from step %d (share %g drawn, %g now)",
+                     self.token_weights()[0] / self.token_weights()[1], state.global_step + 1, self.run_share,
+                     rehearsal_share(self.state, self.cfg))
         if lr_scale(self.state, self.cfg) != before:
             apply_learning_rate(optimizer, lr_scheduler, self.learning_rate())
             if not self.world.is_main:
@@ -117,7 +129,8 @@ class ControllerCallback(TrainerCallback):
                 "learning_rate": self.learning_rate(),
                 "rehearsal_fraction_before": rehearsal_share(before, self.cfg),
                 "rehearsal_fraction": rehearsal_share(self.state, self.cfg),
-                "run_rehearsal_fraction": self.run_share})
+                "run_rehearsal_fraction": self.run_share,
+                "rehearsal_weight": self.token_weights()[0]})
             self.reporter.update(controller=status_record(self.state, self.cfg, self.run_share))
             self.reporter.write()
         return decision

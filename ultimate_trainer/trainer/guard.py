@@ -3,7 +3,8 @@
 At every optimizer step, after the backward passes and gradient clipping but before
 ``optimizer.step()`` (the Trainer's ``on_pre_optimizer_step`` event), the guard looks at the step's
 training loss (its micro-batches' losses summed, as the Trainer's ``compute_loss`` hands them to
-``observe_loss``; the chunked loss never goes through the model's own output) and the gradient norm:
+``observe_loss``; the chunked loss never goes through the model's own output; with the retention-aware
+controller's rehearsal weights, the plain loss, every target token counted once) and the gradient norm:
 
 - a non-finite loss or gradient is an anomaly;
 - so is a loss spike or growth (``stability.SpikeRule``): a loss far above what the step's mix of

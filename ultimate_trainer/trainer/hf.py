@@ -9,7 +9,8 @@ Which callbacks a run has, in which order and what each contributes, reads in on
 - ``SealCallback`` seals every checkpoint right after the Trainer wrote it (``on_save``): fsync,
   then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
 - ``ContinuousTrainer`` differs from ``Trainer`` only in its loss, which reads in one method:
-  packed rows made model-ready and the chunked loss (model/loss.py), which a callback cannot provide.
+  packed rows made model-ready, the chunked loss (model/loss.py) and the rehearsal lines' weight
+  (the retention-aware controller's share within a run), which a callback cannot provide.
 
 With several processes (``distributed.py``) every rank runs these callbacks; rank 0 alone writes
 status, history and markers and evaluates, and the stop decision is taken together.
@@ -35,7 +36,7 @@ from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.data.collate import packed_inputs
 from ultimate_trainer.model import attention
-from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss
+from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss, weighted_causal_lm_loss
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.control_rule import ControllerState
 from ultimate_trainer.trainer.plan import RunPlan
@@ -57,10 +58,11 @@ class ContinuousTrainer(Trainer):
     """A Trainer whose loss understands packed rows and never materialises the full logits."""
 
     def __init__(self, *args: Any, cfg: Config, loss_observers: list[Callable[[torch.Tensor], None]] | None = None,
-                 **kwargs: Any):
+                 token_weights: Callable[[], tuple[float, float]] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.loss_observers = list(loss_observers or [])  # told each training micro-batch's loss (the guard)
+        self.token_weights = token_weights  # (rehearsal, other) now: the retention-aware controller's
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -75,16 +77,33 @@ class ContinuousTrainer(Trainer):
         inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
         attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
         inputs = packed_inputs(inputs, attn, getattr(inner, "dtype", torch.float32), attention.takes_boundaries(attn))
-        if self.cfg.training.chunked_loss and self.accelerator.num_processes == 1 and model.training \
-                and not return_outputs and supports_chunked_loss(model):
+        inputs = dict(inputs)
+        marks = inputs.pop("rehearsal_mask", None)  # the model never sees it
+        weights = self._weights(marks) if model.training else None
+        chunked = self.cfg.training.chunked_loss and self.accelerator.num_processes == 1 and model.training \
+            and not return_outputs and supports_chunked_loss(model)
+        plain = None  # the loss with every target token counted once, when the one trained on is weighted
+        if weights is not None and not return_outputs:
+            result, plain = weighted_causal_lm_loss(model, inputs, weights, num_items_in_batch, chunked)
+        elif chunked:
             result = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            loss = result[0] if return_outputs else result
-            for observe in self.loss_observers:
+            loss = plain if plain is not None else result[0] if return_outputs else result
+            for observe in self.loss_observers:  # the guard judges the plain loss
                 observe(loss.detach())
         return result
+
+
+    def _weights(self, rehearsal_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Each token's loss weight (the controller's rehearsal share within the run), None when all are 1."""
+        if rehearsal_mask is None or self.token_weights is None:
+            return None
+        rehearsal, other = self.token_weights()
+        if rehearsal == 1.0 and other == 1.0:
+            return None
+        return torch.where(rehearsal_mask.bool(), rehearsal, other).to(torch.float32)
 
 
 class ConfiguredLearningRate(TrainerCallback):

@@ -543,8 +543,9 @@ def train(run: RunState) -> None:
     #                                                        whose evaluations it counts
     #   ControllerCallback       train_begin, step_end       the retention-aware controller (if on): after each
     #     (if on)                                            probe, the learning rate's scale (applied to the
-    #                                                        scheduler now) and the next run's rehearsal share;
-    #                                                        before SealCallback, whose marker carries its state
+    #                                                        scheduler now) and the rehearsal share (this run:
+    #                                                        the loss's weights; the next run: drawn); before
+    #                                                        SealCallback, whose marker carries its state
     #   RunCallback              train_begin, step_end, log  training_status.json and steps.jsonl; the stop
     #                                                        request (all ranks agree) and the run's last save
     #   SealCallback             step_end, save              the "saving" state; the marker sealing each
@@ -553,8 +554,8 @@ def train(run: RunState) -> None:
     #   GuardCallback            step_begin, pre_optimizer,  the divergence guard: skips an anomalous update
     #                            step_end                    before it is applied; last, as it may stop the run
     #
-    # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss), which hands
-    # each micro-batch's loss to the guard's observe_loss.
+    # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss, the rehearsal
+    # lines' weight the controller sets), which hands each micro-batch's plain loss to the guard's observe_loss.
     throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
     guard = GuardCallback(cfg.guard, reporter, step_describer(p, run.prepared, run.files, run.tokenizer), p.run_id,
                           step_sources(p, run.prepared, run.files),
@@ -586,10 +587,13 @@ def train(run: RunState) -> None:
     if (start.kind != "checkpoint" and start.global_step > 0) or problem:
         resume_dir = str(hf.write_bootstrap(run.model, world.rank_path(cfg.path("work") / "bootstrap"),
                                             start.global_step, args))
-    train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer)
+    rehearsal_from = len(run.prepared.train) - run.prepared.rehearsal_examples \
+        if controller is not None and run.prepared.rehearsal_examples else None  # stored last
+    train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer, rehearsal_from)
     trainer = hf.ContinuousTrainer(model=run.model, args=args, train_dataset=train_dataset,
                                    data_collator=train_collator, processing_class=run.tokenizer,
-                                   callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss])
+                                   callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss],
+                                   token_weights=controller.token_weights if controller is not None else None)
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step in one readable line
     if run.session:
         run.session.training()  # the held adapter is no longer a fresh one

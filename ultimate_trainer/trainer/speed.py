@@ -20,18 +20,22 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerContro
 
 from ultimate_trainer.core import threads
 from ultimate_trainer.data.collate import PackedCollator, PackedRows
-from ultimate_trainer.data.collate import Collator
+from ultimate_trainer.data.collate import Collator, Ordered
 from ultimate_trainer.data.tokenstore import TokenStore
 from ultimate_trainer.trainer.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-def training_data(store: TokenStore, plan: RunPlan, tokenizer: PreTrainedTokenizerBase) -> tuple[Any, Any]:
-    """``(dataset, collator)`` for what is left of ``plan``."""
+def training_data(store: TokenStore, plan: RunPlan, tokenizer: PreTrainedTokenizerBase,
+                  rehearsal_from: int | None = None) -> tuple[Any, Any]:
+    """``(dataset, collator)`` for what is left of ``plan``; with ``rehearsal_from`` (the store index of
+    the first rehearsal line) the batches mark the rehearsal lines' tokens (``rehearsal_mask``)."""
     pad = Collator(tokenizer).pad_token_id
     if plan.rows is not None:
-        return PackedRows(store, plan.remaining_rows), PackedCollator(pad)
+        return PackedRows(store, plan.remaining_rows, rehearsal_from), PackedCollator(pad)
+    if rehearsal_from is not None:
+        return Ordered(store, plan.remaining_order, rehearsal_from), Collator(pad_token_id=pad)
     return store.select(plan.remaining_order), Collator(pad_token_id=pad)
 
 
