@@ -71,7 +71,7 @@ def test_page_shows_the_figures_and_runs_no_injected_script(browser, server):
         # The retention-aware controller: its scale and rate, this run's share and the next's, the last decision
         # and why (as text: the fixture's reason carries markup, which must create nothing).
         assert page.text_content("#ctl-lr") == "x0.5 · 0.0001" and "bad" in page.get_attribute("#ctl-lr", "class")
-        assert page.text_content("#ctl-rehearsal") == "30.0% → next run 40.0%"
+        assert page.text_content("#ctl-rehearsal") == "30.0% → 40.0% now (weighted x1.33), drawn from the next run"
         assert page.text_content("#ctl-last") == ("step 1100: step down (retention 0.9 < eval.retention_warn 0.95: "
                                                   "learning rate x1 -> x0.5 <img src=x onerror=alert(1)>) · hold 3, "
                                                   "step down 1")

@@ -73,6 +73,7 @@ def test_the_controller_is_exported(status_dir):
     assert v[("ut_controller_enabled", ())] == 1.0 and v[("ut_controller_lr_scale", ())] == 0.5
     assert v[("ut_controller_rehearsal_fraction", ())] == 0.3
     assert v[("ut_controller_next_rehearsal_fraction", ())] == 0.4
+    assert v[("ut_controller_rehearsal_weight", ())] == 1.333333
     assert v[("ut_controller_decisions_total", (("kind", "step_down"),))] == 1
     assert v[("ut_controller_decisions_total", (("kind", "hold"),))] == 3
     assert v[("ut_controller_decisions_total", (("kind", "step_back"),))] == 0

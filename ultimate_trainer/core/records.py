@@ -252,8 +252,9 @@ class CheckpointMarker(Record):
                                            "the retention-aware controller's state at this save, absent when it "
                                            "is off (trainer/control_rule.py `ControllerState`): `lr_scale` (x "
                                            "`training.learning_rate`), `rehearsal_extra` (added to "
-                                           "`training.rehearsal_fraction` for the runs that start from it), "
-                                           "`run_rehearsal_fraction` (the share this run started with: a continued "
+                                           "`training.rehearsal_fraction`: drawn by the runs that start from it, "
+                                           "a weight on the rehearsal lines' loss in the run that decided it), "
+                                           "`run_rehearsal_fraction` (the share this run drew at its start: a continued "
                                            "run keeps it), `best_accuracy`, `evaluations_since_best`, `decisions` "
                                            "(kind -> count, all runs), `last` (`global_step`, `kind`, `reason`, "
                                            "`time`). A resumed run and the next run start from it")
@@ -310,7 +311,7 @@ class TrainingStatus(Record):
     rehearsal: dict | None = _f(None, 'object or null',
         "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`")
     controller: dict | None = _f(None, 'object or null',
-        'the retention-aware controller (docs/TRAINING.md), null before training starts: `enabled`, `lr_scale` (x the configured rate, 1 when off), `learning_rate` (configured x scale: the base of the schedule now), `configured_learning_rate`, `rehearsal_fraction` (the share this run trains with), `next_rehearsal_fraction` (the share the next run will take), `configured_rehearsal_fraction`, `decisions` (kind -> count, all runs: `step_down`, `step_back`, `hold`), `last` (the last decision: `global_step`, `kind`, `reason`, `time`; null before the first)')
+        'the retention-aware controller (docs/TRAINING.md), null before training starts: `enabled`, `lr_scale` (x the configured rate, 1 when off), `learning_rate` (configured x scale: the base of the schedule now), `configured_learning_rate`, `rehearsal_fraction` (the share of rehearsal lines this run drew at its start), `next_rehearsal_fraction` (the controller\'s share now: this run\'s rehearsal lines are weighted to it, the next run draws it), `rehearsal_weight` (a rehearsal token\'s loss weight in this run, other tokens\' weighted so a step\'s mean weight is 1; 1 when the two shares agree), `configured_rehearsal_fraction`, `decisions` (kind -> count, all runs: `step_down`, `step_back`, `hold`), `last` (the last decision: `global_step`, `kind`, `reason`, `time`; null before the first)')
     stability: dict = _f(_obj({"loss_slope": None, "score": None, "anomalies": 0, "anomalies_this_run": 0, "last_anomaly": None}), 'object',
         'the divergence guard\'s view (docs/TRAINING.md, "Divergence guard"): `loss_slope` (least-squares slope of the step loss per step over the last `guard.slope_steps` steps, null before 2), `score` (stability score 0-100, null before the first step), `anomalies` (anomalous steps so far, all runs: the lines of `history/anomalies.jsonl`), `anomalies_this_run`, `shares` (the last step\'s target tokens by source), `last_anomaly` (`global_step`, `kind`, `files`, `loss`, `grad_norm`, or null)')
     diverged: dict | None = _f(None, 'object or null',
@@ -382,10 +383,12 @@ class ControllerDecision(Record):
     lr_scale: float = _f(1.0, "float", "after: applies from the next optimizer step, for the rest of the run and the "
                          "next runs")
     learning_rate: float = _f(0.0, "float", "`training.learning_rate` x `lr_scale` (before the schedule's factor)")
-    rehearsal_fraction_before: float = _f(0.0, "float", "the rehearsal share for the next run, before")
-    rehearsal_fraction: float = _f(0.0, "float", "after: the share the next run takes (a run's rehearsal is drawn at "
-                                   "its start)")
-    run_rehearsal_fraction: float = _f(0.0, "float", "the share this run trains with")
+    rehearsal_fraction_before: float = _f(0.0, "float", "the controller's rehearsal share, before")
+    rehearsal_fraction: float = _f(0.0, "float", "after: from the next optimizer step this run's rehearsal lines are "
+                                   "weighted to hold this share of the loss; the next run draws it")
+    run_rehearsal_fraction: float = _f(0.0, "float", "the share of rehearsal lines this run drew at its start")
+    rehearsal_weight: float = _f(1.0, "float", "after: a rehearsal token's loss weight in this run (the other tokens' "
+                                 "is such that a step's mean weight is 1; 1 when the two shares agree)")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
 

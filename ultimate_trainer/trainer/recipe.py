@@ -573,6 +573,7 @@ def train(run: RunState) -> None:
                                     "configured_learning_rate": cfg.training.learning_rate,
                                     "rehearsal_fraction": run.rehearsal_share,
                                     "next_rehearsal_fraction": cfg.training.rehearsal_fraction,
+                                    "rehearsal_weight": 1.0,
                                     "configured_rehearsal_fraction": cfg.training.rehearsal_fraction,
                                     "decisions": {}, "last": None})
     callbacks = [hf.ConfiguredLearningRate(cfg.training.learning_rate, scale), evaluation,

@@ -101,10 +101,13 @@ class TrainingCollector:
                              float(bool(ctl.get("enabled"))))
             yield from gauge("ut_controller_lr_scale", "The retention-aware controller's scale on training.learning_rate "
                              "(1 = the configured rate).", ctl.get("lr_scale"))
-            yield from gauge("ut_controller_rehearsal_fraction", "Rehearsal share the current run trains with.",
+            yield from gauge("ut_controller_rehearsal_fraction", "Rehearsal share the current run drew at its start.",
                              ctl.get("rehearsal_fraction"))
-            yield from gauge("ut_controller_next_rehearsal_fraction", "Rehearsal share the next run will take (the "
-                             "controller's decision).", ctl.get("next_rehearsal_fraction"))
+            yield from gauge("ut_controller_next_rehearsal_fraction", "The controller's rehearsal share now: the "
+                             "current run's rehearsal lines are weighted to it, the next run draws it.",
+                             ctl.get("next_rehearsal_fraction"))
+            yield from gauge("ut_controller_rehearsal_weight", "A rehearsal token's loss weight in the current run "
+                             "(1 = unweighted).", ctl.get("rehearsal_weight"))
             decisions = ctl.get("decisions") if isinstance(ctl.get("decisions"), dict) else {}
             fam = CounterMetricFamily("ut_controller_decisions", "The retention-aware controller's decisions, all "
                                       "runs, by kind (step_down, step_back, hold).", labels=["kind"])

@@ -185,8 +185,9 @@ function renderController(c) {
   }
   const rate = isNum(c.learning_rate) ? ` · ${+c.learning_rate.toPrecision(3)}` : "";
   setText("ctl-lr", isNum(c.lr_scale) ? `x${+c.lr_scale.toFixed(4)}${rate}` : "–", c.lr_scale < 1 ? "bad" : "");
+  const weighted = isNum(c.rehearsal_weight) && c.rehearsal_weight !== 1 ? ` (weighted x${+c.rehearsal_weight.toFixed(2)})` : "";
   const next = isNum(c.next_rehearsal_fraction) && c.next_rehearsal_fraction !== c.rehearsal_fraction
-    ? ` → next run ${pct(100 * c.next_rehearsal_fraction)}` : "";
+    ? ` → ${pct(100 * c.next_rehearsal_fraction)} now${weighted}, drawn from the next run` : "";
   setText("ctl-rehearsal", isNum(c.rehearsal_fraction) ? pct(100 * c.rehearsal_fraction) + next : "–");
   const d = c.last;
   const counts = Object.entries(c.decisions || {}).map(([k, n]) => `${k.replace("_", " ")} ${n}`).join(", ");
