@@ -101,14 +101,20 @@ def cached_guard_model(cache_dir: Path, tokenizer_dir: Path) -> Path:
     import shutil
     import tempfile
 
+    import fcntl
+
     out = cache_dir / GUARD_MODEL_VERSION
     if (out / "config.json").exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{GUARD_MODEL_VERSION}.", dir=cache_dir))
-    pretrain_tiny(tmp, tokenizer_dir)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(cache_dir / f".{GUARD_MODEL_VERSION}.lock", "w") as lock:  # parallel test workers train it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=f".{GUARD_MODEL_VERSION}.", dir=cache_dir))
+        pretrain_tiny(tmp, tokenizer_dir)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

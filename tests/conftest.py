@@ -23,6 +23,11 @@ ARTIFACTS = REPO / "artifacts"  # screenshots of the browser tests
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright drives it (it cannot download its own here)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Parallel workers (pytest-xdist, pytest.ini's ``-n``) each keep to one OpenMP thread, and so do the trainers
+# they start: two 2-thread processes on 2 cores spin at each other's barriers (core/threads.py), one thread
+# each shares the cores fairly. Set before torch is imported; a user's own OMP_NUM_THREADS wins.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 if str(REPO) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the repository root there
     sys.path.insert(0, str(REPO))
 
