@@ -1,7 +1,7 @@
 """The retention-aware controller, measured: held-out accuracy and probe retention with it on and off, in one run.
 
     .venv/bin/python bench/controller.py [--tasks demo,dates] [--sides on,off] [--lr 1e-3] [--eval-steps 25]
-        [--device auto] [--model-cache DIR] [--keep DIR] [--out F]
+        [--device auto] [--model-cache DIR] [--keep DIR] [--out F] [--set controller.KEY=JSON ...]
 
 For each task and each side (``controller.enabled`` true / false) a fresh project trains the task with
 the real ``train.py`` under ``configs/demo.json``'s settings (SmolLM2-135M-Instruct in 4-bit, LoRA
@@ -69,6 +69,13 @@ def one(task: str, side: str, args: argparse.Namespace, root: Path) -> dict:
     cfg.setdefault("eval", {})["probe_every"] = 1
     cfg["eval_steps"] = args.eval_steps
     cfg["controller"] = {"enabled": side == "on"}
+    for item in args.set:  # --set controller.min_lr_scale=0.5: a variant of the rule
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = json.loads(value)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
     files = write_demo_data(root / "data") if task == "demo" else dates_task(root / "data", args.dates_lines)
     t0 = time.monotonic()
@@ -107,6 +114,8 @@ def main() -> int:
     ap.add_argument("--model-cache", default=str(REPO / "models" / "cache"), help="paths.model_cache to use")
     ap.add_argument("--keep", default=None, help="keep the projects under this folder (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a config value for every project, e.g. controller.min_lr_scale=0.5 (repeatable)")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="ut-controller-") as tmp:
