@@ -178,7 +178,10 @@ class ControllerConfig:
                        "\"Retention-aware controller\"). false: the configured values, always.")
     lr_factor: float = _f(0.5, "A step down multiplies the learning rate's scale by this; a step back divides it by "
                           "this (never above 1: the configured rate).", min=0.05, max=0.95)
-    min_lr_scale: float = _f(0.125, "Lowest scale of the configured learning rate the controller steps down to.",
+    min_lr_scale: float = _f(0.5, "Lowest scale of the configured learning rate the controller steps down to. The "
+                             "rehearsal that repairs a dip in retention trains at this rate too: a low floor keeps "
+                             "the dip from deepening but also from recovering (docs/PERFORMANCE.md, "
+                             "\"Retention-aware controller\"). 1: the controller moves only the rehearsal share.",
                              min=0.001, max=1.0)
     rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share (in the current run as a weight "
                                "on its rehearsal lines' loss, drawn at that share from the next run); a step back "
