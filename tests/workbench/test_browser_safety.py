@@ -127,6 +127,9 @@ def test_the_workbench_s_own_page_uploads_and_evaluates_a_set(served, browser, t
     page.wait_for_selector("text=Model workbench", timeout=60000)
     page.get_by_role("tab", name="Evaluate").click()
     page.get_by_label("uploaded JSONL").check()
+    # The tab's components render when it is first shown: pick the file once its drop zone is on screen,
+    # as a user would (a file set on an input still being mounted is never uploaded).
+    page.get_by_text("Click to Upload").first.wait_for(state="visible", timeout=60000)
     page.locator('input[type="file"][accept=".jsonl"]').set_input_files(str(evalset))
     page.wait_for_selector("text=mine.jsonl", timeout=60000)  # the upload finished
     page.get_by_role("button", name="Evaluate", exact=True).click()
