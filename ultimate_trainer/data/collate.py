@@ -63,7 +63,12 @@ class Ordered:
         idx = int(self.order[i])
         ex = self.store[idx]
         return {"input_ids": ex["input_ids"], "labels": ex["labels"],
-                "rehearsal": [int(idx >= self.rehearsal_from)] * len(ex["input_ids"])}
+                "rehearsal": _marks(idx, self.rehearsal_from, len(ex["input_ids"]))}
+
+
+def _marks(index: int, rehearsal_from: int, length: int) -> list[int]:
+    """One mark per token of the store's example ``index``: 1 for a rehearsal line."""
+    return [int(index >= rehearsal_from)] * length
 
 
 class PackedRows:
@@ -87,7 +92,7 @@ class PackedRows:
             labels.extend(ex["labels"][1:])
             seq_lens.append(len(ex["input_ids"]))
             if self.rehearsal_from is not None:
-                marks.extend([int(int(i) >= self.rehearsal_from)] * len(ex["input_ids"]))
+                marks.extend(_marks(int(i), self.rehearsal_from, len(ex["input_ids"])))
         item = {"input_ids": ids, "labels": labels, "seq_lens": seq_lens}
         return {**item, "rehearsal": marks} if self.rehearsal_from is not None else item
 

@@ -70,9 +70,7 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
     the other wrappers need: the chunked loss calls the model's parts), its logits then cross-entropy.
     Both are normalised like the model's loss; weights of 1 give the model's loss."""
     if chunked:
-        plain: list[torch.Tensor] = []
-        loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, chunk_tokens, token_weights, plain)
-        return loss, plain[0]
+        return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     logits = model(**inputs, use_cache=False).logits[:, :-1]
@@ -85,11 +83,15 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
 
 
 def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
-                           chunk_tokens: int | None = None, token_weights: torch.Tensor | None = None,
-                           plain: list[torch.Tensor] | None = None) -> torch.Tensor:
+                           chunk_tokens: int | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of ``model`` on ``inputs`` (``input_ids``, ``labels``, masks, ``position_ids``);
-    ``token_weights`` (shaped like ``labels``): each target's cross-entropy times the weight at its
-    position, and the unweighted loss (detached) appended to ``plain`` when given."""
+    ``token_weights`` (shaped like ``labels``): each target's cross-entropy times the weight at its position."""
+    return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights)[0]
+
+
+def _chunked(model: Any, inputs: dict[str, Any], num_items_in_batch: Any, chunk_tokens: int | None,
+             token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_causal_lm_loss`` and the same loss unweighted, detached."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
     inputs = dict(inputs)
@@ -113,8 +115,7 @@ def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batc
             part = _chunk_loss(head, h, t, w)
         total = total + part[0]
         unweighted = unweighted + part[1]
-    if plain is not None:
-        plain.append(_normalized(unweighted, targets.shape[0], num_items_in_batch))
+    plain = _normalized(unweighted, targets.shape[0], num_items_in_batch)
     if targets.shape[0] == 0:
-        return total + hidden.sum() * 0.0  # no target: a zero loss that still belongs to the graph
-    return _normalized(total, targets.shape[0], num_items_in_batch)
+        return total + hidden.sum() * 0.0, plain  # no target: a zero loss that still belongs to the graph
+    return _normalized(total, targets.shape[0], num_items_in_batch), plain
