@@ -10,7 +10,7 @@ import torch
 from conftest import smol_tokenizer
 from ultimate_trainer.core import status
 from ultimate_trainer.data.collate import Collator
-from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, normalize, score,
+from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, normalize, number_in_words, score,
                                          validation_loss)
 
 
@@ -32,6 +32,14 @@ from ultimate_trainer.model.scoring import (AccuracyTracker, generate_answers, n
     ("numeric", "-2", "2", False),
     ("numeric", "no number", "7", False),
     ("numeric", "7 apples", "8", False),
+    # no digits: the first number in words counts
+    ("numeric", "An octagon has eight sides.", "8", True),
+    ("numeric", "A day has twenty-four hours", "24", True),
+    ("numeric", "One hundred and five.", "105", True),
+    ("numeric", "a thousand and one nights", "1001", True),
+    ("numeric", "An octagon has eight sides.", "6", False),
+    ("numeric", "Someone often said so", "1", False),  # "one" inside a word is no number
+    ("numeric", "It has three sides, not 4", "4", True),  # digits first: words only when none
 ])
 def test_matchers(matcher, generated, expected, ok):
     assert score(matcher, generated, expected) is ok
@@ -341,3 +349,12 @@ def test_score_examples_counts_each_file_apart(tiny_model):
     got = score_examples(tiny_model, tok, examples, "exact", 6, 3)
     assert got["by_file"] == {"a.jsonl": [2, 2], "b.jsonl": [0, 1]}
     assert (got["correct"], got["total"], got["accuracy"]) == (2, 3, 66.67)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("twenty-four", 24), ("Seventy Five", 75), ("five hundred twelve", 512), ("fifteen hundred", 1500),
+    ("one thousand two hundred and six", 1206), ("two million", 2_000_000), ("zero", 0),
+    ("three two one", 3), ("twenty zero", 20), ("a hundred", 100), ("no number here", None),
+])
+def test_number_in_words_reads_the_first_number(text, value):
+    assert number_in_words(text) == (None if value is None else float(value))

@@ -6,7 +6,9 @@ Matchers (``eval.matcher``):
 - ``normalized``  equal after Unicode NFKC, case folding, dropping punctuation/symbols and collapsing
                   whitespace (the default)
 - ``contains``    the normalized expected answer occurs in the normalized generated one
-- ``numeric``     the first number of each (``1,000`` = ``1000.0``) agrees within a relative 1e-6
+- ``numeric``     the first number of each (``1,000`` = ``1000.0``) agrees within a relative 1e-6; a
+                  text without digits is read for a number in English words ("eight",
+                  "twenty-four", "one hundred and five"), so "An octagon has eight sides." is 8
 
 A generated answer that opens with a closed ``<think>...</think>`` block (reasoning models such as
 Qwen3 and DeepSeek-R1's distillations think before answering, even when the data has no reasoning)
@@ -40,6 +42,16 @@ MIN_ANSWERS_FOR_TREND = 20
 NUMERIC_REL_TOL = 1e-6
 _THINK = re.compile(r"\A\s*<think>.*?</think>\s*", re.DOTALL)
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+_SMALL = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+_SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
+_NUMBER_WORD = "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, reverse=True))
+# A run of number words joined by spaces, hyphens or "and" ("one hundred and five", "twenty-four"),
+# or "a hundred" / "a thousand".
+_WORDS = re.compile(rf"\b(?:an?\s+(?=hundred|thousand|million|billion))?(?:{_NUMBER_WORD})"
+                    rf"(?:(?:[\s-]+|\s+and\s+)(?:{_NUMBER_WORD}))*\b", re.IGNORECASE)
 
 
 def normalize(text: str) -> str:
@@ -50,13 +62,46 @@ def normalize(text: str) -> str:
 
 
 def first_number(text: str) -> float | None:
-    m = _NUMBER.search(unicodedata.normalize("NFKC", text))
+    """The first number written in digits in ``text``; when it has none, the first in English words."""
+    text = unicodedata.normalize("NFKC", text)
+    m = _NUMBER.search(text)
     if m is None:
-        return None
+        return number_in_words(text)
     try:
         return float(m.group(0).replace(",", ""))
     except ValueError:
         return None
+
+
+def number_in_words(text: str) -> float | None:
+    """The first number spelled out in English words in ``text`` ("twenty-four" is 24), or None.
+
+    Words that cannot continue the number they follow end it: "three two" reads 3, "five hundred
+    twelve" 512, "one thousand two hundred" 1200.
+    """
+    m = _WORDS.search(text)
+    if m is None:
+        return None
+    words = [w for w in re.split(r"[\s-]+", m.group(0).casefold()) if w not in ("and", "a", "an")]
+    total, current, last = 0, 0, None  # last: "small", "tens", "hundred", "scale"
+    for w in words:
+        if w in _SMALL:
+            if last == "small" or (last == "tens" and _SMALL[w] >= 10) or (last is not None and _SMALL[w] == 0):
+                break
+            current, last = current + _SMALL[w], "small"
+        elif w in _TENS:
+            if last in ("small", "tens"):
+                break
+            current, last = current + _TENS[w], "tens"
+        elif w == "hundred":
+            if last in ("hundred", "scale") or current >= 100:
+                break
+            current, last = (current or 1) * 100, "hundred"
+        else:
+            if last == "scale":
+                break
+            total, current, last = total + (current or 1) * _SCALES[w], 0, "scale"
+    return float(total + current)
 
 
 def _numeric(generated: str, expected: str) -> bool:
