@@ -97,10 +97,10 @@ class ControllerCallback(TrainerCallback):
             self._decide(state.global_step)
         if self.world.size > 1 and sync:  # every rank at the same steps: rank 0's state is everyone's
             self.state.assign(ControllerState.from_json(distributed.gather(self.state.to_json())[0]))
-        if self.token_weights() != weights_before and self.world.is_main:
+        rehearsal, other = self.token_weights()
+        if (rehearsal, other) != weights_before and self.world.is_main:
             log.info("rehearsal lines weigh x%g in the loss from step %d (share %g drawn, %g now)",
-                     self.token_weights()[0] / self.token_weights()[1], state.global_step + 1, self.run_share,
-                     rehearsal_share(self.state, self.cfg))
+                     rehearsal / other, state.global_step + 1, self.run_share, rehearsal_share(self.state, self.cfg))
         if lr_scale(self.state, self.cfg) != before:
             apply_learning_rate(optimizer, lr_scheduler, self.learning_rate())
             if not self.world.is_main:
