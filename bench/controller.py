@@ -16,6 +16,8 @@ Tasks: ``demo`` is the demo task exactly as ``make demo`` drops it (two files of
 ``ultimate_trainer/data/sample.py``: "REF-42-SMITH" codes); ``dates`` is a task of our own design
 with another skill, rewriting an ISO date in day/month/year order ("What is 2024-03-15 in
 DD/MM/YYYY?" -> "15/03/2024"): reordering digits the prompt holds, not filling a code template.
+``self`` (a control, not a skill) trains on the built-in base's own answers to the rehearsal
+prompts: what the probe loses there, any update costs it.
 It trains for real: minutes a run on a GPU, much longer on a busy CPU.
 """
 
@@ -54,6 +56,20 @@ def dates_task(folder: Path, n: int = 400, seed: int = 7) -> list[Path]:
     return out
 
 
+def self_task(folder: Path) -> list[Path]:
+    """Two files of the built-in base's own answers to the rehearsal prompts (the shipped
+    ``rehearsal.smollm2-135m-instruct.jsonl``): training on what the base already says. What the
+    probe loses here is what any update costs it, not what a new skill takes away."""
+    lines = (REPO / "ultimate_trainer" / "data" / "probes" / "rehearsal.smollm2-135m-instruct.jsonl").read_text().splitlines()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for part in range(2):
+        path = folder / f"self-{part + 1}.jsonl"
+        path.write_text("".join(x + "\n" for x in lines[part::2]), encoding="utf-8")
+        out.append(path)
+    return out
+
+
 def history(root: Path, name: str) -> list[dict]:
     path = root / "status" / "history" / name
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
@@ -77,7 +93,14 @@ def one(task: str, side: str, args: argparse.Namespace, root: Path) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = json.loads(value)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
-    files = write_demo_data(root / "data") if task == "demo" else dates_task(root / "data", args.dates_lines)
+    if task == "demo":
+        files = write_demo_data(root / "data")
+    elif task == "dates":
+        files = dates_task(root / "data", args.dates_lines)
+    elif task == "self":
+        files = self_task(root / "data")
+    else:
+        raise SystemExit(f"unknown task {task!r}: demo, dates or self")
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, files), "--config", str(root / "config.json")],
                        cwd=REPO, capture_output=True, text=True)
