@@ -9,7 +9,7 @@ docs/TRAINING.md: a ``prompt_response`` record whose ``metadata.matcher`` names 
 probe the base already fails says nothing about forgetting, so only correct ones are kept, and
 ``LEFT_OUT`` questions never (``--all`` keeps them): the rehearsal set asks them, a substring match
 can meet their answer by chance, or the base is right for the wrong reason. On 2026-12-06, 127
-candidates: 73 right in full precision, 62 in 4-bit, 38 shipped (the probe had 24 before, of which
+candidates: 73 right in full precision, 62 in 4-bit, 37 shipped (the probe had 24 before, of which
 the 4-bit base answered 19: one lost question moved retention by 0.053 and a single one triggered
 the controller).
 """
@@ -175,6 +175,7 @@ LEFT_OUT = {
         "How many bones are in the adult human body?", "What is the largest organ of the human body?",
         "How many days are there in a week?"], "the rehearsal set asks it"),
     "Who formulated the laws of motion and universal gravitation?": "the rehearsal set asks who Isaac Newton was",
+    "What is the hottest planet in our solar system?": "the rehearsal set asks for the largest in the same words",
     **dict.fromkeys(["What is the chemical symbol for gold?", "What is the chemical symbol for sodium?",
                      "What star is at the center of our solar system?", "What is frozen water called?",
                      "How many continents are there on Earth?"], "a substring match can meet the answer by chance"),

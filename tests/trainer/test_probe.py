@@ -15,7 +15,7 @@ from ultimate_trainer.trainer.probe.callback import retention_status
 
 def test_builtin_probe_loads_and_a_bad_line_is_reported_not_fatal(tmp_path: Path, caplog) -> None:
     probe = load_probe(config_mod.load(None, []))
-    assert probe is not None and probe.path == BUILTIN_PATH and len(probe.items) == 38
+    assert probe is not None and probe.path == BUILTIN_PATH and len(probe.items) == 37
     assert {q.matcher for q in probe.items} <= {"contains", "numeric"}
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "completion": "4", "metadata": {"matcher": "numeric"}},
                                            "{not json", {"text": "no answer here"},
