@@ -30,20 +30,27 @@ CFG = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehears
 
 
 @pytest.mark.parametrize("state, retention, accuracy, kind, scale, share", [
-    # retention under the warning: LR halves, rehearsal + 0.1
-    (ControllerState(), 0.94, 50.0, "step_down", 0.5, 0.4),
-    # the floor and the ceiling bound the step: 0.5 -> 0.25 (not 0.125 below), 0.4 -> 0.5 (not 0.6 above)
-    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1), 0.5, 50.0, "step_down", 0.25, 0.5),
+    # retention under the warning: the share first, rehearsal + 0.1, the rate unchanged
+    (ControllerState(), 0.94, 50.0, "step_down", 1.0, 0.4),
+    # the ceiling bounds the share: 0.45 -> 0.5 (not 0.55 above), the rate still unchanged
+    (ControllerState(rehearsal_extra=0.15), 0.5, 50.0, "step_down", 1.0, 0.5),
+    # the share at its ceiling: now the rate halves...
+    (ControllerState(rehearsal_extra=0.2), 0.5, 50.0, "step_down", 0.5, 0.5),
+    # ...down to its floor: 0.5 -> 0.25 (not 0.125 below)
+    (ControllerState(lr_scale=0.5, rehearsal_extra=0.2), 0.5, 50.0, "step_down", 0.25, 0.5),
     # both at their bounds: hold, said why
     (ControllerState(lr_scale=0.25, rehearsal_extra=0.2), 0.5, 50.0, "hold", 0.25, 0.5),
     # exactly at the warning level is not under it: hold (not safe for a step back either)
     (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=5),
      0.95, 80.0, "hold", 0.5, 0.4),
-    # stalled (2nd probed evaluation without a better accuracy) and safe: step back
+    # stalled (2nd probed evaluation without a better accuracy) and safe: step back, the rate first
     (ControllerState(lr_scale=0.25, rehearsal_extra=0.2, best_accuracy=90.0, evaluations_since_best=1),
-     0.99, 90.0, "step_back", 0.5, 0.4),
-    # stepping back never passes the configured values
+     0.99, 90.0, "step_back", 0.5, 0.5),
+    # stepping back never passes the configured values: the rate to 1 (not 1.5), the share stays...
     (ControllerState(lr_scale=0.75, rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
+     1.0, 85.0, "step_back", 1.0, 0.35),
+    # ...and comes down once the rate is back, to the configured 0.3 (not 0.25)
+    (ControllerState(rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
      1.0, 85.0, "step_back", 1.0, 0.3),
     # improving accuracy: no stall, hold
     (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=80.0, evaluations_since_best=1),
@@ -167,26 +174,30 @@ def test_retention_falls_and_the_optimizer_rate_drops_then_the_next_run_starts_f
 def test_a_step_down_weighs_the_rehearsal_lines_from_the_next_step_of_the_same_run(
         make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The raised rehearsal share acts in the run that decided it: from the next step, its rehearsal lines weigh
-    more in the loss. Against a run that differs only in ``controller.rehearsal_step`` 0 (same decisions, same
-    rates, weights of 1), the losses are identical up to the decision and differ from the step after it."""
+    more in the loss, at the same rate (the share moves first). Against a run that differs only in
+    ``controller.rehearsal_step`` 0 and ``min_lr_scale`` 1 (a decision at the same step that can move nothing:
+    the same rates, weights of 1), the losses are identical up to the decision and differ from the step after it."""
     data = write_jsonl(tmp_path / "a.jsonl", DATA)
     answers = [chat(f"general question {i}?", f"general answer {i}.", system="You are a helpful assistant.")
                for i in range(30)]
     roots, errs = {}, {}
-    for name, step in (("weighted", 0.2), ("unweighted", 0.0)):
+    for name, step, floor in (("weighted", 0.2, 0.25), ("unweighted", 0.0, 1.0)):
         cfg = project(make_project, tiny_model_dir, tmp_path / name, training__rehearsal_fraction=0.3,
-                      controller__rehearsal_step=step, controller__max_rehearsal_fraction=0.6)
+                      controller__rehearsal_step=step, controller__max_rehearsal_fraction=0.6,
+                      controller__min_lr_scale=floor)
         seed_rehearsal(cfg, answers)
         r = run_train(cfg, data)
         assert r.returncode == 0, r.stderr[-3000:]
         roots[name], errs[name] = cfg.parent, r.stderr
     first = next(d for d in lines(roots["weighted"] / "status/history/controller.jsonl") if d["kind"] == "step_down")
     assert first["run_rehearsal_fraction"] == 0.3 and first["rehearsal_fraction"] == pytest.approx(0.5)
+    assert first["lr_scale_before"] == first["lr_scale"] == 1.0  # the share moved, not the rate
     w = 0.5 * 0.7 / (0.3 * 0.5)  # a rehearsal line weighs w times another: 0.3 drawn, 0.5 of the loss
     assert first["rehearsal_weight"] == pytest.approx(w / (0.3 * w + 0.7), abs=1e-5)
     assert f"rehearsal lines weigh x{w:g} in the loss from step {first['global_step'] + 1}" in errs["weighted"]
-    other = next(d for d in lines(roots["unweighted"] / "status/history/controller.jsonl") if d["kind"] == "step_down")
-    assert (other["global_step"], other["lr_scale"], other["rehearsal_weight"]) == (first["global_step"], 0.5, 1.0)
+    other = next(d for d in lines(roots["unweighted"] / "status/history/controller.jsonl")
+                 if d["global_step"] == first["global_step"])
+    assert (other["kind"], other["lr_scale"], other["rehearsal_weight"]) == ("hold", 1.0, 1.0), other["reason"]
     weighted, unweighted = step_losses(roots["weighted"]), step_losses(roots["unweighted"])
     before = [s for s in weighted if s <= first["global_step"]]
     assert [weighted[s] for s in before] == [unweighted[s] for s in before]

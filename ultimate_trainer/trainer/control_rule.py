@@ -3,13 +3,17 @@
 After each probe (``trainer/controller.py`` calls ``decide``):
 
 - **step down** when retention (probe score / the base's) is under ``eval.retention_warn``: the
-  learning rate's scale is multiplied by ``controller.lr_factor`` (not below
-  ``controller.min_lr_scale``) and the rehearsal share raised by ``controller.rehearsal_step`` (not
-  above the ceiling: ``controller.max_rehearsal_fraction``, or the configured share when higher);
+  rehearsal share is raised by ``controller.rehearsal_step`` (not above the ceiling:
+  ``controller.max_rehearsal_fraction``, or the configured share when higher); once the share is at
+  its ceiling (or rehearsal is off), the learning rate's scale is multiplied by
+  ``controller.lr_factor`` instead (not below ``controller.min_lr_scale``). Share first: measured,
+  a lowered rate in the middle of a run slows the rehearsal that mends a dip and ended runs one to
+  three probe answers lower, where a raised share cost nothing (docs/PERFORMANCE.md);
 - **step back** when held-out accuracy has not improved on its best for
   ``controller.stall_evaluations`` probed evaluations in a row and retention is at least
-  ``eval.retention_warn + controller.safe_margin``: the scale divided by ``lr_factor`` (not above 1,
-  the configured rate) and the share lowered by ``rehearsal_step`` (not below the configured one);
+  ``eval.retention_warn + controller.safe_margin``: in the reverse order, the scale divided by
+  ``lr_factor`` while it is under 1 (the configured rate), then the share lowered by
+  ``rehearsal_step`` (not below the configured one);
 - **hold** otherwise (and when a step would move nothing: both at their bounds), said why.
 
 The state is everything a decision depends on besides the probe and the evaluation, so that a run
@@ -144,10 +148,11 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     acc = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:g}%"
 
     if retention < warn - EPS:
-        new_scale = max(c.min_lr_scale, scale * c.lr_factor)
-        new_extra = new.rehearsal_extra
+        new_scale, new_extra = scale, new.rehearsal_extra
         if rehearsing:
             new_extra = min(new.rehearsal_extra + c.rehearsal_step, rehearsal_ceiling(cfg) - cfg.training.rehearsal_fraction)
+        if new_extra <= new.rehearsal_extra + EPS:  # the share at its ceiling (or no rehearsal): the rate
+            new_scale = max(c.min_lr_scale, scale * c.lr_factor)
         moved = []
         if new_scale < scale - EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
@@ -165,8 +170,9 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     safe = retention >= warn + c.safe_margin - EPS
     at_configured = scale >= 1.0 - EPS and new.rehearsal_extra <= EPS
     if stalled and safe and not at_configured:
-        new_scale = min(1.0, scale / c.lr_factor)
-        new_extra = max(0.0, new.rehearsal_extra - c.rehearsal_step)
+        new_scale, new_extra = min(1.0, scale / c.lr_factor), new.rehearsal_extra
+        if new_scale <= scale + EPS:  # the rate back at the configured one: then the share
+            new_extra = max(0.0, new.rehearsal_extra - c.rehearsal_step)
         moved = []
         if new_scale > scale + EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
