@@ -9,7 +9,7 @@ docs/TRAINING.md: a ``prompt_response`` record whose ``metadata.matcher`` names 
 probe the base already fails says nothing about forgetting, so only correct ones are kept, and
 ``LEFT_OUT`` questions never (``--all`` keeps them): the rehearsal set asks them, a substring match
 can meet their answer by chance, or the base is right for the wrong reason. On 2026-12-06, 127
-candidates: 73 right in full precision, 62 in 4-bit, 37 shipped (the probe had 24 before, of which
+candidates: 73 right in full precision, 62 in 4-bit, 36 shipped (the probe had 24 before, of which
 the 4-bit base answered 19: one lost question moved retention by 0.053 and a single one triggered
 the controller).
 """
@@ -182,6 +182,7 @@ LEFT_OUT = {
     **dict.fromkeys(["Which planet is known as the Red Planet?", "Who painted the Mona Lisa?"],
                     "right for the wrong reason"),
     "What is the official language of Germany?": "the question holds the answer (German in Germany)",
+    "What is the currency of the European Union?": "the question holds the answer (euro in European)",
 }
 
 
@@ -195,7 +196,7 @@ def main() -> int:
 
     from ultimate_trainer.core.config import BUILTIN_MODEL, from_dict
     from ultimate_trainer.model.loading import load_base_model, load_tokenizer, resolve_base
-    from ultimate_trainer.model.scoring import generate_answers, score
+    from ultimate_trainer.model.scoring import generate_answers, normalize, score
 
     cfg = from_dict({"base_model": BUILTIN_MODEL, "paths": {"model_cache": args.model_cache},
                      "training": {"device": "cpu"}})
@@ -215,6 +216,8 @@ def main() -> int:
         del model
     kept = []
     for k, (q, a, m) in enumerate(CANDIDATES):
+        if normalize(a) in normalize(q) and not args.all:  # met by any answer that repeats the question
+            continue
         if all(r[k] for r in right.values()) and (args.all or q not in LEFT_OUT):
             kept.append({"prompt": q, "completion": a, "metadata": {"matcher": m}})
     out = Path(args.out)

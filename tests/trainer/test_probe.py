@@ -9,14 +9,17 @@ from pathlib import Path
 
 from conftest import chat, run_train, write_jsonl
 from ultimate_trainer.core import config as config_mod
+from ultimate_trainer.model.scoring import normalize
 from ultimate_trainer.trainer.probe.questions import BUILTIN_PATH, load_probe
 from ultimate_trainer.trainer.probe.callback import retention_status
 
 
 def test_builtin_probe_loads_and_a_bad_line_is_reported_not_fatal(tmp_path: Path, caplog) -> None:
     probe = load_probe(config_mod.load(None, []))
-    assert probe is not None and probe.path == BUILTIN_PATH and len(probe.items) == 37
+    assert probe is not None and probe.path == BUILTIN_PATH and len(probe.items) == 36
     assert {q.matcher for q in probe.items} <= {"contains", "numeric"}
+    for q in probe.items:  # a question holding its own answer is met by any answer that repeats it
+        assert normalize(q.expected) not in normalize(q.prompt_messages[-1]["content"]), q.source
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "2+2?", "completion": "4", "metadata": {"matcher": "numeric"}},
                                            "{not json", {"text": "no answer here"},
                                            {"prompt": "x", "completion": "y", "metadata": {"matcher": "fuzzy"}}])
