@@ -157,7 +157,8 @@ CANDIDATES = [
 
 # Candidates never shipped, whatever the base answers: the rehearsal set (data/probes/rehearsal.jsonl)
 # asks the same question (training on it would measure rehearsal, not retention), a substring
-# match can meet the answer by chance, or the base is right for the wrong reason.
+# match can meet the answer by chance, or the base is right for the wrong reason. A candidate whose
+# question holds its answer (German in "Germany", euro in "European") is dropped by main() itself.
 LEFT_OUT = {
     **dict.fromkeys([
         "What is the capital of Italy?", "What is the capital of Spain?", "What is the capital of Egypt?",
@@ -181,15 +182,13 @@ LEFT_OUT = {
                      "How many continents are there on Earth?"], "a substring match can meet the answer by chance"),
     **dict.fromkeys(["Which planet is known as the Red Planet?", "Who painted the Mona Lisa?"],
                     "right for the wrong reason"),
-    "What is the official language of Germany?": "the question holds the answer (German in Germany)",
-    "What is the currency of the European Union?": "the question holds the answer (euro in European)",
 }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="ultimate_trainer/data/probes/general.jsonl")
-    ap.add_argument("--model-cache", default="/work/main/models/cache")
+    ap.add_argument("--model-cache", default=str(Path(__file__).resolve().parents[1] / "models" / "cache"))
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--all", action="store_true", help="write every candidate both precisions answer right, LEFT_OUT included")
     args = ap.parse_args()
