@@ -415,3 +415,80 @@ def test_interrupted_run_resumes_exactly_like_an_uninterrupted_one(tiny_model_di
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_distilled_rehearsal_loss_is_the_kl_from_the_base_on_both_paths(tiny_model_dir: Path):
+    """``training.rehearsal_loss`` distill: a rehearsal target's loss is KL(base || model) over the whole
+    vocabulary, the base being the model with its adapter off; the others keep their cross-entropy. A fresh
+    adapter (LoRA B = 0) is the base itself, so its rehearsal targets cost nothing and give no gradient;
+    a trained one gives the KL computed by hand, the same on the chunked path, the model's own forward
+    (DDP's) and a padding-free row, with the controller's weights on top."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ultimate_trainer.model.loss import chunked_causal_lm_loss, has_teacher, weighted_causal_lm_loss
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert not has_teacher(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert has_teacher(model)
+    examples = _encode(tok, 5, seed=12)
+    marked = [{**ex, "rehearsal": [int(i >= 3)] * len(ex["input_ids"])} for i, ex in enumerate(examples)]
+    batch = Collator(tok)(marked)
+    mask = batch.pop("rehearsal_mask")
+    labels = batch["labels"]
+    n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    task_only = labels.clone()
+    task_only[mask.bool()] = IGNORE_INDEX
+
+    # A fresh adapter: the rehearsal targets add nothing to the loss nor to the gradient.
+    model.zero_grad()
+    got, plain = weighted_causal_lm_loss(model, batch, None, n_items, chunked=True, chunk_tokens=5, distill_mask=mask)
+    got.backward()
+    fresh = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want = chunked_causal_lm_loss(model, {**batch, "labels": task_only}, n_items)
+    want.backward()
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    for n, g in fresh.items():
+        assert torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-6), n
+    with torch.no_grad():
+        assert float(plain) == pytest.approx(float(model(**batch, num_items_in_batch=n_items).loss), rel=1e-5)
+
+    # A trained adapter: the KL by hand.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        student = model(**batch).logits[:, :-1].float()
+        with model.disable_adapter():
+            base_logits = model(**batch).logits[:, :-1].float()
+    targets, distill = labels[:, 1:], mask[:, 1:].bool()
+    ce = torch.nn.functional.cross_entropy(student.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                           reduction="none")
+    p_base = base_logits.log_softmax(-1)
+    kl = (p_base.exp() * (p_base - student.log_softmax(-1))).sum(-1)
+    keep = targets != IGNORE_INDEX
+    assert (kl[keep & distill] > 1e-4).all()
+    weights = torch.where(mask.bool(), 2.0, 0.5)
+    per = torch.where(distill, kl, ce) * weights[:, 1:]
+    want = float(per[keep].sum() / n_items)
+    grads = {}
+    for chunked in (True, False):
+        model.zero_grad()
+        got, _ = weighted_causal_lm_loss(model, batch, weights, n_items, chunked, chunk_tokens=5, distill_mask=mask)
+        got.backward()
+        assert float(got) == pytest.approx(want, rel=1e-4), chunked
+        grads[chunked] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert all(".lora_" in n for n in grads[True])  # the base stays frozen: the teacher pass leaves it alone
+    for n in grads[True]:
+        assert torch.allclose(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4), n
+    # A padding-free row, the same tokens marked: the same loss.
+    flat = PackedCollator(tok.pad_token_id)([PackedRows(_ListStore(examples), [list(range(5))], rehearsal_from=3)[0]])
+    fmask = flat.pop("rehearsal_mask")
+    with torch.no_grad():
+        got, _ = weighted_causal_lm_loss(model, packed_inputs(flat, "sdpa"), torch.where(fmask.bool(), 2.0, 0.5),
+                                         n_items, chunked=True, distill_mask=fmask)
+    assert float(got) == pytest.approx(want, rel=1e-4)

@@ -126,6 +126,11 @@ class TrainingConfig:
     rehearsal_file: str = _f(
         "", "Rehearsal prompts: JSONL of {\"prompt\": ...}; empty = the shipped general set "
         "(relative to paths.root).")
+    rehearsal_loss: Literal["distill", "answers"] = _f(
+        "distill", "What a rehearsal line trains: distill = at each of its answer's tokens, the base's whole "
+        "next-token distribution (KL divergence from the model with its adapter off: one more forward pass, "
+        "without gradient, on each batch that holds a rehearsal line); answers = the base's answer itself "
+        "(cross-entropy on its tokens, as any line). docs/TRAINING.md, Rehearsal.")
     rehearsal_max_new_tokens: int = _f(
         64, "Bound on each of the base's rehearsal answers (one generation per base, cached under paths.work); "
         "an answer cut by it keeps its complete sentences.", min=1, max=4096)

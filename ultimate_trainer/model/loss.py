@@ -14,6 +14,7 @@ The result equals the model's own loss (sum of per-token cross-entropy over targ
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -45,13 +46,40 @@ def supports_chunked_loss(model: Any) -> bool:
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's summed cross-entropy (times ``weights``), and its plain sum, detached."""
-    if weights is None:
-        total = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+                weights: torch.Tensor | None = None, distill: torch.Tensor | None = None,
+                teacher_hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's summed loss and its plain summed cross-entropy, detached.
+
+    Each target's loss is its cross-entropy, or where ``distill`` marks it, the KL divergence from the
+    teacher's next-token distribution (``head`` over ``teacher_hidden``, no gradient); times ``weights``."""
+    logits = head(hidden).float()
+    if weights is None and distill is None:
+        total = F.cross_entropy(logits, targets, reduction="sum")
         return total, total.detach()
-    ce = F.cross_entropy(head(hidden).float(), targets, reduction="none")
-    return (ce * weights).sum(), ce.detach().sum()
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    per = ce if distill is None else torch.where(distill, _teacher_kl(head, logits, teacher_hidden, distill), ce)
+    if weights is not None:
+        per = per * weights
+    return per.sum(), ce.detach().sum()
+
+
+def _teacher_kl(head: torch.nn.Module, logits: torch.Tensor, teacher_hidden: torch.Tensor,
+                distill: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at each row of ``logits`` (0 where ``distill`` is False): the teacher's
+    logits are ``head`` over its hidden states, computed without gradient for the marked rows only."""
+    kl = logits.new_zeros(logits.shape[0])
+    if not bool(distill.any()):
+        return kl
+    with torch.no_grad():
+        teacher = F.log_softmax(head(teacher_hidden[distill]).float(), dim=-1)
+    return kl.index_put((distill.nonzero(as_tuple=True)[0],), distillation_kl(logits[distill], teacher))
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row, over the vocabulary: the forward KL of knowledge distillation,
+    zero exactly when the student's next-token distribution is the teacher's."""
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), teacher_logprobs, log_target=True,
+                    reduction="none").sum(-1)
 
 
 def _normalized(total: torch.Tensor, targets: int, num_items_in_batch: Any) -> torch.Tensor:
@@ -60,26 +88,72 @@ def _normalized(total: torch.Tensor, targets: int, num_items_in_batch: Any) -> t
     return total / max(targets, 1)
 
 
-def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: torch.Tensor,
+def has_teacher(model: Any) -> bool:
+    """Whether ``model`` has an adapter to switch off, which makes it its own base: the teacher of the
+    rehearsal's distillation."""
+    return hasattr(getattr(model, "module", model), "disable_adapter")  # under DDP the module's
+
+
+def teacher(model: Any) -> Any:
+    """A context manager under which ``model`` is its own base (``has_teacher``), without gradient."""
+    if not has_teacher(model):
+        raise ValueError(f"{type(model).__name__} has no adapter to switch off: no base to distil from")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(getattr(model, "module", model).disable_adapter())
+    return stack
+
+
+def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: torch.Tensor | None,
                             num_items_in_batch: Any = None, chunked: bool = False,
-                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int | None = None,
+                            distill_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, plain)``: the loss with each target token's cross-entropy times ``token_weights`` (the
-    weight at the target's own position, shaped like ``labels``), and the same loss unweighted, detached.
+    weight at the target's own position, shaped like ``labels``), and the plain loss (every target's
+    cross-entropy, unweighted), detached.
+
+    ``distill_mask`` (shaped like ``labels``, 1 on the rehearsal lines): a marked target is trained
+    towards the base's whole next-token distribution, not its one token: its loss is the KL divergence
+    from the model with its adapter off (``teacher``), run once more on the batch without gradient.
 
     ``chunked``: through ``chunked_causal_lm_loss``; else through the model's own forward (which DDP and
-    the other wrappers need: the chunked loss calls the model's parts), its logits then cross-entropy.
-    Both are normalised like the model's loss; weights of 1 give the model's loss."""
+    the other wrappers need: the chunked loss calls the model's parts), its logits then the loss.
+    Both are normalised like the model's loss; weights of 1 and no mask give the model's loss."""
+    if distill_mask is not None and not bool((distill_mask[:, 1:].bool() & (inputs["labels"][:, 1:] != IGNORE_INDEX)).any()):
+        distill_mask = None  # no rehearsal target in this batch: no teacher pass
     if chunked:
-        return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights)
+        return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights, distill_mask)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     logits = model(**inputs, use_cache=False).logits[:, :-1]
-    targets, weights = labels[:, 1:], token_weights[:, 1:].to(torch.float32)
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    per = ce
+    if distill_mask is not None:
+        distill = distill_mask[:, 1:].bool()[keep]
+        with teacher(model):
+            teacher_logits = _teacher_logits(model, inputs, keep, distill)
+        kl = distillation_kl(logits[keep][distill], F.log_softmax(teacher_logits.float(), dim=-1))
+        per = ce.index_put((distill.nonzero(as_tuple=True)[0],), kl)
+    if token_weights is not None:
+        per = per * token_weights[:, 1:].to(torch.float32)[keep]
     n = int(keep.sum())
-    return (_normalized((ce * weights[keep]).sum(), n, num_items_in_batch),
+    return (_normalized(per.sum(), n, num_items_in_batch),
             _normalized(ce.detach().sum(), n, num_items_in_batch))
+
+
+def _teacher_logits(model: Any, inputs: dict[str, Any], keep: torch.Tensor, distill: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits at the marked targets only (``keep`` then ``distill``): its body, then ``lm_head``
+    over those positions, where the architecture allows (``supports_chunked_loss``), else its whole logits.
+    Past any DDP wrapper: nothing here has a gradient to synchronise."""
+    inner = getattr(model, "module", model)
+    if supports_chunked_loss(inner):
+        lm = _causal_lm(inner)
+        body_inputs = {k: v for k, v in inputs.items() if k in BODY_INPUTS}
+        hidden = lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state[:, :-1][keep][distill]
+        return lm.get_output_embeddings()(hidden)
+    return inner(**inputs, use_cache=False).logits[:, :-1][keep][distill]
 
 
 def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
@@ -90,8 +164,9 @@ def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batc
 
 
 def _chunked(model: Any, inputs: dict[str, Any], num_items_in_batch: Any, chunk_tokens: int | None,
-             token_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chunked_causal_lm_loss`` and the same loss unweighted, detached."""
+             token_weights: torch.Tensor | None,
+             distill_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_causal_lm_loss`` (with ``weighted_causal_lm_loss``'s ``distill_mask``) and the plain loss."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
     inputs = dict(inputs)
@@ -102,17 +177,21 @@ def _chunked(model: Any, inputs: dict[str, Any], num_items_in_batch: Any, chunk_
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]  # [tokens with a target, hidden], [tokens]
     weights = token_weights[:, 1:][keep].to(torch.float32) if token_weights is not None else None
+    distill = teacher_hidden = None
+    if distill_mask is not None:
+        distill = distill_mask[:, 1:].bool()[keep]
+        with teacher(model):
+            teacher_hidden = lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state[:, :-1][keep]
     if chunk_tokens is None:
         chunk_tokens = max(64, CHUNK_ELEMENTS // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     unweighted = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.shape[0], chunk_tokens):
-        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        w = weights[start:start + chunk_tokens] if weights is not None else None
-        if torch.is_grad_enabled():
-            part = checkpoint(_chunk_loss, head, h, t, w, use_reentrant=False)
-        else:
-            part = _chunk_loss(head, h, t, w)
+        part_of = slice(start, start + chunk_tokens)
+        args = (head, hidden[part_of], targets[part_of], None if weights is None else weights[part_of],
+                None if distill is None else distill[part_of],
+                None if teacher_hidden is None else teacher_hidden[part_of])
+        part = checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args)
         total = total + part[0]
         unweighted = unweighted + part[1]
     plain = _normalized(unweighted, targets.shape[0], num_items_in_batch)

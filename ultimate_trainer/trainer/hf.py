@@ -9,8 +9,9 @@ Which callbacks a run has, in which order and what each contributes, reads in on
 - ``SealCallback`` seals every checkpoint right after the Trainer wrote it (``on_save``): fsync,
   then the ``ut_checkpoint.json`` marker, so a checkpoint is complete or ignored.
 - ``ContinuousTrainer`` differs from ``Trainer`` only in its loss, which reads in one method:
-  packed rows made model-ready, the chunked loss (model/loss.py) and the rehearsal lines' weight
-  (the retention-aware controller's share within a run), which a callback cannot provide.
+  packed rows made model-ready, the chunked loss (model/loss.py), the rehearsal lines' loss (the
+  base's distribution distilled, ``training.rehearsal_loss``) and their weight (the retention-aware
+  controller's share within a run), which a callback cannot provide.
 
 With several processes (``distributed.py``) every rank runs these callbacks; rank 0 alone writes
 status, history and markers and evaluates, and the stop decision is taken together.
@@ -36,7 +37,8 @@ from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.model import scoring as evaluation
 from ultimate_trainer.data.collate import packed_inputs
 from ultimate_trainer.model import attention
-from ultimate_trainer.model.loss import chunked_causal_lm_loss, supports_chunked_loss, weighted_causal_lm_loss
+from ultimate_trainer.model.loss import (chunked_causal_lm_loss, has_teacher, supports_chunked_loss,
+                                         weighted_causal_lm_loss)
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.control_rule import ControllerState
 from ultimate_trainer.trainer.plan import RunPlan
@@ -63,6 +65,7 @@ class ContinuousTrainer(Trainer):
         self.cfg = cfg
         self.loss_observers = list(loss_observers or [])  # told each training micro-batch's loss (the guard)
         self.token_weights = token_weights  # (rehearsal, other) now: the retention-aware controller's
+        self._distills: bool | None = None  # decided at the first training batch (``distills``)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -80,11 +83,13 @@ class ContinuousTrainer(Trainer):
         inputs = dict(inputs)
         marks = inputs.pop("rehearsal_mask", None)  # the model never sees it
         weights = self._weights(marks) if model.training else None
+        distill = marks if model.training and marks is not None and self.distills(model) else None
         chunked = self.cfg.training.chunked_loss and self.accelerator.num_processes == 1 and model.training \
             and not return_outputs and supports_chunked_loss(model)
-        plain = None  # the loss with every target token counted once, when the one trained on is weighted
-        if weights is not None and not return_outputs:
-            result, plain = weighted_causal_lm_loss(model, inputs, weights, num_items_in_batch, chunked)
+        plain = None  # the loss with every target token's cross-entropy counted once, when it is not the one trained
+        if (weights is not None or distill is not None) and not return_outputs:
+            result, plain = weighted_causal_lm_loss(model, inputs, weights, num_items_in_batch, chunked,
+                                                    distill_mask=distill)
         elif chunked:
             result = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
         else:
@@ -95,6 +100,19 @@ class ContinuousTrainer(Trainer):
                 observe(loss.detach())
         return result
 
+
+    def distills(self, model: torch.nn.Module) -> bool:
+        """Whether the rehearsal lines train towards the base's distribution (``training.rehearsal_loss``
+        distill): a model with an adapter to switch off, alone or under DDP. FSDP and DeepSpeed shard the
+        model behind their own forward, which the teacher's pass would bypass: there, the base's answers."""
+        if self._distills is None:
+            wanted = self.cfg.training.rehearsal_loss == "distill"
+            sharded = self.accelerator.num_processes > 1 and self.cfg.training.distributed != "ddp"
+            self._distills = wanted and not sharded and has_teacher(model)
+            if wanted and not self._distills:
+                log.warning("rehearsal: its lines train on the base's answers (cross-entropy), not its distribution: "
+                            "%s", "FSDP/DeepSpeed shard the model" if sharded else "the model has no adapter")
+        return self._distills
 
     def _weights(self, rehearsal_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Each token's loss weight (the controller's rehearsal share within the run), None when all are 1."""
