@@ -75,6 +75,37 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, make_projec
     assert all(r["rss_bytes"] > 0 and r["device"] == "cpu" for r in s["ranks"])
 
 
+def test_two_processes_distil_the_rehearsal_as_one_process_does(tiny_model_dir, make_project, tmp_path):
+    """``training.rehearsal_loss`` distill under DDP: each rank's teacher pass (the model with its adapter
+    off, past the DDP wrapper) gives the losses and the adapter of one process (whose loss is the chunked
+    one). Against the base's answers trained by cross-entropy, the first step's loss is lower: a fresh
+    adapter is the base, so its rehearsal targets cost nothing."""
+    from conftest import seed_rehearsal
+
+    data = write_jsonl(tmp_path / "data.jsonl", records(41, "kd"))  # with 19 rehearsal lines, 15 whole steps
+    answers = [chat(f"general question {i}?", f"general answer number {i}.", system="You are a helpful assistant.")
+               for i in range(30)]
+    layout = {**SAME_GLOBAL_BATCH, "training__rehearsal_fraction": 0.3, "training__learning_rate": 0.01}
+    roots = {}
+    for name, extra in (("one", ONE), ("two", TWO), ("answers", ONE + ["--set", 'training.rehearsal_loss="answers"'])):
+        cfg = make_project(tiny_model_dir, root=tmp_path / name, **layout)
+        seed_rehearsal(cfg, answers)
+        r = run_train(cfg, data, extra=extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "not its distribution" not in r.stderr
+        roots[name] = cfg.parent
+    a, b, c = (step_losses(roots[k]) for k in ("one", "two", "answers"))
+    assert sorted(a) == sorted(b) == sorted(c) and len(a) >= 10
+    for step in a:
+        assert abs(a[step] - b[step]) <= LOSS_TOLERANCE, (step, a[step], b[step])
+    assert a[1] < c[1] - 0.1, (a[1], c[1])
+    ca, cb = (ck.newest_complete(roots[k] / "checkpoints") for k in ("one", "two"))
+    assert cb.meta["world_size"] == 2 and ca.global_step == cb.global_step
+    wa, wb = load_file(ca.path / "adapter_model.safetensors"), load_file(cb.path / "adapter_model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=ADAPTER_TOLERANCE, msg=name)
+
+
 def test_one_then_two_then_one_process_continue_the_global_step(tiny_model_dir, make_project, tmp_path):
     cfg = make_project(tiny_model_dir, eval_steps=3, save_steps=100, training__gradient_accumulation_steps=2)
     root = cfg.parent

@@ -90,6 +90,7 @@ class ContinuousTrainer(Trainer):
         if (weights is not None or distill is not None) and not return_outputs:
             result, plain = weighted_causal_lm_loss(model, inputs, weights, num_items_in_batch, chunked,
                                                     distill_mask=distill)
+            result, plain = self._across_ranks(result, num_items_in_batch), self._across_ranks(plain, num_items_in_batch)
         elif chunked:
             result = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
         else:
@@ -100,6 +101,14 @@ class ContinuousTrainer(Trainer):
                 observe(loss.detach())
         return result
 
+
+    def _across_ranks(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """``loss`` as the Trainer's own ``compute_loss`` scales it: with ``num_items_in_batch`` counted over all
+        ranks, times the number of ranks, which DDP's gradient average then undoes (without it, a loss computed
+        here would train at 1/world_size of the rate)."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * self.accelerator.num_processes
+        return loss
 
     def distills(self, model: torch.nn.Module) -> bool:
         """Whether the rehearsal lines train towards the base's distribution (``training.rehearsal_loss``

@@ -588,10 +588,8 @@ def train(run: RunState) -> None:
     if (start.kind != "checkpoint" and start.global_step > 0) or problem:
         resume_dir = str(hf.write_bootstrap(run.model, world.rank_path(cfg.path("work") / "bootstrap"),
                                             start.global_step, args))
-    marked = controller is not None or cfg.training.rehearsal_loss == "distill"  # the loss tells rehearsal lines apart
-    rehearsal_from = len(run.prepared.train) - run.prepared.rehearsal_examples \
-        if marked and run.prepared.rehearsal_examples else None  # stored last
-    train_dataset, train_collator = speed.training_data(run.prepared.train, p, run.tokenizer, rehearsal_from)
+    train_dataset, train_collator = speed.training_data(
+        run.prepared.train, p, run.tokenizer, speed.rehearsal_from(run.prepared, cfg, controller is not None))
     trainer = hf.ContinuousTrainer(model=run.model, args=args, train_dataset=train_dataset,
                                    data_collator=train_collator, processing_class=run.tokenizer,
                                    callbacks=callbacks, cfg=cfg, loss_observers=[guard.observe_loss],

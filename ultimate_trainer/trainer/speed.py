@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ultimate_trainer.core import threads
+from ultimate_trainer.core.config import Config
 from ultimate_trainer.data.collate import PackedCollator, PackedRows
 from ultimate_trainer.data.collate import Collator, Ordered
 from ultimate_trainer.data.tokenstore import TokenStore
@@ -37,6 +38,15 @@ def training_data(store: TokenStore, plan: RunPlan, tokenizer: PreTrainedTokeniz
     if rehearsal_from is not None:
         return Ordered(store, plan.remaining_order, rehearsal_from), Collator(pad_token_id=pad)
     return store.select(plan.remaining_order), Collator(pad_token_id=pad)
+
+
+def rehearsal_from(prepared: Any, cfg: Config, controlled: bool = False) -> int | None:
+    """The store index of ``prepared``'s first rehearsal line (stored last, data/prepare.py) when the loss
+    tells rehearsal lines apart: distilled (``training.rehearsal_loss``) or weighed by the controller
+    (``controlled``); else None (no marks)."""
+    if not prepared.rehearsal_examples or not (controlled or cfg.training.rehearsal_loss == "distill"):
+        return None
+    return len(prepared.train) - prepared.rehearsal_examples
 
 
 class ThreadGovernor(TrainerCallback):

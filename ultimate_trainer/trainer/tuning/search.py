@@ -377,7 +377,8 @@ class Search:
             args.logging_nan_inf_filter, args.disable_tqdm = False, True
             watch = _Watch(self.stop, progress, f"tune: candidate {i + 1}/{len(self.results)} ({res.name})",
                            self.steps)
-            dataset, collator = speed.training_data(self.prepared.train, self.plan, self.tokenizer)
+            dataset, collator = speed.training_data(self.prepared.train, self.plan, self.tokenizer,
+                                                    speed.rehearsal_from(self.prepared, cfg))
             trainer = hf.ContinuousTrainer(model=self.model, args=args, train_dataset=dataset, data_collator=collator,
                                            processing_class=self.tokenizer, callbacks=[watch, speed.ThreadGovernor()],
                                            cfg=cfg)
