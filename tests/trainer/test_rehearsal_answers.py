@@ -61,7 +61,8 @@ def test_a_run_trains_the_cached_answers_and_records_them(tiny_model_dir, make_p
     assert "the base answers" not in r.stderr  # the cached answers were used, none generated
     assert cache.read_bytes() == before
     meta = ck.newest_complete(project.parent / "checkpoints").meta
-    assert meta["rehearsal"] == {"examples": 14, "answers": cache.name, "prompts_file": "rehearsal.jsonl"}  # 40/3
+    assert meta["rehearsal"] == {"examples": 14, "answers": cache.name, "prompts_file": "rehearsal.jsonl",
+                                 "loss": "distill"}  # 40/3
     status = st.read_json(project.parent / "status" / st.TRAINING_STATUS)
     assert status["rehearsal"] == meta["rehearsal"]
     assert not (project.parent / ".work" / "current-rehearsal.jsonl").exists()  # removed with the run's scratch

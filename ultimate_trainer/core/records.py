@@ -247,7 +247,8 @@ class CheckpointMarker(Record):
     replay: dict[str, Any] | None = _f(None, "object or null",
                                        "the run's replay, absent when none: `examples`, `files` (done file name -> lines)")
     rehearsal: dict[str, Any] | None = _f(None, "object or null",
-                                          "the run's rehearsal, absent when none: `examples`, `answers`, `prompts_file`")
+                                          "the run's rehearsal, absent when none: `examples`, `answers`, `prompts_file`, "
+                                          "`loss` (`distill` or `answers`: training.rehearsal_loss)")
     controller: dict[str, Any] | None = _f(None, "object or null",
                                            "the retention-aware controller's state at this save, absent when it "
                                            "is off (trainer/control_rule.py `ControllerState`): `lr_scale` (x "
@@ -309,7 +310,7 @@ class TrainingStatus(Record):
     replay: dict | None = _f(None, 'object or null',
         'lines of earlier files mixed into this run (null: none): `examples` (trained), `files` (done file name -> lines)')
     rehearsal: dict | None = _f(None, 'object or null',
-        "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`")
+        "the base's own answers to general prompts mixed into this run (null: none): `examples` (trained), `answers` (the cache file under `.work/rehearsal/`: whose answers), `prompts_file`, `loss` (what its lines train: `distill`, the base\'s distribution, or `answers`, its answers; docs/TRAINING.md, Rehearsal)")
     controller: dict | None = _f(None, 'object or null',
         'the retention-aware controller (docs/TRAINING.md), null before training starts: `enabled`, `lr_scale` (x the configured rate, 1 when off), `learning_rate` (configured x scale: the base of the schedule now), `configured_learning_rate`, `rehearsal_fraction` (the share of rehearsal lines this run drew at its start), `next_rehearsal_fraction` (the controller\'s share now: this run\'s rehearsal lines are weighted to it, the next run draws it), `rehearsal_weight` (a rehearsal token\'s loss weight in this run, other tokens\' weighted so a step\'s mean weight is 1; 1 when the two shares agree), `configured_rehearsal_fraction`, `decisions` (kind -> count, all runs: `step_down`, `step_back`, `hold`), `last` (the last decision: `global_step`, `kind`, `reason`, `time`; null before the first)')
     stability: dict = _f(_obj({"loss_slope": None, "score": None, "anomalies": 0, "anomalies_this_run": 0, "last_anomaly": None}), 'object',

@@ -111,16 +111,17 @@ class ContinuousTrainer(Trainer):
         return loss
 
     def distills(self, model: torch.nn.Module) -> bool:
-        """Whether the rehearsal lines train towards the base's distribution (``training.rehearsal_loss``
-        distill): a model with an adapter to switch off, alone or under DDP. FSDP and DeepSpeed shard the
-        model behind their own forward, which the teacher's pass would bypass: there, the base's answers."""
+        """Whether the rehearsal lines train towards the base's distribution (``speed.rehearsal_loss``),
+        which needs a model with an adapter to switch off."""
         if self._distills is None:
+            from ultimate_trainer.trainer.speed import rehearsal_loss
+
             wanted = self.cfg.training.rehearsal_loss == "distill"
-            sharded = self.accelerator.num_processes > 1 and self.cfg.training.distributed != "ddp"
-            self._distills = wanted and not sharded and has_teacher(model)
+            self._distills = rehearsal_loss(self.cfg, self.accelerator.num_processes) == "distill" \
+                and has_teacher(model)
             if wanted and not self._distills:
                 log.warning("rehearsal: its lines train on the base's answers (cross-entropy), not its distribution: "
-                            "%s", "FSDP/DeepSpeed shard the model" if sharded else "the model has no adapter")
+                            "%s", "FSDP/DeepSpeed shard the model" if has_teacher(model) else "the model has no adapter")
         return self._distills
 
     def _weights(self, rehearsal_mask: torch.Tensor | None) -> torch.Tensor | None:

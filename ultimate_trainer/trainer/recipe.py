@@ -133,8 +133,11 @@ class RunState:
 
     def rehearsal_record(self) -> dict[str, Any]:
         """What the checkpoint marker and training_status.json say of the run's rehearsal."""
+        from ultimate_trainer.trainer.speed import rehearsal_loss
+
         return {"examples": self.prepared.rehearsal_examples, "answers": self.rehearsal.answers,
-                "prompts_file": self.rehearsal.prompts_file}
+                "prompts_file": self.rehearsal.prompts_file,
+                "loss": rehearsal_loss(self.cfg, self.world.size)}
 
 
 def run_marker(run: RunState) -> CheckpointMarker:
@@ -555,7 +558,7 @@ def train(run: RunState) -> None:
     #                            step_end                    before it is applied; last, as it may stop the run
     #
     # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss, the rehearsal
-    # lines' weight the controller sets), which hands each micro-batch's plain loss to the guard's observe_loss.
+    # lines' loss (the base's distribution distilled) and weight (the controller's)), which hands each micro-batch's plain loss to the guard's observe_loss.
     throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
     guard = GuardCallback(cfg.guard, reporter, step_describer(p, run.prepared, run.files, run.tokenizer), p.run_id,
                           step_sources(p, run.prepared, run.files),

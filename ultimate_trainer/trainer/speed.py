@@ -49,6 +49,15 @@ def rehearsal_from(prepared: Any, cfg: Config, controlled: bool = False) -> int 
     return len(prepared.train) - prepared.rehearsal_examples
 
 
+def rehearsal_loss(cfg: Config, world_size: int) -> str:
+    """What this run's rehearsal lines train (``training.rehearsal_loss``): ``distill`` or ``answers``.
+    FSDP and DeepSpeed shard the model behind their own forward, which the teacher's pass (the model with
+    its adapter off) would bypass: with several ranks under them, the base's answers."""
+    if world_size > 1 and cfg.training.distributed != "ddp":
+        return "answers"
+    return cfg.training.rehearsal_loss
+
+
 class ThreadGovernor(TrainerCallback):
     """Every ``interval`` seconds, sets torch's intra-op threads to the cores others leave free."""
 
