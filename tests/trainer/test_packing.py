@@ -14,7 +14,8 @@ import torch
 
 from conftest import chat
 from ultimate_trainer.data.encoding import IGNORE_INDEX
-from ultimate_trainer.data.collate import Collator, PackedCollator, PackedRows, block_causal_mask, packed_inputs
+from ultimate_trainer.data.collate import (Collator, PackedCollator, PackedRows, block_causal_mask, marked_only,
+                                          packed_inputs)
 from ultimate_trainer.data.packing import flat_rows, group_by_length, layout, pack_rows
 
 TOL = 1e-4
@@ -475,20 +476,47 @@ def test_distilled_rehearsal_loss_is_the_kl_from_the_base_on_both_paths(tiny_mod
     weights = torch.where(mask.bool(), 2.0, 0.5)
     per = torch.where(distill, kl, ce) * weights[:, 1:]
     want = float(per[keep].sum() / n_items)
+    alone = marked_only(batch, mask)  # the teacher's pass on the rehearsal lines alone: rows 3 and 4, trimmed
+    assert alone["input_ids"].shape == (2, int(batch["attention_mask"][3:].sum(dim=1).max()))
+    assert marked_only(batch, torch.zeros_like(mask)) is None
     grads = {}
-    for chunked in (True, False):
+    for chunked, teacher_inputs in ((True, None), (False, None), (True, alone), (False, alone)):
         model.zero_grad()
-        got, _ = weighted_causal_lm_loss(model, batch, weights, n_items, chunked, chunk_tokens=5, distill_mask=mask)
+        got, _ = weighted_causal_lm_loss(model, batch, weights, n_items, chunked, chunk_tokens=5, distill_mask=mask,
+                                         teacher_inputs=teacher_inputs)
         got.backward()
         assert float(got) == pytest.approx(want, rel=1e-4), chunked
-        grads[chunked] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert all(".lora_" in n for n in grads[True])  # the base stays frozen: the teacher pass leaves it alone
-    for n in grads[True]:
-        assert torch.allclose(grads[True][n], grads[False][n], atol=1e-5, rtol=1e-4), n
-    # A padding-free row, the same tokens marked: the same loss.
-    flat = PackedCollator(tok.pad_token_id)([PackedRows(_ListStore(examples), [list(range(5))], rehearsal_from=3)[0]])
+        grads[chunked, teacher_inputs is None] = {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}
+    first = grads[True, True]
+    assert all(".lora_" in n for n in first)  # the base stays frozen: the teacher pass leaves it alone
+    for other in grads.values():
+        for n in first:
+            assert torch.allclose(first[n], other[n], atol=1e-5, rtol=1e-4), n
+    # A padding-free row, the same tokens marked: the same loss, with the teacher on the whole row and on the
+    # rehearsal lines alone (one row of their tokens, each its own segment).
+    flat = PackedCollator(tok.pad_token_id)([PackedRows(_ListStore(examples), [[3, 0, 4, 1, 2]], rehearsal_from=3)[0]])
     fmask = flat.pop("rehearsal_mask")
-    with torch.no_grad():
-        got, _ = weighted_causal_lm_loss(model, packed_inputs(flat, "sdpa"), torch.where(fmask.bool(), 2.0, 0.5),
-                                         n_items, chunked=True, distill_mask=fmask)
-    assert float(got) == pytest.approx(want, rel=1e-4)
+    alone = marked_only(flat, fmask)
+    assert alone["segment_ids"].tolist() == [[1] * len(examples[3]["input_ids"]) + [2] * len(examples[4]["input_ids"])]
+    assert alone["input_ids"].tolist() == [examples[3]["input_ids"] + examples[4]["input_ids"]]
+    for teacher_inputs in (None, packed_inputs(alone, "sdpa")):
+        with torch.no_grad():
+            got, _ = weighted_causal_lm_loss(model, packed_inputs(flat, "sdpa"), torch.where(fmask.bool(), 2.0, 0.5),
+                                             n_items, chunked=True, distill_mask=fmask, teacher_inputs=teacher_inputs)
+        assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_marked_only_keeps_each_marked_example_whole_and_apart_across_packed_rows():
+    """Two packed rows, a rehearsal line in each and one ending row 0 beside one opening row 1: one row of
+    their tokens, each its own segment (a row's last example and the next row's first never merge)."""
+    store = _ListStore([{"input_ids": [10 + i] * (i + 2), "labels": [-100] + [10 + i] * (i + 1)} for i in range(4)])
+    rows = PackedRows(store, [[0, 2], [3, 1]], rehearsal_from=2)
+    batch = PackedCollator(0)([rows[0], rows[1]])
+    mask = batch.pop("rehearsal_mask")
+    alone = marked_only(batch, mask)
+    assert alone["input_ids"].tolist() == [[12] * 4 + [13] * 5]
+    assert alone["segment_ids"].tolist() == [[1] * 4 + [2] * 5]
+    assert alone["position_ids"].tolist() == [list(range(4)) + list(range(5))]
+    assert alone["labels"].tolist() == [[-100] + [12] * 3 + [-100] + [13] * 4]
+    assert alone["attention_mask"].tolist() == [[1] * 9]

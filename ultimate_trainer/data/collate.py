@@ -120,6 +120,30 @@ class PackedCollator(Collator):
         return {**batch, "position_ids": positions, "segment_ids": segments}
 
 
+def marked_only(batch: dict[str, Any], mask: torch.Tensor) -> dict[str, Any] | None:
+    """The examples of a collated ``batch`` that ``mask`` marks (whole examples: the rehearsal lines), alone,
+    as a batch of the same kind; None when none is marked. Their targets, in order, are the marked targets
+    of ``batch``, so a pass over it (the rehearsal's teacher, model/loss.py) costs their tokens only.
+
+    Packed rows and padding-free rows (``segment_ids``): the marked tokens of every row, one padding-free
+    row, each example its own segment, positions unchanged. Padded rows (one example each): the marked
+    rows, cut to the longest of them (padding is on the right)."""
+    marked = mask.bool()
+    if not bool(marked.any()):
+        return None
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        key = torch.arange(segments.shape[0], device=segments.device)[:, None] * (int(segments.max()) + 1) + segments
+        key = key[marked]
+        renumbered = torch.cumsum(torch.cat([key.new_ones(1), (key[1:] != key[:-1]).long()]), 0)
+        out = {k: batch[k][marked][None] for k in ("input_ids", "labels", "position_ids")}
+        return {**out, "attention_mask": torch.ones_like(out["input_ids"]), "segment_ids": renumbered[None]}
+    rows = marked.any(dim=1)
+    width = int(batch["attention_mask"][rows].sum(dim=1).max())
+    return {k: v[rows][:, :width] for k, v in batch.items()
+            if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+
+
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """``[batch, 1, length, length]`` boolean mask (True = may attend): causal within a segment.
 

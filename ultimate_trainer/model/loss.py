@@ -15,11 +15,14 @@ The result equals the model's own loss (sum of per-token cross-entropy over targ
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 26  # logits elements per chunk (256 MB in fp32) whatever the vocabulary
@@ -66,12 +69,13 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 def _teacher_kl(head: torch.nn.Module, logits: torch.Tensor, teacher_hidden: torch.Tensor,
                 distill: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) at each row of ``logits`` (0 where ``distill`` is False): the teacher's
-    logits are ``head`` over its hidden states, computed without gradient for the marked rows only."""
+    logits are ``head`` over its hidden states at the marked rows (``teacher_hidden``, one per marked row),
+    computed without gradient."""
     kl = logits.new_zeros(logits.shape[0])
     if not bool(distill.any()):
         return kl
     with torch.no_grad():
-        teacher = F.log_softmax(head(teacher_hidden[distill]).float(), dim=-1)
+        teacher = F.log_softmax(head(teacher_hidden).float(), dim=-1)
     return kl.index_put((distill.nonzero(as_tuple=True)[0],), distillation_kl(logits[distill], teacher))
 
 
@@ -106,15 +110,17 @@ def teacher(model: Any) -> Any:
 
 def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: torch.Tensor | None,
                             num_items_in_batch: Any = None, chunked: bool = False,
-                            chunk_tokens: int | None = None,
-                            distill_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk_tokens: int | None = None, distill_mask: torch.Tensor | None = None,
+                            teacher_inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, plain)``: the loss with each target token's cross-entropy times ``token_weights`` (the
     weight at the target's own position, shaped like ``labels``), and the plain loss (every target's
     cross-entropy, unweighted), detached.
 
     ``distill_mask`` (shaped like ``labels``, 1 on the rehearsal lines): a marked target is trained
     towards the base's whole next-token distribution, not its one token: its loss is the KL divergence
-    from the model with its adapter off (``teacher``), run once more on the batch without gradient.
+    from the model with its adapter off (``teacher``), run once more without gradient, on
+    ``teacher_inputs`` when given (the marked examples alone, data/collate.py ``marked_only``: their
+    targets, in order, are the marked targets of ``inputs``), else on the whole batch.
 
     ``chunked``: through ``chunked_causal_lm_loss``; else through the model's own forward (which DDP and
     the other wrappers need: the chunked loss calls the model's parts), its logits then the loss.
@@ -122,7 +128,7 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
     if distill_mask is not None and not bool((distill_mask[:, 1:].bool() & (inputs["labels"][:, 1:] != IGNORE_INDEX)).any()):
         distill_mask = None  # no rehearsal target in this batch: no teacher pass
     if chunked:
-        return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights, distill_mask)
+        return _chunked(model, inputs, num_items_in_batch, chunk_tokens, token_weights, distill_mask, teacher_inputs)
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     logits = model(**inputs, use_cache=False).logits[:, :-1]
@@ -132,8 +138,13 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
     per = ce
     if distill_mask is not None:
         distill = distill_mask[:, 1:].bool()[keep]
-        with teacher(model):
-            teacher_logits = _teacher_logits(model, inputs, keep, distill)
+        inner = getattr(model, "module", model)  # past any DDP wrapper: the teacher has no gradient to synchronise
+        lm = _causal_lm(inner)
+        if supports_chunked_loss(inner):  # its body, then lm_head over the marked targets alone
+            teacher_logits = lm.get_output_embeddings()(_teacher_states(model, lm.get_decoder(), inputs, labels,
+                                                                        distill, teacher_inputs))
+        else:
+            teacher_logits = _teacher_states(model, inner, inputs, labels, distill, teacher_inputs, logits=True)
         kl = distillation_kl(logits[keep][distill], F.log_softmax(teacher_logits.float(), dim=-1))
         per = ce.index_put((distill.nonzero(as_tuple=True)[0],), kl)
     if token_weights is not None:
@@ -143,17 +154,26 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
             _normalized(ce.detach().sum(), n, num_items_in_batch))
 
 
-def _teacher_logits(model: Any, inputs: dict[str, Any], keep: torch.Tensor, distill: torch.Tensor) -> torch.Tensor:
-    """The teacher's logits at the marked targets only (``keep`` then ``distill``): its body, then ``lm_head``
-    over those positions, where the architecture allows (``supports_chunked_loss``), else its whole logits.
-    Past any DDP wrapper: nothing here has a gradient to synchronise."""
-    inner = getattr(model, "module", model)
-    if supports_chunked_loss(inner):
-        lm = _causal_lm(inner)
-        body_inputs = {k: v for k, v in inputs.items() if k in BODY_INPUTS}
-        hidden = lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state[:, :-1][keep][distill]
-        return lm.get_output_embeddings()(hidden)
-    return inner(**inputs, use_cache=False).logits[:, :-1][keep][distill]
+def _teacher_states(model: Any, part: Any, inputs: dict[str, Any], labels: torch.Tensor, distill: torch.Tensor,
+                    teacher_inputs: dict[str, Any] | None, logits: bool = False) -> torch.Tensor:
+    """The teacher's last hidden states (``logits``: its logits) at the marked targets, in order: ``part``
+    (the decoder body, or the whole model for ``logits``) run under ``teacher(model)`` on ``teacher_inputs``
+    (whose targets are the marked ones), else on ``inputs`` (``labels`` theirs), then the marked targets kept.
+    Should ``teacher_inputs`` hold another number of targets than ``distill`` marks, the whole batch runs."""
+    def run(batch: dict[str, Any], batch_labels: torch.Tensor) -> torch.Tensor:
+        batch = {k: v for k, v in batch.items() if k != "labels" and (logits or k in BODY_INPUTS)}
+        with teacher(model):
+            out = part(**batch, use_cache=False)
+        return (out.logits if logits else out.last_hidden_state)[:, :-1][batch_labels[:, 1:] != IGNORE_INDEX]
+
+    wanted = int(distill.sum())
+    if teacher_inputs is not None:
+        states = run(teacher_inputs, teacher_inputs["labels"])
+        if states.shape[0] == wanted:
+            return states
+        log.warning("rehearsal distillation: the rehearsal lines alone hold %d targets, the batch marks %d; the "
+                    "teacher runs on the whole batch", states.shape[0], wanted)
+    return run(inputs, labels)[distill]
 
 
 def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None,
@@ -164,9 +184,9 @@ def chunked_causal_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batc
 
 
 def _chunked(model: Any, inputs: dict[str, Any], num_items_in_batch: Any, chunk_tokens: int | None,
-             token_weights: torch.Tensor | None,
-             distill_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chunked_causal_lm_loss`` (with ``weighted_causal_lm_loss``'s ``distill_mask``) and the plain loss."""
+             token_weights: torch.Tensor | None, distill_mask: torch.Tensor | None = None,
+             teacher_inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_causal_lm_loss`` (with ``weighted_causal_lm_loss``'s distillation) and the plain loss."""
     lm = _causal_lm(model)
     head = lm.get_output_embeddings()
     inputs = dict(inputs)
@@ -180,17 +200,19 @@ def _chunked(model: Any, inputs: dict[str, Any], num_items_in_batch: Any, chunk_
     distill = teacher_hidden = None
     if distill_mask is not None:
         distill = distill_mask[:, 1:].bool()[keep]
-        with teacher(model):
-            teacher_hidden = lm.get_decoder()(**body_inputs, use_cache=False).last_hidden_state[:, :-1][keep]
+        teacher_hidden = _teacher_states(model, lm.get_decoder(), inputs, labels, distill, teacher_inputs)
     if chunk_tokens is None:
         chunk_tokens = max(64, CHUNK_ELEMENTS // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     unweighted = hidden.new_zeros((), dtype=torch.float32)
+    taught = 0  # marked targets before this chunk: where its rows of teacher_hidden start
     for start in range(0, targets.shape[0], chunk_tokens):
         part_of = slice(start, start + chunk_tokens)
+        marked = None if distill is None else distill[part_of]
+        n_marked = 0 if marked is None else int(marked.sum())
         args = (head, hidden[part_of], targets[part_of], None if weights is None else weights[part_of],
-                None if distill is None else distill[part_of],
-                None if teacher_hidden is None else teacher_hidden[part_of])
+                marked, None if teacher_hidden is None else teacher_hidden[taught:taught + n_marked])
+        taught += n_marked
         part = checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args)
         total = total + part[0]
         unweighted = unweighted + part[1]

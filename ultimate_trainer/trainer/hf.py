@@ -20,6 +20,7 @@ status, history and markers and evaluates, and the stop decision is taken togeth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -35,7 +36,7 @@ from ultimate_trainer.core.config import Config
 from ultimate_trainer.core.records import CheckpointMarker
 from ultimate_trainer.core.progress import Stopped
 from ultimate_trainer.model import scoring as evaluation
-from ultimate_trainer.data.collate import packed_inputs
+from ultimate_trainer.data.collate import marked_only, packed_inputs
 from ultimate_trainer.model import attention
 from ultimate_trainer.model.loss import (chunked_causal_lm_loss, has_teacher, supports_chunked_loss,
                                          weighted_causal_lm_loss)
@@ -79,17 +80,22 @@ class ContinuousTrainer(Trainer):
         """
         inner = getattr(model, "module", model)  # under DDP/FSDP/DeepSpeed the model's attributes are its module's
         attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-        inputs = packed_inputs(inputs, attn, getattr(inner, "dtype", torch.float32), attention.takes_boundaries(attn))
         inputs = dict(inputs)
         marks = inputs.pop("rehearsal_mask", None)  # the model never sees it
-        weights = self._weights(marks) if model.training else None
         distill = marks if model.training and marks is not None and self.distills(model) else None
+        teacher_inputs = marked_only(inputs, distill) if distill is not None else None  # the rehearsal lines alone
+        made_ready = functools.partial(packed_inputs, attn_implementation=attn,
+                                       dtype=getattr(inner, "dtype", torch.float32),
+                                       takes_boundaries=attention.takes_boundaries(attn))
+        inputs = made_ready(inputs)
+        teacher_inputs = made_ready(teacher_inputs) if teacher_inputs is not None else None
+        weights = self._weights(marks) if model.training else None
         chunked = self.cfg.training.chunked_loss and self.accelerator.num_processes == 1 and model.training \
             and not return_outputs and supports_chunked_loss(model)
         plain = None  # the loss with every target token's cross-entropy counted once, when it is not the one trained
         if (weights is not None or distill is not None) and not return_outputs:
             result, plain = weighted_causal_lm_loss(model, inputs, weights, num_items_in_batch, chunked,
-                                                    distill_mask=distill)
+                                                    distill_mask=distill, teacher_inputs=teacher_inputs)
             result, plain = self._across_ranks(result, num_items_in_batch), self._across_ranks(plain, num_items_in_batch)
         elif chunked:
             result = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
