@@ -10,7 +10,9 @@ hand (1e-3), probing at every evaluation (``eval.probe_every`` 1), and reports:
 
 - held-out accuracy at each evaluation and at the end (``history/evals.jsonl``);
 - retention (probe score / the base's) at each probe, at the end and its lowest (``history/probe.jsonl``);
-- the controller's decisions (``history/controller.jsonl``) and the learning rate of each step.
+- the controller's decisions (``history/controller.jsonl``) and the learning rate of each step;
+- what the rehearsal lines trained (``training.rehearsal_loss``: ``--set training.rehearsal_loss='"answers"'``
+  for the base's answers by cross-entropy) and the median training tokens/s from step 20.
 
 Tasks: ``demo`` is the demo task exactly as ``make demo`` drops it (two files of 300 bookings,
 ``ultimate_trainer/data/sample.py``: "REF-42-SMITH" codes); ``dates`` is a task of our own design
@@ -115,7 +117,11 @@ def one(task: str, side: str, args: argparse.Namespace, root: Path) -> dict:
         if s.get("learning_rate") != last_lr:
             last_lr = s.get("learning_rate")
             lr_changes.append([s["global_step"], last_lr])
+    speeds = sorted(s["tokens_per_second"] for s in steps if s.get("tokens_per_second") and s["global_step"] >= 20)
+    status = json.loads((root / "status" / "training_status.json").read_text())
     return {"task": task, "controller": side, "learning_rate": args.lr, "steps": steps[-1]["global_step"] if steps else 0,
+            "rehearsal_loss": (status.get("rehearsal") or {}).get("loss"),
+            "tokens_per_second_median": speeds[len(speeds) // 2] if speeds else None,  # from step 20: warmed up
             "seconds": round(seconds), "heldout_accuracy": evals[-1].get("accuracy") if evals else None,
             "heldout_by_eval": [[e["global_step"], e.get("accuracy")] for e in evals],
             "retention": probes[-1].get("retention") if probes else None,
