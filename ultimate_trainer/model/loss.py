@@ -134,7 +134,8 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    ce = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+    logits = logits[keep]  # [tokens with a target, vocabulary]
+    ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")
     per = ce
     if distill_mask is not None:
         distill = distill_mask[:, 1:].bool()[keep]
@@ -145,7 +146,7 @@ def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: t
                                                                         distill, teacher_inputs))
         else:
             teacher_logits = _teacher_states(model, inner, inputs, labels, distill, teacher_inputs, logits=True)
-        kl = distillation_kl(logits[keep][distill], F.log_softmax(teacher_logits.float(), dim=-1))
+        kl = distillation_kl(logits[distill], F.log_softmax(teacher_logits.float(), dim=-1))
         per = ce.index_put((distill.nonzero(as_tuple=True)[0],), kl)
     if token_weights is not None:
         per = per * token_weights[:, 1:].to(torch.float32)[keep]
