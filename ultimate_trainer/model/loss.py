@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,14 +98,13 @@ def has_teacher(model: Any) -> bool:
     return hasattr(getattr(model, "module", model), "disable_adapter")  # under DDP the module's
 
 
-def teacher(model: Any) -> Any:
-    """A context manager under which ``model`` is its own base (``has_teacher``), without gradient."""
+@contextlib.contextmanager
+def teacher(model: Any) -> Iterator[None]:
+    """Within it ``model`` is its own base (``has_teacher``: its adapter off), without gradient."""
     if not has_teacher(model):
         raise ValueError(f"{type(model).__name__} has no adapter to switch off: no base to distil from")
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    stack.enter_context(getattr(model, "module", model).disable_adapter())
-    return stack
+    with torch.no_grad(), getattr(model, "module", model).disable_adapter():
+        yield
 
 
 def weighted_causal_lm_loss(model: Any, inputs: dict[str, Any], token_weights: torch.Tensor | None,
