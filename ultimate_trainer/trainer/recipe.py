@@ -558,7 +558,8 @@ def train(run: RunState) -> None:
     #                            step_end                    before it is applied; last, as it may stop the run
     #
     # The loss itself is hf.ContinuousTrainer.compute_loss (packed inputs, the chunked loss, the rehearsal
-    # lines' loss (the base's distribution distilled) and weight (the controller's)), which hands each micro-batch's plain loss to the guard's observe_loss.
+    # lines' loss (the base's distribution distilled) and weight (the controller's)), which hands each
+    # micro-batch's plain loss to the guard's observe_loss.
     throughput = Throughput()  # trained tokens/s, with the time of evaluations and probes left out
     guard = GuardCallback(cfg.guard, reporter, step_describer(p, run.prepared, run.files, run.tokenizer), p.run_id,
                           step_sources(p, run.prepared, run.files),
