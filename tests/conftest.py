@@ -180,12 +180,14 @@ def newest_step(checkpoints: Path) -> int:
     return newest.global_step if newest else 0
 
 
-def step_losses(root: Path) -> dict[int, float]:
-    """Loss per global step of a project; a step logged again after a crash keeps its last line (docs/STATUS.md)."""
+def step_losses(root: Path, objective: bool = False) -> dict[int, float]:
+    """Loss per global step of a project; a step logged again after a crash keeps its last line (docs/STATUS.md).
+
+    ``objective``: the loss trained (``objective``, where it differed from the plain ``loss``)."""
     out = {}
     for line in (root / "status" / "history" / "steps.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["global_step"]] = rec["loss"]
+        out[rec["global_step"]] = rec.get("objective", rec["loss"]) if objective else rec["loss"]
     return out
 
 

@@ -198,7 +198,7 @@ def test_a_step_down_weighs_the_rehearsal_lines_from_the_next_step_of_the_same_r
     other = next(d for d in lines(roots["unweighted"] / "status/history/controller.jsonl")
                  if d["global_step"] == first["global_step"])
     assert (other["kind"], other["lr_scale"], other["rehearsal_weight"]) == ("hold", 1.0, 1.0), other["reason"]
-    weighted, unweighted = step_losses(roots["weighted"]), step_losses(roots["unweighted"])
+    weighted, unweighted = (step_losses(roots[k], objective=True) for k in ("weighted", "unweighted"))
     before = [s for s in weighted if s <= first["global_step"]]
     assert [weighted[s] for s in before] == [unweighted[s] for s in before]
     assert weighted[first["global_step"] + 1] != pytest.approx(unweighted[first["global_step"] + 1], rel=1e-4)

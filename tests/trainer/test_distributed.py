@@ -78,8 +78,9 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, make_projec
 def test_two_processes_distil_the_rehearsal_as_one_process_does(tiny_model_dir, make_project, tmp_path):
     """``training.rehearsal_loss`` distill under DDP: each rank's teacher pass (the model with its adapter
     off, past the DDP wrapper) gives the losses and the adapter of one process (whose loss is the chunked
-    one). Against the base's answers trained by cross-entropy, the first step's loss is lower: a fresh
-    adapter is the base, so its rehearsal targets cost nothing."""
+    one). Against the base's answers trained by cross-entropy, the first step's objective is lower: a fresh
+    adapter is the base, so its rehearsal targets cost nothing; its logged ``loss`` is the plain
+    cross-entropy, the same as that run's at the same step and model."""
     from conftest import seed_rehearsal
 
     data = write_jsonl(tmp_path / "data.jsonl", records(41, "kd"))  # with 19 rehearsal lines, 15 whole steps
@@ -94,11 +95,18 @@ def test_two_processes_distil_the_rehearsal_as_one_process_does(tiny_model_dir, 
         assert r.returncode == 0, r.stderr[-3000:]
         assert "not its distribution" not in r.stderr
         roots[name] = cfg.parent
-    a, b, c = (step_losses(roots[k]) for k in ("one", "two", "answers"))
+    a, b, c = (step_losses(roots[k], objective=True) for k in ("one", "two", "answers"))
     assert sorted(a) == sorted(b) == sorted(c) and len(a) >= 10
     for step in a:
         assert abs(a[step] - b[step]) <= LOSS_TOLERANCE, (step, a[step], b[step])
     assert a[1] < c[1] - 0.1, (a[1], c[1])
+    plain = {k: step_losses(roots[k]) for k in ("one", "two", "answers")}
+    assert plain["one"][1] == pytest.approx(plain["answers"][1], abs=LOSS_TOLERANCE) \
+        == pytest.approx(plain["two"][1], abs=LOSS_TOLERANCE)
+    # the KL of a rehearsal token is below its cross-entropy (a step without rehearsal lines logs one loss)
+    assert all(plain["one"][s] >= a[s] for s in a) and plain["one"][1] > a[1] + 0.1
+    logged = {k: (roots[k] / "status/history/steps.jsonl").read_text() for k in ("one", "answers")}
+    assert '"objective"' in logged["one"] and '"objective"' not in logged["answers"]  # only where they differ
     ca, cb = (ck.newest_complete(roots[k] / "checkpoints") for k in ("one", "two"))
     assert cb.meta["world_size"] == 2 and ca.global_step == cb.global_step
     wa, wb = load_file(ca.path / "adapter_model.safetensors"), load_file(cb.path / "adapter_model.safetensors")

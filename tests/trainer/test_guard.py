@@ -465,3 +465,22 @@ def test_an_absurd_learning_rate_stops_the_run_and_nothing_of_it_is_kept(guard_m
                                               "loss above chance"}
     # The wrecked adapter is neither saved nor continued from: the next run starts from run 1's checkpoint.
     assert ck.newest_complete(root / "checkpoints").path == kept.path
+
+
+def test_a_skipped_step_of_rehearsal_lines_alone_says_so_rather_than_naming_no_file(tmp_path, caplog):
+    """A step can hold no line of the run's own files (only replayed or rehearsed ones): its warning says
+    which, where it used to name the files as "?"."""
+    import logging
+
+    from ultimate_trainer.trainer.guard import GuardCallback
+    from ultimate_trainer.trainer.reporter import StatusReporter
+
+    reporter = StatusReporter(tmp_path / "status", tmp_path / "ckpt", 60, 0)
+    files = {1: [], 2: ["t.jsonl"]}
+    guard = GuardCallback(_cfg(tmp_path).guard, reporter, lambda step: {"files": files[step], "examples": []}, "run")
+    with caplog.at_level(logging.WARNING, logger="ultimate_trainer.trainer.guard"):
+        guard._record(1, "loss spike", 3.0, 1.0, 2.0, {"user": 0.0, "replay": 0.25, "rehearsal": 0.75})
+        guard._record(2, "loss spike", 3.0, 1.0, 2.0, {"user": 0.5, "rehearsal": 0.5})
+    first, second = [r.getMessage() for r in caplog.records]
+    assert first.endswith("update skipped; no line of this run's files (rehearsal and replay lines only)"), first
+    assert second.endswith("update skipped; files t.jsonl"), second

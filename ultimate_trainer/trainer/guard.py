@@ -221,9 +221,12 @@ class GuardCallback(TrainerCallback):
         self.events.append(event)
         self.reporter.log_anomaly(event)
         if self.world.is_main:
-            log.warning("step %d: %s (loss %s, grad norm %s%s): update skipped; files %s", global_step, kind,
+            files = described.get("files") or []
+            others = [k for k, v in sorted(shares.items()) if v > 0 and k != USER]
+            log.warning("step %d: %s (loss %s, grad norm %s%s): update skipped; %s", global_step, kind,
                         event["loss"], event["grad_norm"], f", threshold {threshold:.4g}" if threshold else "",
-                        ", ".join(described.get("files") or []) or "?")
+                        f"files {', '.join(files)}" if files else
+                        f"no line of this run's files ({' and '.join(others) or 'no'} lines only)")
 
     def _publish(self, global_step: int, shares: dict[str, float]) -> None:
         recent = list(self.run_losses)[-self.cfg.slope_steps:]

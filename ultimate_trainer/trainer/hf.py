@@ -67,6 +67,11 @@ class ContinuousTrainer(Trainer):
         self.loss_observers = list(loss_observers or [])  # told each training micro-batch's loss (the guard)
         self.token_weights = token_weights  # (rehearsal, other) now: the retention-aware controller's
         self._distills: bool | None = None  # decided at the first training batch (``distills``)
+        # The plain loss (each target token's cross-entropy once) of the micro-batches since the last log, the
+        # step it started after, and whether the objective trained differed from it (``log``).
+        self._plain_sum: torch.Tensor | None = None
+        self._plain_since = 0
+        self._objective_differs = False
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -102,10 +107,30 @@ class ContinuousTrainer(Trainer):
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
-            loss = plain if plain is not None else result[0] if return_outputs else result
+            loss = (plain if plain is not None else result[0] if return_outputs else result).detach()
             for observe in self.loss_observers:  # the guard judges the plain loss
-                observe(loss.detach())
+                observe(loss)
+            if self._plain_sum is None:
+                self._plain_sum, self._plain_since = loss.float(), self.state.global_step
+            else:
+                self._plain_sum = self._plain_sum + loss.float()
+            self._objective_differs |= plain is not None
         return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, whose ``loss`` is the plain cross-entropy of the steps since the last log
+        (every target token once, averaged over ranks as the Trainer averages its own), so that a chart
+        of it reads beside the validation loss; when the loss trained differed (the controller's weights,
+        the distilled rehearsal lines' KL), that one is ``objective`` beside it."""
+        if "loss" in logs and self._plain_sum is not None:
+            steps = self.state.global_step - self._plain_since
+            if self._objective_differs and steps > 0:
+                from transformers.trainer_pt_utils import nested_gather
+
+                plain = nested_gather(self._plain_sum, self.args.parallel_mode).mean().item() / steps
+                logs = {**logs, "objective": logs["loss"], "loss": plain}
+            self._plain_sum, self._objective_differs = None, False
+        super().log(logs, start_time)
 
 
     def _across_ranks(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
@@ -247,6 +272,7 @@ class RunCallback(TrainerCallback):
         tps = self.throughput.add(state.num_input_tokens_seen or 0)
         fields = {
             "loss": logs.get("loss"),
+            **({"objective": logs["objective"]} if "objective" in logs else {}),
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_second": round(tps, 1) if tps else self.reporter.get("tokens_per_second"),
@@ -258,15 +284,18 @@ class RunCallback(TrainerCallback):
             # The guard skipped this step's update. The Trainer logs a non-finite loss as 0.0 (or an average):
             # the record gets the real one, null when it is not a number (its text beside it).
             extra = {"skipped": True, "anomaly": skipped.get("kind")}
+            fields.pop("objective", None)  # the Trainer's stand-in for a non-finite one: not a figure of this step
             for k in ("loss", "grad_norm"):
                 real = skipped.get(k)
                 fields[k] = real if isinstance(real, (int, float)) else None
                 if isinstance(real, str):
                     extra[f"{k}_text"] = real
-        self.reporter.update(**fields)
-        log.info("step %d (run %d/%d) loss %s lr %.3g grad_norm %s tok/s %s%s", state.global_step,
+        objective = fields.get("objective")
+        self.reporter.update(**{k: v for k, v in fields.items() if k != "objective"})
+        log.info("step %d (run %d/%d) loss %s%s lr %.3g grad_norm %s tok/s %s%s", state.global_step,
                  self.run_step(state), self.total_steps,
                  extra.get("loss_text") or (None if fields["loss"] is None else round(fields["loss"], 4)),
+                 "" if objective is None else f" (objective {objective:.4g})",
                  fields["learning_rate"] or 0.0,
                  None if fields["grad_norm"] is None else round(fields["grad_norm"], 3), fields["tokens_per_second"],
                  " (update skipped)" if extra else "")
