@@ -27,51 +27,64 @@ def cfg_with(**controller) -> config_mod.Config:
 
 CFG = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
                stall_evaluations=2, safe_margin=0.03)
+SHARE_FIRST = cfg_with(step_down_first="share", lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1,
+                       max_rehearsal_fraction=0.5, stall_evaluations=2, safe_margin=0.03)
 
 
-@pytest.mark.parametrize("state, retention, accuracy, kind, scale, share", [
-    # retention under the warning: the share first, rehearsal + 0.1, the rate unchanged
-    (ControllerState(), 0.94, 50.0, "step_down", 1.0, 0.4),
-    # the ceiling bounds the share: 0.45 -> 0.5 (not 0.55 above), the rate still unchanged
-    (ControllerState(rehearsal_extra=0.15), 0.5, 50.0, "step_down", 1.0, 0.5),
-    # the share at its ceiling: now the rate halves...
-    (ControllerState(rehearsal_extra=0.2), 0.5, 50.0, "step_down", 0.5, 0.5),
-    # ...down to its floor: 0.5 -> 0.25 (not 0.125 below)
-    (ControllerState(lr_scale=0.5, rehearsal_extra=0.2), 0.5, 50.0, "step_down", 0.25, 0.5),
+@pytest.mark.parametrize("cfg, state, retention, accuracy, kind, scale, share", [
+    # retention under the warning: the rate first (the default), halved, the share unchanged
+    (CFG, ControllerState(), 0.94, 50.0, "step_down", 0.5, 0.3),
+    # ...down to its floor: 0.5 -> 0.25 (not 0.125 below), the share still unchanged
+    (CFG, ControllerState(lr_scale=0.5), 0.5, 50.0, "step_down", 0.25, 0.3),
+    # the rate at its floor: now the share, + 0.1
+    (CFG, ControllerState(lr_scale=0.25), 0.5, 50.0, "step_down", 0.25, 0.4),
+    # the ceiling bounds the share: 0.45 -> 0.5 (not 0.55 above)
+    (CFG, ControllerState(lr_scale=0.25, rehearsal_extra=0.15), 0.5, 50.0, "step_down", 0.25, 0.5),
     # both at their bounds: hold, said why
-    (ControllerState(lr_scale=0.25, rehearsal_extra=0.2), 0.5, 50.0, "hold", 0.25, 0.5),
+    (CFG, ControllerState(lr_scale=0.25, rehearsal_extra=0.2), 0.5, 50.0, "hold", 0.25, 0.5),
     # exactly at the warning level is not under it: hold (not safe for a step back either)
-    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=5),
+    (CFG, ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=5),
      0.95, 80.0, "hold", 0.5, 0.4),
-    # stalled (2nd probed evaluation without a better accuracy) and safe: step back, the rate first
-    (ControllerState(lr_scale=0.25, rehearsal_extra=0.2, best_accuracy=90.0, evaluations_since_best=1),
-     0.99, 90.0, "step_back", 0.5, 0.5),
-    # stepping back never passes the configured values: the rate to 1 (not 1.5), the share stays...
-    (ControllerState(lr_scale=0.75, rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
-     1.0, 85.0, "step_back", 1.0, 0.35),
-    # ...and comes down once the rate is back, to the configured 0.3 (not 0.25)
-    (ControllerState(rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
-     1.0, 85.0, "step_back", 1.0, 0.3),
+    # stalled (2nd probed evaluation without a better accuracy) and safe: step back, the share first (the
+    # reverse of a step down)...
+    (CFG, ControllerState(lr_scale=0.25, rehearsal_extra=0.2, best_accuracy=90.0, evaluations_since_best=1),
+     0.99, 90.0, "step_back", 0.25, 0.4),
+    # ...never below the configured share: 0.35 -> 0.3 (not 0.25), the rate unchanged...
+    (CFG, ControllerState(lr_scale=0.25, rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
+     1.0, 85.0, "step_back", 0.25, 0.3),
+    # ...then the rate, never above the configured one: 0.75 -> 1 (not 1.5)
+    (CFG, ControllerState(lr_scale=0.75, best_accuracy=90.0, evaluations_since_best=1), 1.0, 85.0, "step_back",
+     1.0, 0.3),
     # improving accuracy: no stall, hold
-    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=80.0, evaluations_since_best=1),
+    (CFG, ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=80.0, evaluations_since_best=1),
      1.0, 85.0, "hold", 0.5, 0.4),
     # stalled but only just above the warning (under warn + margin): hold
-    (ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=1),
+    (CFG, ControllerState(lr_scale=0.5, rehearsal_extra=0.1, best_accuracy=90.0, evaluations_since_best=1),
      0.96, 90.0, "hold", 0.5, 0.4),
     # already at the configured values: hold
-    (ControllerState(best_accuracy=90.0, evaluations_since_best=4), 1.0, 90.0, "hold", 1.0, 0.3),
+    (CFG, ControllerState(best_accuracy=90.0, evaluations_since_best=4), 1.0, 90.0, "hold", 1.0, 0.3),
     # no held-out accuracy: a stall on retention alone
-    (ControllerState(lr_scale=0.5, evaluations_since_best=1), 1.0, None, "step_back", 1.0, 0.3),
+    (CFG, ControllerState(lr_scale=0.5, evaluations_since_best=1), 1.0, None, "step_back", 1.0, 0.3),
+    # controller.step_down_first "share": the share up to its ceiling first, the rate unchanged...
+    (SHARE_FIRST, ControllerState(), 0.94, 50.0, "step_down", 1.0, 0.4),
+    (SHARE_FIRST, ControllerState(rehearsal_extra=0.15), 0.5, 50.0, "step_down", 1.0, 0.5),
+    # ...then the rate halves
+    (SHARE_FIRST, ControllerState(rehearsal_extra=0.2), 0.5, 50.0, "step_down", 0.5, 0.5),
+    # a step back in the reverse order: the rate first, then the share
+    (SHARE_FIRST, ControllerState(lr_scale=0.25, rehearsal_extra=0.2, best_accuracy=90.0, evaluations_since_best=1),
+     0.99, 90.0, "step_back", 0.5, 0.5),
+    (SHARE_FIRST, ControllerState(rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
+     1.0, 85.0, "step_back", 1.0, 0.3),
 ])
-def test_rule(state, retention, accuracy, kind, scale, share) -> None:
+def test_rule(cfg, state, retention, accuracy, kind, scale, share) -> None:
     before = state.to_json()
-    d = decide(state, retention, accuracy, CFG, global_step=7)
+    d = decide(state, retention, accuracy, cfg, global_step=7)
     assert d is not None and d.kind == kind, d.reason
-    assert d.state.lr_scale == pytest.approx(scale) and rehearsal_share(d.state, CFG) == pytest.approx(share)
+    assert d.state.lr_scale == pytest.approx(scale) and rehearsal_share(d.state, cfg) == pytest.approx(share)
     assert d.state.decisions == {**state.decisions, kind: 1} and d.state.last["kind"] == kind
     assert d.state.last["global_step"] == 7 and d.reason == d.state.last["reason"]
     assert state.to_json() == before  # pure: the state handed in is not changed
-    assert decide(state, retention, accuracy, CFG, 7).state.to_json() == d.state.to_json()  # deterministic
+    assert decide(state, retention, accuracy, cfg, 7).state.to_json() == d.state.to_json()  # deterministic
 
 
 def test_rule_without_probe_rehearsal_off_and_the_continued_share() -> None:
@@ -174,14 +187,15 @@ def test_retention_falls_and_the_optimizer_rate_drops_then_the_next_run_starts_f
 def test_a_step_down_weighs_the_rehearsal_lines_from_the_next_step_of_the_same_run(
         make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The raised rehearsal share acts in the run that decided it: from the next step, its rehearsal lines weigh
-    more in the loss, at the same rate (the share moves first). Against a run that differs only in
-    ``controller.rehearsal_step`` 0 and ``min_lr_scale`` 1 (a decision at the same step that can move nothing:
-    the same rates, weights of 1), the losses are identical up to the decision and differ from the step after it."""
+    more in the loss, at the same rate (``min_lr_scale`` 1: the rate is at its floor, so the share moves).
+    Against a run that differs only in ``controller.rehearsal_step`` 0 (a decision at the same step that can
+    move nothing: the same rates, weights of 1), the objectives trained are identical up to the decision and
+    differ from the step after it."""
     data = write_jsonl(tmp_path / "a.jsonl", DATA)
     answers = [chat(f"general question {i}?", f"general answer {i}.", system="You are a helpful assistant.")
                for i in range(30)]
     roots, errs = {}, {}
-    for name, step, floor in (("weighted", 0.2, 0.25), ("unweighted", 0.0, 1.0)):
+    for name, step, floor in (("weighted", 0.2, 1.0), ("unweighted", 0.0, 1.0)):
         cfg = project(make_project, tiny_model_dir, tmp_path / name, training__rehearsal_fraction=0.3,
                       controller__rehearsal_step=step, controller__max_rehearsal_fraction=0.6,
                       controller__min_lr_scale=floor)

@@ -181,18 +181,22 @@ class ControllerConfig:
                        "lower the learning rate while retention is under eval.retention_warn, and step them back towards the "
                        "configured values once held-out accuracy stalls with retention safe (docs/TRAINING.md, "
                        "\"Retention-aware controller\"). false: the configured values, always.")
-    lr_factor: float = _f(0.5, "A step down multiplies the learning rate's scale by this once the rehearsal share is at "
-                          "its ceiling (or rehearsal is off); a step back divides it by this (never above 1: the "
-                          "configured rate) before it lowers the share.", min=0.05, max=0.95)
-    min_lr_scale: float = _f(0.5, "Lowest scale of the configured learning rate the controller steps down to. The "
+    step_down_first: Literal["rate", "share"] = _f(
+        "rate", "Which lever a step down moves first: 'rate' lowers the learning rate to controller.min_lr_scale, "
+        "then raises the rehearsal share; 'share' the other way round. A step back undoes them in the reverse "
+        "order. Measured: with distilled rehearsal (training.rehearsal_loss distill) the rate first kept more; with "
+        "'answers' the share first did (docs/PERFORMANCE.md, \"Retention-aware controller\").")
+    lr_factor: float = _f(0.5, "A step down multiplies the learning rate's scale by this (controller.step_down_first); a "
+                          "step back divides it by this, never above 1 (the configured rate).", min=0.05, max=0.95)
+    min_lr_scale: float = _f(0.25, "Lowest scale of the configured learning rate the controller steps down to. The "
                              "rehearsal that repairs a dip in retention trains at this rate too: a low floor keeps "
                              "the dip from deepening but also from recovering (docs/PERFORMANCE.md, "
                              "\"Retention-aware controller\"). 1: the controller moves only the rehearsal share.",
                              min=0.001, max=1.0)
-    rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share, before it touches the learning rate "
-                               "(in the current run as a weight on its rehearsal lines' loss, drawn at that share from "
-                               "the next run); a step back takes it off again once the rate is back. 0: the controller "
-                               "leaves the share alone and steps the rate.", min=0.0, max=0.5)
+    rehearsal_step: float = _f(0.1, "A step down adds this to the rehearsal share (controller.step_down_first; in the "
+                               "current run as a weight on its rehearsal lines' loss, drawn at that share from the "
+                               "next run); a step back takes it off again. 0: the controller leaves the share alone "
+                               "and steps the rate.", min=0.0, max=0.5)
     max_rehearsal_fraction: float = _f(0.6, "Highest rehearsal share the controller raises it to (the configured "
                                        "training.rehearsal_fraction when that is higher). A run with rehearsal off "
                                        "(0) is never given any.", min=0.0, max=0.9)

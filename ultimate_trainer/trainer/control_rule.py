@@ -2,18 +2,20 @@
 
 After each probe (``trainer/controller.py`` calls ``decide``):
 
-- **step down** when retention (probe score / the base's) is under ``eval.retention_warn``: the
-  rehearsal share is raised by ``controller.rehearsal_step`` (not above the ceiling:
-  ``controller.max_rehearsal_fraction``, or the configured share when higher); once the share is at
-  its ceiling (or rehearsal is off), the learning rate's scale is multiplied by
-  ``controller.lr_factor`` instead (not below ``controller.min_lr_scale``). Share first: measured,
-  a lowered rate in the middle of a run slows the rehearsal that mends a dip and ended runs one to
-  three probe answers lower, where a raised share cost nothing (docs/PERFORMANCE.md);
+- **step down** when retention (probe score / the base's) is under ``eval.retention_warn``: one
+  lever moves. With ``controller.step_down_first`` ``rate`` (the default) the learning rate's scale
+  is multiplied by ``controller.lr_factor`` (not below ``controller.min_lr_scale``); once it is at
+  its floor, the rehearsal share is raised by ``controller.rehearsal_step`` instead (not above the
+  ceiling: ``controller.max_rehearsal_fraction``, or the configured share when higher; never with
+  rehearsal off). ``share`` moves them in the other order. Measured (docs/PERFORMANCE.md): with
+  distilled rehearsal the rate first ended runs up to two probe answers higher than the share
+  first; with the base's answers by cross-entropy (``training.rehearsal_loss`` answers) the
+  share first was the better order, a lowered rate slowing the rehearsal that mends a dip;
 - **step back** when held-out accuracy has not improved on its best for
   ``controller.stall_evaluations`` probed evaluations in a row and retention is at least
-  ``eval.retention_warn + controller.safe_margin``: in the reverse order, the scale divided by
-  ``lr_factor`` while it is under 1 (the configured rate), then the share lowered by
-  ``rehearsal_step`` (not below the configured one);
+  ``eval.retention_warn + controller.safe_margin``: in the reverse order (by default the share
+  lowered by ``rehearsal_step`` to the configured one, then the scale divided by ``lr_factor`` up
+  to 1, the configured rate);
 - **hold** otherwise (and when a step would move nothing: both at their bounds), said why.
 
 The state is everything a decision depends on besides the probe and the evaluation, so that a run
@@ -147,12 +149,18 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     rehearsing = cfg.training.rehearsal_fraction > 0 and c.rehearsal_step > 0
     acc = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:g}%"
 
+    rate_first = c.step_down_first == "rate"
     if retention < warn - EPS:
-        new_scale, new_extra = scale, new.rehearsal_extra
+        lower = max(c.min_lr_scale, scale * c.lr_factor)
+        raised = new.rehearsal_extra
         if rehearsing:
-            new_extra = min(new.rehearsal_extra + c.rehearsal_step, rehearsal_ceiling(cfg) - cfg.training.rehearsal_fraction)
-        if new_extra <= new.rehearsal_extra + EPS:  # the share at its ceiling (or no rehearsal): the rate
-            new_scale = max(c.min_lr_scale, scale * c.lr_factor)
+            raised = min(new.rehearsal_extra + c.rehearsal_step, rehearsal_ceiling(cfg) - cfg.training.rehearsal_fraction)
+        if rate_first:  # the rate down to its floor, then the share
+            new_scale = lower
+            new_extra = raised if new_scale >= scale - EPS else new.rehearsal_extra
+        else:  # the share up to its ceiling (or no rehearsal), then the rate
+            new_extra = raised
+            new_scale = lower if new_extra <= new.rehearsal_extra + EPS else scale
         moved = []
         if new_scale < scale - EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
@@ -169,10 +177,14 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     stalled = new.evaluations_since_best >= c.stall_evaluations
     safe = retention >= warn + c.safe_margin - EPS
     at_configured = scale >= 1.0 - EPS and new.rehearsal_extra <= EPS
-    if stalled and safe and not at_configured:
-        new_scale, new_extra = min(1.0, scale / c.lr_factor), new.rehearsal_extra
-        if new_scale <= scale + EPS:  # the rate back at the configured one: then the share
-            new_extra = max(0.0, new.rehearsal_extra - c.rehearsal_step)
+    if stalled and safe and not at_configured:  # in the reverse order of a step down
+        raised, lowered = min(1.0, scale / c.lr_factor), max(0.0, new.rehearsal_extra - c.rehearsal_step)
+        if rate_first:  # the share back to the configured one, then the rate
+            new_extra = lowered
+            new_scale = raised if new_extra >= new.rehearsal_extra - EPS else scale
+        else:  # the rate back to the configured one, then the share
+            new_scale = raised
+            new_extra = lowered if new_scale <= scale + EPS else new.rehearsal_extra
         moved = []
         if new_scale > scale + EPS:
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
