@@ -82,3 +82,33 @@ def test_a_run_scores_the_baseline_then_probes_every_nth_evaluation(make_project
     ts = json.loads((root / "status/training_status.json").read_text())
     assert ts["retention"]["ratio"] == probes[-1]["retention"] and ts["retention"]["probes"] == len(probes)
     assert ts["retention"]["forgetting"] is (probes[-1]["retention"] < 0.95)
+
+
+def test_the_baseline_is_scored_again_under_another_answer_bound_and_kept_under_its_own(
+        make_project, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Retention compares like with like: a baseline scored with another ``eval.probe_max_new_tokens`` is
+    scored again (same base), one scored with the same bound is kept, and one that records no bound was
+    scored with 24 (the bound before it was recorded)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    own_answers_probe(tiny_model_dir, root / "probe.jsonl", [f"Question number {i}?" for i in range(4)])
+    cfg = make_project(tiny_model_dir, eval__probe_file="probe.jsonl", eval__probe_max_new_tokens=6, eval_steps=4)
+    path = root / "status/history/probe_baseline.json"
+
+    def run(name: str, bound: int) -> str:
+        data = write_jsonl(tmp_path / f"{name}.jsonl", [chat(f"say {name} {i}", f"word{i % 5}") for i in range(8)])
+        r = run_train(cfg, data, extra=["--set", f"eval.probe_max_new_tokens={bound}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stderr
+
+    run("a", 6)
+    first = json.loads(path.read_text())
+    assert first["max_new_tokens"] == 6
+    err = run("b", 4)
+    second = json.loads(path.read_text())
+    assert second["max_new_tokens"] == 4 and second["created_at"] >= first["created_at"]
+    assert "scored with answers of at most 6 tokens, now 4: scored again" in err
+    legacy = {k: v for k, v in second.items() if k != "max_new_tokens"}
+    path.write_text(json.dumps({**legacy, "seconds": -1.0}))  # marks this very file
+    err = run("c", 24)
+    assert json.loads(path.read_text())["seconds"] == -1.0 and "scored again" not in err

@@ -169,7 +169,8 @@ class EvalConfig:
         "builtin", "Base-knowledge probe: questions the base answers right, scored to measure forgetting. 'builtin' = "
         "the shipped general-knowledge set, else a JSONL path (relative to paths.root); null disables.")
     probe_every: int = _f(2, "Score the probe at every Nth evaluation (the first of each run included).", min=1)
-    probe_max_new_tokens: int = _f(24, "Bound on each probe answer.", min=1, max=512)
+    probe_max_new_tokens: int = _f(64, "Bound on each probe answer, as long as the base's rehearsal answers: an "
+                                   "answer that names its fact late still counts.", min=1, max=512)
     retention_warn: float = _f(0.95, "Retention (probe score / baseline) below which the page warns of forgetting and the "
                                "controller steps the learning rate down.",
                                min=0.0, max=1.0)

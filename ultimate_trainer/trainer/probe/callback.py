@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TREND_MARGIN = 0.02  # a change of retention smaller than this between two probes is "stable"
+LEGACY_PROBE_BOUND = 24  # eval.probe_max_new_tokens of a baseline that does not record it (before 2026-12-07)
 
 
 def retention_status(records: list[dict[str, Any]], warn: float) -> dict[str, Any] | None:
@@ -81,10 +82,20 @@ class ProbeCallback(TrainerCallback):
         return {**result, "seconds": round(seconds, 3)}
 
     def ensure_baseline(self, model: Any, global_step: int) -> dict[str, Any]:
-        """The stored baseline of this probe file, or the base's score now (the adapter off), stored."""
+        """The stored baseline of this probe file, or the base's score now (the adapter off), stored.
+
+        A baseline scored with another ``eval.probe_max_new_tokens`` (none recorded: 24, the bound before
+        2026-12-07) is scored again while the base is still the one it was scored on: a longer bound can
+        only let more answers in, and retention compares like with like. After a consolidation the base
+        is another model: the original's baseline is kept (retention is against the original base)."""
         stored = st.read_json(self.baseline_path)
+        bound = self.cfg.eval.probe_max_new_tokens
         if stored and stored.get("sha256") == self.probe.sha256 and isinstance(stored.get("score"), (int, float)):
-            return stored
+            scored_with = stored.get("max_new_tokens", LEGACY_PROBE_BOUND)
+            if scored_with == bound or stored.get("base_model") != self.base_model:
+                return stored
+            log.info("probe baseline: scored with answers of at most %s tokens, now %d: scored again", scored_with,
+                     bound)
         if hasattr(model, "disable_adapter"):
             with model.disable_adapter():
                 result = self._score(model, "probe baseline")
@@ -92,7 +103,7 @@ class ProbeCallback(TrainerCallback):
             result = self._score(model, "probe baseline")
         baseline = {"schema_version": st.SCHEMA_VERSION, "probe_file": str(self.probe.path),
                     "sha256": self.probe.sha256, "base_model": self.base_model, "global_step": global_step,
-                    **result, "created_at": now_iso()}
+                    "max_new_tokens": bound, **result, "created_at": now_iso()}
         st.atomic_write_json(self.baseline_path, baseline)
         log.info("probe baseline: %d/%d of %s answered right by the base", result["correct"], result["total"],
                  self.probe.path.name)
