@@ -217,7 +217,7 @@ def make_project(tmp_path: Path) -> Callable[..., Path]:
                          "warmup_steps": 0, "max_seq_length": 256, "gradient_checkpointing": False,
                          "device": "cpu", "rehearsal_fraction": 0.0},  # tests/trainer/test_rehearsal.py turns it on
             "data": {"heldout_fraction": 0.2, "heldout_max_per_file": 4},
-            "eval": {"max_prompts": 4, "max_new_tokens": 8, "batch_size": 4},
+            "eval": {"max_prompts": 4, "max_new_tokens": 8, "batch_size": 4, "probe_max_new_tokens": 8},
             "status": {"interval_seconds": 0.5},
         }
         for key, value in overrides.items():
