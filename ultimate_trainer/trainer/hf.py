@@ -122,13 +122,18 @@ class ContinuousTrainer(Trainer):
         (every target token once, averaged over ranks as the Trainer averages its own), so that a chart
         of it reads beside the validation loss; when the loss trained differed (the controller's weights,
         the distilled rehearsal lines' KL), that one is ``objective`` beside it."""
-        if "loss" in logs and self._plain_sum is not None:
-            steps = self.state.global_step - self._plain_since
-            if self._objective_differs and steps > 0:
-                from transformers.trainer_pt_utils import nested_gather
+        steps = self.state.global_step - self._plain_since
+        if "loss" in logs and self._plain_sum is not None and steps > 0:
+            from transformers.trainer_pt_utils import nested_gather
 
-                plain = nested_gather(self._plain_sum, self.args.parallel_mode).mean().item() / steps
-                logs = {**logs, "objective": logs["loss"], "loss": plain}
+            # One gather on every rank whatever its own batches held (a rank without rehearsal lines trained
+            # the plain loss while another did not): [plain loss, whether the objective differed], averaged.
+            mine = torch.stack([self._plain_sum.reshape(()), torch.tensor(float(self._objective_differs),
+                                                                           device=self._plain_sum.device)])
+            plain, differs = nested_gather(mine.unsqueeze(0), self.args.parallel_mode).mean(0).tolist()
+            if differs > 0:
+                logs = {**logs, "objective": logs["loss"], "loss": plain / steps}
+        if "loss" in logs:
             self._plain_sum, self._objective_differs = None, False
         super().log(logs, start_time)
 
