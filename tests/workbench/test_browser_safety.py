@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -137,8 +138,17 @@ def test_the_workbench_s_own_page_uploads_and_evaluates_a_set(served, browser, t
                            "t => t.value.includes('mine.jsonl: 2 examples'))", timeout=120000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "workbench-evaluate-upload.png"), full_page=True)
-    page.close()
     assert not refused, refused
-    # The upload is stored in this process's folder under .work/ (beside it only the empty temporary
-    # file Gradio's File component leaves on each use, swept with the rest).
-    assert [f.name for f in app.uploads.dir.rglob("*") if f.is_file() and f.stat().st_size] == ["mine.jsonl"]
+
+    def stored() -> list[str]:
+        # Beside the upload only the empty temporary file Gradio's File component leaves on each use.
+        return [f.name for f in app.uploads.dir.rglob("*") if f.is_file() and f.stat().st_size]
+
+    # While the tab is open the upload is stored in this process's folder under .work/ ...
+    assert stored() == ["mine.jsonl"]
+    page.close()
+    # ... and once it closes (its heartbeat ends, Gradio calls the unload handler) it is deleted.
+    deadline = time.monotonic() + 60
+    while stored() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stored() == []
