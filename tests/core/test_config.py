@@ -55,6 +55,8 @@ def test_contradictory_options_are_rejected():
     problems = "\n".join(err.value.problems)
     assert "daemon.disk_critical_gb" in problems and "monitor.stats_port" in problems
     assert "monitor.oom_medium_percent" in problems
+    with pytest.raises(config.ConfigError, match="controller.step_down_margin: must not exceed controller.safe_margin"):
+        config.load(None, ["controller.step_down_margin=0.05", "controller.safe_margin=0.03"])
 
 
 def test_set_overrides_parse_json_values_and_dotted_keys():

@@ -27,6 +27,8 @@ def cfg_with(**controller) -> config_mod.Config:
 
 CFG = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
                stall_evaluations=2, safe_margin=0.03)
+EARLY = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
+                 stall_evaluations=2, safe_margin=0.03, step_down_margin=0.03)
 SHARE_FIRST = cfg_with(step_down_first="share", lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1,
                        max_rehearsal_fraction=0.5, stall_evaluations=2, safe_margin=0.03)
 
@@ -75,6 +77,13 @@ SHARE_FIRST = cfg_with(step_down_first="share", lr_factor=0.5, min_lr_scale=0.25
      0.99, 90.0, "step_back", 0.5, 0.5),
     (SHARE_FIRST, ControllerState(rehearsal_extra=0.05, best_accuracy=90.0, evaluations_since_best=1),
      1.0, 85.0, "step_back", 1.0, 0.3),
+    # controller.step_down_margin 0.03: one lost answer of 36 (0.972, above the 0.95 warning) steps down...
+    (EARLY, ControllerState(), 35 / 36, 50.0, "step_down", 0.5, 0.3),
+    # ...which without the margin is a hold (not under the warning, not safe to step back)
+    (CFG, ControllerState(), 35 / 36, 50.0, "hold", 1.0, 0.3),
+    # ...and at warn + margin (0.98), safe, a stall steps back as before
+    (EARLY, ControllerState(lr_scale=0.5, best_accuracy=90.0, evaluations_since_best=1), 0.98, 90.0, "step_back",
+     1.0, 0.3),
 ])
 def test_rule(cfg, state, retention, accuracy, kind, scale, share) -> None:
     before = state.to_json()

@@ -205,6 +205,9 @@ class ControllerConfig:
                                 "accuracy counts as stalled (one step back, when retention is safe).", min=1)
     safe_margin: float = _f(0.03, "Retention counts as safe for a step back at eval.retention_warn plus this.",
                             min=0.0, max=1.0)
+    step_down_margin: float = _f(0.0, "Step down when retention falls below eval.retention_warn plus this, before "
+                                 "the warning is reached (0: at the warning). Not above controller.safe_margin.",
+                                 min=0.0, max=1.0)
 
 
 @dataclass
@@ -461,6 +464,9 @@ def _contradictions(cfg: Config) -> list[str]:
     if cfg.controller.enabled and cfg.training.replay_fraction + cfg.controller.max_rehearsal_fraction >= 0.95:
         p.append("controller.max_rehearsal_fraction: with training.replay_fraction it must leave at least 5% of a "
                  "run to the run's own files")
+    if cfg.controller.step_down_margin > cfg.controller.safe_margin:
+        p.append("controller.step_down_margin: must not exceed controller.safe_margin (a retention would be both "
+                 "too low to keep the rate and safe enough to step back)")
     return p
 
 

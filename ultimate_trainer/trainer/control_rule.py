@@ -150,7 +150,8 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     acc = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:g}%"
 
     rate_first = c.step_down_first == "rate"
-    if retention < warn - EPS:
+    floor = warn + c.step_down_margin
+    if retention < floor - EPS:
         lower = max(c.min_lr_scale, scale * c.lr_factor)
         raised = new.rehearsal_extra
         if rehearsing:
@@ -166,7 +167,8 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
             moved.append(f"learning rate x{scale:g} -> x{new_scale:g}")
         if new_extra > new.rehearsal_extra + EPS:
             moved.append(f"rehearsal share {share:g} -> {round(cfg.training.rehearsal_fraction + new_extra, 6):g}")
-        why = f"retention {retention:g} < eval.retention_warn {warn:g}"
+        why = (f"retention {retention:g} < eval.retention_warn {warn:g}" if not c.step_down_margin else
+               f"retention {retention:g} < eval.retention_warn {warn:g} + controller.step_down_margin {c.step_down_margin:g}")
         if not moved:
             return _done(new, HOLD, f"{why}, but the learning rate is at its floor (x{scale:g}) and the rehearsal "
                          f"share at its ceiling ({share:g})", global_step)
