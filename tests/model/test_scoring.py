@@ -355,6 +355,10 @@ def test_score_examples_counts_each_file_apart(tiny_model):
     ("twenty-four", 24), ("Seventy Five", 75), ("five hundred twelve", 512), ("fifteen hundred", 1500),
     ("one thousand two hundred and six", 1206), ("two million", 2_000_000), ("zero", 0),
     ("three two one", 3), ("twenty zero", 20), ("a hundred", 100), ("no number here", None),
+    # "one" as a pronoun is not the number 1; the number after it is read
+    ("No one knows; it has seven sides", 7), ("the one with three", 3), ("one who counts to five", 5),
+    ("one's own answer", None), ("Each one of them", None), ("one hundred", 100), ("It has one side", 1),
+    ("Only one of them is prime", 1),
 ])
 def test_number_in_words_reads_the_first_number(text, value):
     assert number_in_words(text) == (None if value is None else float(value))

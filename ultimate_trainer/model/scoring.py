@@ -53,6 +53,13 @@ _NUMBER_WORD = "|".join(sorted([*_SMALL, *_TENS, "hundred", *_SCALES], key=len, 
 _WORDS = re.compile(rf"\b(?:an?\s+(?=hundred|thousand|million|billion))?(?:{_NUMBER_WORD})"
                     rf"(?:(?:[\s-]+|\s+and\s+)(?:{_NUMBER_WORD}))*\b", re.IGNORECASE)
 
+# "one" as a pronoun, not a number: "no one", "the one", "one another", "one who", "one's" ("one of
+# them" stays a count: "only one of them is prime").
+_PRONOUN_ONE_BEFORE = re.compile(r"\b(?:no|any|some|every|each|the|this|that|which|another|every\s+single)\s+\Z",
+                                 re.IGNORECASE)
+_PRONOUN_ONE_AFTER = re.compile(r"\A(?:\s+(?:another|who|which|that|must|should|can|could|might|may)\b|'s\b|’s\b)",
+                                re.IGNORECASE)
+
 
 def normalize(text: str) -> str:
     """Case-, whitespace- and punctuation-insensitive form of ``text`` (Unicode-aware)."""
@@ -77,10 +84,14 @@ def number_in_words(text: str) -> float | None:
     """The first number spelled out in English words in ``text`` ("twenty-four" is 24), or None.
 
     Words that cannot continue the number they follow end it: "three two" reads 3, "five hundred
-    twelve" 512, "one thousand two hundred" 1200.
+    twelve" 512, "one thousand two hundred" 1200. A lone "one" used as a pronoun ("no one", "the
+    one", "one who", "one's") is not a number.
     """
-    m = _WORDS.search(text)
-    if m is None:
+    for m in _WORDS.finditer(text):
+        if m.group(0).casefold() != "one" or not (_PRONOUN_ONE_BEFORE.search(text[:m.start()])
+                                                 or _PRONOUN_ONE_AFTER.match(text[m.end():])):
+            break
+    else:
         return None
     words = [w for w in re.split(r"[\s-]+", m.group(0).casefold()) if w not in ("and", "a", "an")]
     total, current, last = 0, 0, None  # last: "small", "tens", "hundred", "scale"
