@@ -26,11 +26,11 @@ def cfg_with(**controller) -> config_mod.Config:
 
 
 CFG = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
-               stall_evaluations=2, safe_margin=0.03)
+               stall_evaluations=2, safe_margin=0.03, step_down_margin=0.0)  # a step down at the warning itself
 EARLY = cfg_with(lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1, max_rehearsal_fraction=0.5,
                  stall_evaluations=2, safe_margin=0.03, step_down_margin=0.03)
 SHARE_FIRST = cfg_with(step_down_first="share", lr_factor=0.5, min_lr_scale=0.25, rehearsal_step=0.1,
-                       max_rehearsal_fraction=0.5, stall_evaluations=2, safe_margin=0.03)
+                       max_rehearsal_fraction=0.5, stall_evaluations=2, safe_margin=0.03, step_down_margin=0.0)
 
 
 @pytest.mark.parametrize("cfg, state, retention, accuracy, kind, scale, share", [
@@ -148,7 +148,8 @@ def project(make_project, tiny_model_dir: Path, root: Path, **extra) -> Path:
     own_answers_probe(tiny_model_dir, root / "probe.jsonl", [f"Question number {i}?" for i in range(6)])
     settings = dict(eval__probe_file="probe.jsonl", eval__probe_every=1, eval__probe_max_new_tokens=6,
                     eval__retention_warn=1.0, eval_steps=3, save_steps=4, training__learning_rate=0.05,
-                    training__replay_fraction=0.0, controller__lr_factor=0.5, controller__min_lr_scale=0.25)
+                    training__replay_fraction=0.0, controller__lr_factor=0.5, controller__min_lr_scale=0.25,
+                    controller__step_down_margin=0.0)  # under 1.0: at the first lost answer
     return make_project(tiny_model_dir, root=root, **{**settings, **extra})
 
 
@@ -168,6 +169,7 @@ def test_retention_falls_and_the_optimizer_rate_drops_then_the_next_run_starts_f
     assert downs, f"retention never fell under 1.0: {[p['retention'] for p in probes]}"
     first = downs[0]
     assert first["retention"] < 1.0 and first["lr_scale_before"] == 1.0 and first["lr_scale"] == 0.5
+    assert first["step_down_below"] == 1.0  # eval.retention_warn 1.0 + controller.step_down_margin 0
     assert "retention" in first["reason"] and "controller at step %d: step down" % first["global_step"] in r.stderr
     # The rate the Trainer logs drops right after the decision, to the configured 0.05 x the scale...
     steps = {s["global_step"]: s for s in lines(root / "status/history/steps.jsonl")}

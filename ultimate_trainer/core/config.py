@@ -205,8 +205,10 @@ class ControllerConfig:
                                 "accuracy counts as stalled (one step back, when retention is safe).", min=1)
     safe_margin: float = _f(0.03, "Retention counts as safe for a step back at eval.retention_warn plus this.",
                             min=0.0, max=1.0)
-    step_down_margin: float = _f(0.0, "Step down when retention falls below eval.retention_warn plus this, before "
-                                 "the warning is reached (0: at the warning). Not above controller.safe_margin.",
+    step_down_margin: float = _f(0.03, "Step down when retention falls below eval.retention_warn plus this: before "
+                                 "the warning is reached (0: at the warning). Not above controller.safe_margin. "
+                                 "Measured: at the warning itself a run that read one answer short until its last "
+                                 "31 steps lost two more there (docs/PERFORMANCE.md, \"Retention-aware controller\").",
                                  min=0.0, max=1.0)
 
 

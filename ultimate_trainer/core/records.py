@@ -371,12 +371,15 @@ class ControllerDecision(Record):
     time: str = _f("", "string", "when it was decided")
     global_step: int = _f(0, "int", "the step of the probed evaluation")
     run_id: str = _f("", "string", "the run")
-    kind: str = _f("hold", "string", "`step_down` (retention under the warning: learning rate down, rehearsal share "
-                   "up), `step_back` (accuracy stalled with retention safe: both towards the configured values) or "
+    kind: str = _f("hold", "string", "`step_down` (retention under `step_down_below`: learning rate down, rehearsal "
+                   "share up), `step_back` (accuracy stalled with retention safe: both towards the configured values) or "
                    "`hold`")
     reason: str = _f("", "string", "why, in one line (also logged)")
     retention: float | None = _f(None, "float", "the probe's retention (score / the base's)")
     retention_warn: float = _f(0.95, "float", "`eval.retention_warn` at the time")
+    step_down_below: float | None = _f(None, "float or null", "the retention under which the controller steps down: "
+                                       "`eval.retention_warn` + `controller.step_down_margin` at the time (null in "
+                                       "lines written before the margin existed: the warning itself)")
     accuracy: float | None = _f(None, "float or null", "the evaluation's held-out accuracy, percent")
     best_accuracy: float | None = _f(None, "float or null", "the best held-out accuracy at a probed evaluation so far")
     evaluations_since_best: int = _f(0, "int", "probed evaluations since the best (or since the last step)")

@@ -2,8 +2,9 @@
 
 After each probe (``trainer/controller.py`` calls ``decide``):
 
-- **step down** when retention (probe score / the base's) is under ``eval.retention_warn``: one
-  lever moves. With ``controller.step_down_first`` ``rate`` (the default) the learning rate's scale
+- **step down** when retention (probe score / the base's) is under ``eval.retention_warn +
+  controller.step_down_margin`` (0.98 by default: before the warning is reached, at the first lost
+  answer of a 36-question probe; measured in docs/PERFORMANCE.md): one lever moves. With ``controller.step_down_first`` ``rate`` (the default) the learning rate's scale
   is multiplied by ``controller.lr_factor`` (not below ``controller.min_lr_scale``); once it is at
   its floor, the rehearsal share is raised by ``controller.rehearsal_step`` instead (not above the
   ceiling: ``controller.max_rehearsal_fraction``, or the configured share when higher; never with
@@ -199,9 +200,9 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
                      f"retention {retention:g} >= {warn + c.safe_margin:g}: {', '.join(moved)}", global_step)
 
     if at_configured:
-        why = f"retention {retention:g} >= {warn:g}, at the configured learning rate and rehearsal share"
+        why = f"retention {retention:g} >= {floor:g}, at the configured learning rate and rehearsal share"
     elif not safe:
-        why = f"retention {retention:g} is not under {warn:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
+        why = f"retention {retention:g} is not under {floor:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
     else:
         why = (f"{acc}: {new.evaluations_since_best} of {c.stall_evaluations} probed evaluation(s) without a better "
                f"one before stepping back")

@@ -122,7 +122,9 @@ class ControllerCallback(TrainerCallback):
             st.append_jsonl(self.history, {
                 "time": self.state.last["time"], "global_step": global_step, "run_id": self.run_id,
                 "kind": decision.kind, "reason": decision.reason, "retention": record.get("retention"),
-                "retention_warn": self.cfg.eval.retention_warn, "accuracy": accuracy,
+                "retention_warn": self.cfg.eval.retention_warn,
+                "step_down_below": round(self.cfg.eval.retention_warn + self.cfg.controller.step_down_margin, 6),
+                "accuracy": accuracy,
                 "best_accuracy": self.state.best_accuracy,
                 "evaluations_since_best": self.state.evaluations_since_best,
                 "lr_scale_before": lr_scale(before, self.cfg), "lr_scale": lr_scale(self.state, self.cfg),
