@@ -4,10 +4,11 @@ After each probe (``trainer/controller.py`` calls ``decide``):
 
 - **step down** when retention (probe score / the base's) is under ``eval.retention_warn +
   controller.step_down_margin`` (0.98 by default: before the warning is reached, at the first lost
-  answer of a 36-question probe; measured in docs/PERFORMANCE.md): one lever moves. With ``controller.step_down_first`` ``rate`` (the default) the learning rate's scale
-  is multiplied by ``controller.lr_factor`` (not below ``controller.min_lr_scale``); once it is at
-  its floor, the rehearsal share is raised by ``controller.rehearsal_step`` instead (not above the
-  ceiling: ``controller.max_rehearsal_fraction``, or the configured share when higher; never with
+  answer of a 36-question probe; measured in docs/PERFORMANCE.md): one lever moves. With
+  ``controller.step_down_first`` ``rate`` (the default) the learning rate's scale is multiplied
+  by ``controller.lr_factor`` (not below ``controller.min_lr_scale``); once it is at its floor,
+  the rehearsal share is raised by ``controller.rehearsal_step`` instead (not above the ceiling:
+  ``controller.max_rehearsal_fraction``, or the configured share when higher; never with
   rehearsal off). ``share`` moves them in the other order. Measured (docs/PERFORMANCE.md): with
   distilled rehearsal the rate first ended runs up to two probe answers higher than the share
   first; with the base's answers by cross-entropy (``training.rehearsal_loss`` answers) the
