@@ -152,8 +152,8 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     acc = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:g}%"
 
     rate_first = c.step_down_first == "rate"
-    floor = warn + c.step_down_margin
-    if retention < floor - EPS:
+    step_down_below = warn + c.step_down_margin
+    if retention < step_down_below - EPS:
         lower = max(c.min_lr_scale, scale * c.lr_factor)
         raised = new.rehearsal_extra
         if rehearsing:
@@ -201,9 +201,9 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
                      f"retention {retention:g} >= {warn + c.safe_margin:g}: {', '.join(moved)}", global_step)
 
     if at_configured:
-        why = f"retention {retention:g} >= {floor:g}, at the configured learning rate and rehearsal share"
+        why = f"retention {retention:g} >= {step_down_below:g}, at the configured learning rate and rehearsal share"
     elif not safe:
-        why = f"retention {retention:g} is not under {floor:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
+        why = f"retention {retention:g} is not under {step_down_below:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
     else:
         why = (f"{acc}: {new.evaluations_since_best} of {c.stall_evaluations} probed evaluation(s) without a better "
                f"one before stepping back")
