@@ -83,6 +83,11 @@ def rehearsal_ceiling(cfg: Config) -> float:
     return max(cfg.controller.max_rehearsal_fraction, cfg.training.rehearsal_fraction)
 
 
+def step_down_below(cfg: Config) -> float:
+    """The retention under which a probe steps down: ``eval.retention_warn + controller.step_down_margin``."""
+    return round(cfg.eval.retention_warn + cfg.controller.step_down_margin, 6)
+
+
 def rehearsal_share(state: ControllerState, cfg: Config) -> float:
     """The rehearsal share a run starting now takes: the configured one plus the controller's extra, bounded."""
     configured = cfg.training.rehearsal_fraction
@@ -152,8 +157,8 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
     acc = "no held-out accuracy" if accuracy is None else f"held-out accuracy {accuracy:g}%"
 
     rate_first = c.step_down_first == "rate"
-    step_down_below = warn + c.step_down_margin
-    if retention < step_down_below - EPS:
+    below = step_down_below(cfg)
+    if retention < below - EPS:
         lower = max(c.min_lr_scale, scale * c.lr_factor)
         raised = new.rehearsal_extra
         if rehearsing:
@@ -201,9 +206,9 @@ def decide(state: ControllerState, retention: float | None, accuracy: float | No
                      f"retention {retention:g} >= {warn + c.safe_margin:g}: {', '.join(moved)}", global_step)
 
     if at_configured:
-        why = f"retention {retention:g} >= {step_down_below:g}, at the configured learning rate and rehearsal share"
+        why = f"retention {retention:g} >= {below:g}, at the configured learning rate and rehearsal share"
     elif not safe:
-        why = f"retention {retention:g} is not under {step_down_below:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
+        why = f"retention {retention:g} is not under {below:g} but not yet safe (>= {warn + c.safe_margin:g}) to step back"
     else:
         why = (f"{acc}: {new.evaluations_since_best} of {c.stall_evaluations} probed evaluation(s) without a better "
                f"one before stepping back")

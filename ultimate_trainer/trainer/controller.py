@@ -31,7 +31,7 @@ from ultimate_trainer.core.times import now_iso
 from ultimate_trainer.trainer import distributed
 from ultimate_trainer.trainer.hf import evaluation_due
 from ultimate_trainer.trainer.control_rule import (ControllerState, Decision, decide, lr_scale, rehearsal_share,
-                                                   rehearsal_weights)
+                                                   rehearsal_weights, step_down_below)
 from ultimate_trainer.trainer.reporter import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class ControllerCallback(TrainerCallback):
                 "time": self.state.last["time"], "global_step": global_step, "run_id": self.run_id,
                 "kind": decision.kind, "reason": decision.reason, "retention": record.get("retention"),
                 "retention_warn": self.cfg.eval.retention_warn,
-                "step_down_below": round(self.cfg.eval.retention_warn + self.cfg.controller.step_down_margin, 6),
+                "step_down_below": step_down_below(self.cfg),
                 "accuracy": accuracy,
                 "best_accuracy": self.state.best_accuracy,
                 "evaluations_since_best": self.state.evaluations_since_best,
