@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from _workbench_helpers import UvicornThread, light_project
 from conftest import ARTIFACTS, CHROMIUM
@@ -132,7 +133,11 @@ def test_the_workbench_s_own_page_uploads_and_evaluates_a_set(served, browser, t
     # as a user would (a file set on an input still being mounted is never uploaded).
     page.get_by_text("Click to Upload").first.wait_for(state="visible", timeout=60000)
     page.locator('input[type="file"][accept=".jsonl"]').set_input_files(str(evalset))
-    page.wait_for_selector("text=mine.jsonl", timeout=60000)  # the upload finished
+    try:
+        page.wait_for_selector("text=mine.jsonl", timeout=60000)  # the upload finished
+    except PlaywrightTimeout:  # say what the server answered (a refusal is otherwise only seen after)
+        raise AssertionError(f"the upload never showed; responses >= 400: {refused}; "
+                             f"stored: {sorted(str(f) for f in app.uploads.dir.rglob('*'))}") from None
     page.get_by_role("button", name="Evaluate", exact=True).click()
     page.wait_for_function("[...document.querySelectorAll('textarea')].some("
                            "t => t.value.includes('mine.jsonl: 2 examples'))", timeout=120000)
